@@ -1,0 +1,39 @@
+"""spdf: Sparse Pre-training and Dense Fine-tuning of GPT models."""
+from setuptools import setup
+
+# `kernels/` is a top-level folder of the repository but installs as `spdf.kernels`: a top-level `kernels`
+# module would clash with another well-known package of that name.
+setup(
+    name="spdf",
+    version="0.1.0",
+    description="Sparse Pre-training and Dense Fine-tuning (SPDF) of GPT models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "spdf",
+        "spdf.sparsity",
+        "spdf.model",
+        "spdf.data",
+        "spdf.train",
+        "spdf.eval",
+        "spdf.kernels",
+    ],
+    package_dir={"spdf.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+        "accelerate>=0.34",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "kernels": ["triton>=3.0"],
+        "data": ["datasets>=2.19"],
+        "plot": ["matplotlib>=3.7"],
+        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["spdf=spdf.cli:main"]},
+)
