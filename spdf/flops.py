@@ -1,0 +1,230 @@
+"""FLOP accounting: analytic (per config and sparsity, or read from a model's masks) and measured (one real step).
+
+Conventions (the paper's and Kaplan et al.'s):
+- FLOPs = 2 · multiply-accumulates; only matmuls count (embedding lookups, norms, softmax, GELU, the optimizer: 0).
+- Causal attention is counted in full: QKᵀ and AV cost 2·T·d_attn each per token per layer, as if nothing were masked.
+- Training = forward + backward-data + backward-weight; each backward product costs what the forward one does.
+- A matmul with a sparse weight costs its density times the dense cost, in all three products (the weight gradient
+  is only needed at kept positions). Attention scores and logits have no sparse weights: they stay dense.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .model.config import GPTConfig
+from .sparsity import SparseLinear, sparse_layers
+
+COMPONENTS = ("qkv", "attn_out", "mlp_in", "mlp_out", "attn_scores", "logits")
+COMPONENT_LABELS = {
+    "qkv": "attention Q, K, V projections",
+    "attn_out": "attention output projection",
+    "mlp_in": "MLP up-projection",
+    "mlp_out": "MLP down-projection",
+    "attn_scores": "attention scores QKᵀ and AV (dense)",
+    "logits": "logits / LM head (dense)",
+}
+CONVENTION = ("FLOPs = 2·MACs; causal attention counted in full (not halved); training = 3 × forward "
+              "(backward-data + backward-weight); sparse matmuls scaled by weight density")
+
+
+@dataclass
+class FlopBreakdown:
+    """Per-token FLOPs by component, dense and with sparsity, for one sequence length."""
+
+    seq_len: int
+    dense_forward: dict[str, float] = field(default_factory=dict)
+    sparse_forward: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def dense_train(self) -> float:
+        return 3 * sum(self.dense_forward.values())
+
+    @property
+    def sparse_train(self) -> float:
+        return 3 * sum(self.sparse_forward.values())
+
+    @property
+    def reduction(self) -> float:
+        return self.dense_train / self.sparse_train
+
+    def to_dict(self) -> dict:
+        return dict(seq_len=self.seq_len, dense_forward=self.dense_forward, sparse_forward=self.sparse_forward,
+                    dense_train_per_token=self.dense_train, sparse_train_per_token=self.sparse_train,
+                    reduction=self.reduction, convention=CONVENTION)
+
+
+def _dense_components(cfg: GPTConfig, seq_len: int) -> dict[str, float]:
+    L, d, da, dff = cfg.n_layer, cfg.d_model, cfg.d_attn, cfg.d_ff
+    return {
+        "qkv": L * 2 * d * 3 * da,
+        "attn_out": L * 2 * da * d,
+        "mlp_in": L * 2 * d * dff,
+        "mlp_out": L * 2 * dff * d,
+        "attn_scores": L * 4 * seq_len * da,
+        "logits": 2 * d * cfg.vocab_size,
+    }
+
+
+def analytic_flops(cfg: GPTConfig, sparsity: float = 0.0, seq_len: int | None = None,
+                   densities: dict[str, float] | None = None) -> FlopBreakdown:
+    """Per-token FLOPs of `cfg` with every attention projection and MLP weight at `sparsity` (the paper's layout),
+    or with explicit per-component `densities` (as read from a model's masks)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    seq_len = seq_len or cfg.n_ctx
+    dense = _dense_components(cfg, seq_len)
+    density = densities or {c: 1.0 - sparsity for c in ("qkv", "attn_out", "mlp_in", "mlp_out")}
+    sparse = {c: v * density.get(c, 1.0) for c, v in dense.items()}
+    return FlopBreakdown(seq_len, dense, sparse)
+
+
+def _component(module_name: str) -> str | None:
+    for suffix, component in (("attn.c_attn", "qkv"), ("attn.c_proj", "attn_out"), ("mlp.c_fc", "mlp_in"),
+                              ("mlp.c_proj", "mlp_out")):
+        if module_name.endswith(suffix):
+            return component
+    return None
+
+
+def model_flops(model: nn.Module, seq_len: int | None = None) -> FlopBreakdown:
+    """Analytic FLOPs of an spdf GPT whose densities are read from its masks (weighted by layer size)."""
+    cfg = model.config
+    kept: dict[str, float] = {}
+    total: dict[str, float] = {}
+    for name, layer in sparse_layers(model).items():
+        component = _component(name)
+        if component is None:
+            raise ValueError(f"sparse layer {name!r} is not one of the GPT's attention or MLP projections")
+        mask = layer.mask
+        kept[component] = kept.get(component, 0) + float(mask.sum())
+        total[component] = total.get(component, 0) + mask.numel()
+    full = {"qkv": cfg.n_layer * 3 * cfg.d_attn * cfg.d_model, "attn_out": cfg.n_layer * cfg.d_attn * cfg.d_model,
+            "mlp_in": cfg.n_layer * cfg.d_ff * cfg.d_model, "mlp_out": cfg.n_layer * cfg.d_ff * cfg.d_model}
+    # Layers left dense by the filter count at density 1.
+    densities = {c: (kept.get(c, 0) + full[c] - total.get(c, 0)) / full[c] for c in full}
+    return analytic_flops(cfg, seq_len=seq_len, densities=densities)
+
+
+# ---- measured FLOPs ----------------------------------------------------------------------------------------------
+def _attention_forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _attention_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    # Our convention: backward = 2 × forward (dQ, dK, dV, dP). torch's own formulas add the recomputation of QKᵀ
+    # that flash kernels do, which the paper's accounting does not count.
+    return 2 * flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _formulas() -> dict:
+    aten = torch.ops.aten
+    formulas = dict(flop_counter.flop_registry)
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _attention_forward  # torch counts CUDA kernels only
+    for op in ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+               "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward"):
+        if hasattr(aten, op):
+            formulas[getattr(aten, op)] = _attention_backward
+    return formulas
+
+
+_DENSITY = contextvars.ContextVar("spdf_flop_density", default=1.0)
+
+
+@contextlib.contextmanager
+def _density(value: float):
+    token = _DENSITY.set(value)
+    try:
+        yield
+    finally:
+        _DENSITY.reset(token)
+
+
+class _ScopedLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b whose forward and both backward matmuls run inside the layer's density scope."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, density):
+        ctx.save_for_backward(x, weight)
+        ctx.density, ctx.has_bias = density, bias is not None
+        with _density(density):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        g2, x2 = grad_out.reshape(-1, grad_out.size(-1)), x.reshape(-1, x.size(-1))
+        with _density(ctx.density):
+            grad_x = (g2 @ weight).view_as(x)
+            grad_w = g2.t() @ x2
+        return grad_x, grad_w, (g2.sum(0) if ctx.has_bias else None), None
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts matmul FLOPs with torch's formulas; `spent` scales each by the density of the sparse weight involved."""
+
+    def __init__(self):
+        super().__init__()
+        self.formulas = _formulas()
+        self.dense = 0.0
+        self.spent = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            flops = formula(*args, **(kwargs or {}), out_val=out)
+            self.dense += flops
+            self.spent += flops * _DENSITY.get()
+        return out
+
+
+def measure_training_flops(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Count one forward + backward of `model` on (idx, targets): dense-equivalent and actually-needed FLOPs.
+
+    Masked layers run through a scoped matmul during the count, so every product that touches a sparse weight is
+    charged at that weight's density, exactly as a sparse kernel would spend it."""
+    patched = []
+    for layer in sparse_layers(model).values():
+        if isinstance(layer, SparseLinear):
+            density = layer.density
+
+            def forward(x, layer=layer, density=density):
+                weight = layer.weight.t() if layer.transposed else layer.weight
+                return _ScopedLinear.apply(x, weight, layer.bias, density)
+
+            layer.forward = forward
+            patched.append(layer)
+    try:
+        with FlopCount() as counter:
+            _, loss = model(idx, targets)
+            loss.backward()
+    finally:
+        for layer in patched:
+            del layer.forward
+    tokens = idx.numel()
+    return dict(tokens=tokens, dense=counter.dense, spent=counter.spent,
+                dense_per_token=counter.dense / tokens, spent_per_token=counter.spent / tokens)
+
+
+def format_table(name: str, fb: FlopBreakdown, sparsity_label: str, tokens: float | None = None) -> str:
+    """The paper-style table: per component, training FLOPs per token dense vs sparse, and the reduction."""
+    lines = [f"{name}: training FLOPs per token at sequence length {fb.seq_len} ({sparsity_label})",
+             f"{'component':40s} {'dense':>12s} {'sparse':>12s} {'ratio':>7s}"]
+    for c in COMPONENTS:
+        d, s = 3 * fb.dense_forward[c], 3 * fb.sparse_forward[c]
+        lines.append(f"{COMPONENT_LABELS[c]:40s} {d:12.4e} {s:12.4e} {d / s:6.2f}x")
+    lines.append(f"{'total (forward + backward)':40s} {fb.dense_train:12.4e} {fb.sparse_train:12.4e} "
+                 f"{fb.reduction:6.2f}x")
+    if tokens:
+        lines.append(f"{f'total for {tokens:.3g} tokens':40s} {fb.dense_train * tokens:12.4e} "
+                     f"{fb.sparse_train * tokens:12.4e} {fb.reduction:6.2f}x")
+    lines.append(f"convention: {CONVENTION}")
+    return "\n".join(lines)

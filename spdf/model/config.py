@@ -1,0 +1,92 @@
+"""Named GPT shapes: GPT-3 (Brown et al. 2020), Cerebras-GPT, and tiny configs for tests and the offline demo.
+
+`GPTConfig.from_name("gpt3-xl")` returns the shape; every field can be overridden
+(`GPTConfig.from_name("tiny", n_ctx=256)`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+GPT2_VOCAB = 50257
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_ff: int
+    n_ctx: int = 2048
+    vocab_size: int = GPT2_VOCAB
+    dropout: float = 0.0
+    bias: bool = True
+    name: str = "custom"
+    # Width of one attention head. None means d_model // n_head; GPT-3 13B (d_model 5140, 40 heads of 128) needs it.
+    head_dim: int | None = None
+
+    def __post_init__(self):
+        for key in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), or set model.head_dim"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def d_attn(self) -> int:
+        """Width of the concatenated attention heads (equals d_model except for GPT-3 13B)."""
+        return self.n_head * self.d_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in CONFIGS:
+            close = difflib.get_close_matches(name, CONFIGS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown model name {name!r}{hint}; known: {', '.join(CONFIGS)}")
+        return dataclasses.replace(CONFIGS[name], **overrides)
+
+    def replace(self, **overrides) -> "GPTConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _gpt(name: str, n_layer: int, d_model: int, n_head: int, **kw) -> GPTConfig:
+    return GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model, name=name, **kw)
+
+
+CONFIGS: dict[str, GPTConfig] = {
+    c.name: c
+    for c in (
+        # GPT-3 (Brown et al. 2020). XL has 16 heads: the paper's table says 24, 16 is what was trained.
+        _gpt("gpt3-small", 12, 768, 12),
+        _gpt("gpt3-medium", 24, 1024, 16),
+        _gpt("gpt3-large", 24, 1536, 16),
+        _gpt("gpt3-xl", 24, 2048, 16),
+        _gpt("gpt3-2.7b", 32, 2560, 32),
+        _gpt("gpt3-6.7b", 32, 4096, 32),
+        _gpt("gpt3-13b", 40, 5140, 40, head_dim=128),
+        # Cerebras-GPT (compute-optimal family trained on the Pile).
+        _gpt("cerebras-gpt-111m", 10, 768, 12),
+        _gpt("cerebras-gpt-256m", 14, 1088, 17),
+        _gpt("cerebras-gpt-590m", 18, 1536, 12),
+        _gpt("cerebras-gpt-1.3b", 24, 2048, 16),
+        _gpt("cerebras-gpt-2.7b", 32, 2560, 32),
+        _gpt("cerebras-gpt-6.7b", 32, 4096, 32),
+        _gpt("cerebras-gpt-13b", 40, 5120, 40),
+        # Tiny shapes: `tiny` for the offline demo, `tiny-test` for unit tests.
+        _gpt("tiny", 4, 128, 4, n_ctx=128, vocab_size=4096),
+        _gpt("tiny-test", 2, 32, 2, n_ctx=64, vocab_size=128),
+    )
+}

@@ -1,0 +1,109 @@
+"""Which weights get sparsified: linear-layer discovery and glob filters on parameter names.
+
+Candidates are the weights of `nn.Linear` modules and of Hugging Face GPT-2's `Conv1D` (recognised by its class name
+and shape, without importing transformers). The default filter is the paper's: every such weight except the LM head
+and any weight tied to an embedding — in a GPT that is exactly the attention projections and MLP weights.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
+
+import torch.nn as nn
+
+ParamFilter = Union[None, str, Sequence[str], Mapping[str, Union[float, None]]]
+DEFAULT_EXCLUDE = ("*lm_head*",)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # parameter name, e.g. "transformer.h.0.mlp.c_fc.weight"
+    module_name: str
+    module: nn.Module
+    transposed: bool  # weight stored (in, out), as Conv1D does
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The weight's shape in nn.Linear orientation (out, in)."""
+        rows, cols = self.module.weight.shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def linear_candidates(model: nn.Module) -> list[Candidate]:
+    """Every dense linear layer of the model, skipping weights shared with a non-linear module (tied embeddings)."""
+    linear = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            linear[module_name] = Candidate(f"{_join(module_name, 'weight')}", module_name, module, False)
+        elif is_conv1d(module):
+            linear[module_name] = Candidate(f"{_join(module_name, 'weight')}", module_name, module, True)
+    shared = {
+        id(p)
+        for name, module in model.named_modules()
+        if name not in linear
+        for p in module.parameters(recurse=False)
+    }
+    return [c for c in linear.values() if id(c.module.weight) not in shared]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _split(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    return include, exclude
+
+
+def select(
+    model: nn.Module,
+    sparsity: float,
+    param_filter: ParamFilter = None,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, tuple[Candidate, float]]:
+    """Map parameter name → (candidate, target sparsity). Raises ValueError for patterns that match nothing."""
+    candidates = linear_candidates(model)
+    if not candidates:
+        raise ValueError("the model has no nn.Linear or Conv1D layer to sparsify")
+    levels: dict[str, float | None] = {}
+    if param_filter is None:
+        patterns: list[str] = ["*"] + [f"!{p}" for p in DEFAULT_EXCLUDE]
+    elif isinstance(param_filter, str):
+        patterns = [param_filter]
+    elif isinstance(param_filter, Mapping):
+        patterns, levels = list(param_filter), dict(param_filter)
+    else:
+        patterns = list(param_filter)
+    include, exclude = _split(patterns)
+    if not include:
+        raise ValueError(f"param_filter {patterns!r} has no include pattern (only '!' exclusions)")
+    names = [c.name for c in candidates]
+    for pattern in include + list(overrides or {}):
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(
+                f"param_filter pattern {pattern!r} matched no linear weight; candidates look like {names[0]!r}"
+                f" (glob patterns on parameter names, '!pattern' excludes)"
+            )
+    chosen: dict[str, tuple[Candidate, float]] = {}
+    for c in candidates:
+        hits = [p for p in include if fnmatch.fnmatchcase(c.name, p)]
+        if not hits or any(fnmatch.fnmatchcase(c.name, p) for p in exclude):
+            continue
+        level = next((levels[p] for p in hits if levels.get(p) is not None), sparsity)
+        level = next((v for p, v in (overrides or {}).items() if fnmatch.fnmatchcase(c.name, p)), level)
+        chosen[c.name] = (c, level)
+    if not chosen:
+        raise ValueError(f"param_filter {patterns!r} selected no weight (every match was excluded)")
+    return chosen

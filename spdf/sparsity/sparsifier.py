@@ -1,0 +1,224 @@
+"""sparsify() / densify() and the Sparsifier that keeps masked weights exactly zero while training.
+
+    sp = spdf.sparsify(model, sparsity=0.75, init="random", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), ...)
+    sp.attach(opt)          # after every opt.step(): masked weights and optimizer state re-zeroed
+    ...
+    spdf.densify(model)     # plain modules again, zeros in place, every weight trainable
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .bitpack import pack_bits, unpack_bits
+from .masks import METHODS, check_sparsity, erk_sparsities, make_mask
+from .selection import ParamFilter, select
+from .sparse_linear import SparseLinear
+
+STATE_VERSION = 1
+
+
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → sparse layer (any backend) of a sparsified model."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "weight_mask") or hasattr(m, "to_dense")}
+
+
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class Sparsifier:
+    """Owns the masks of a sparsified model: keeps them enforced, reports on them, saves and restores them."""
+
+    def __init__(self, model: nn.Module, config: dict):
+        self.model = model
+        self.config = config
+        self._optimizers: list[tuple[torch.optim.Optimizer, list]] = []
+
+    @property
+    def layers(self) -> dict[str, nn.Module]:
+        return sparse_layers(self.model)
+
+    # ---- keeping the zeros -------------------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
+        """After every `optimizer.step()` re-zero masked weights and every optimizer-state tensor of their shape.
+
+        Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`."""
+        while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "AcceleratedOptimizer":
+            optimizer = optimizer.optimizer
+        handles = [
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce(opt)),
+            optimizer.register_load_state_dict_post_hook(lambda opt: self.enforce(opt)),
+        ]
+        self._optimizers.append((optimizer, handles))
+        for layer in self.layers.values():
+            layer.optimizer_attached = True
+        self.enforce(optimizer)
+        return self
+
+    def detach(self) -> None:
+        for _, handles in self._optimizers:
+            for h in handles:
+                h.remove()
+        self._optimizers.clear()
+
+    @torch.no_grad()
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero masked entries of the weights (and of `optimizer`'s state for them), batched with foreach ops."""
+        tensors, masks = [], []
+        for layer in self.layers.values():
+            if not isinstance(layer, SparseLinear):
+                continue  # the compressed backend stores no masked entries at all
+            tensors.append(layer.weight)
+            masks.append(layer.weight_mask)
+            state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == layer.weight.shape:
+                    tensors.append(value)
+                    masks.append(layer.weight_mask)
+        if tensors:
+            torch._foreach_mul_(tensors, masks)
+
+    # ---- reporting ---------------------------------------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        return layer_stats(self.model)
+
+    # ---- saving and restoring ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        layers = {}
+        for name, layer in self.layers.items():
+            mask = layer.mask
+            layers[name] = {"shape": list(mask.shape), "bits": pack_bits(mask), "target": layer.target_sparsity}
+        return {"version": STATE_VERSION, "config": dict(self.config), "layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore masks saved by state_dict() into this (already sparsified) model; weights are re-zeroed."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"sparsifier state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        ours, theirs = self.layers, state["layers"]
+        if set(ours) != set(theirs):
+            missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            raise ValueError(f"sparsifier state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, layer in ours.items():
+            shape = tuple(theirs[name]["shape"])
+            if tuple(layer.mask.shape) != shape:
+                raise ValueError(f"mask of {name!r} has shape {shape}, the model's layer has {tuple(layer.mask.shape)}")
+            mask = unpack_bits(theirs[name]["bits"], shape)
+            layer.weight_mask.copy_(mask.t() if layer.transposed else mask)
+            layer.target_sparsity = float(theirs[name]["target"])
+        self.config = dict(state["config"])
+        self.enforce()
+        for optimizer, _ in self._optimizers:
+            self.enforce(optimizer)
+
+
+def layer_stats(model: nn.Module) -> list[dict]:
+    """Per sparse layer: name, shape, target and actual sparsity, non-zeros (actual counts the weight's zeros too)."""
+    rows = []
+    for name, layer in sparse_layers(model).items():
+        mask = layer.mask
+        numel = mask.numel()
+        kept = int(mask.sum())
+        weight = layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
+        nonzero = int(torch.count_nonzero(weight))
+        rows.append(
+            dict(name=name, shape=tuple(mask.shape), target=layer.target_sparsity, mask_sparsity=1 - kept / numel,
+                 actual=1 - nonzero / numel, nnz=nonzero, numel=numel)
+        )
+    return rows
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: float = 0.75,
+    init: str = "random",
+    param_filter: ParamFilter = None,
+    seed: int = 0,
+    overrides: dict[str, float] | None = None,
+    n: int = 2,
+    m: int = 4,
+    block_size: int = 16,
+    backend: str = "masked",
+    tile: tuple[int, int] = (64, 64),
+) -> Sparsifier:
+    """Swap the selected linear layers of `model` (in place) for sparse ones and return their Sparsifier.
+
+    init: "random" (the paper's), "magnitude", "erk" (global `sparsity` spread by Erdős–Rényi-Kernel), "nm" (n:m along
+    the input dimension; `sparsity` is then 1 - n/m) or "block" (random block_size² blocks).
+    param_filter: None (the paper's layers), a glob, a list of globs ("!glob" excludes), or {glob: sparsity}.
+    overrides: {glob: sparsity} applied on top of the filter's levels. backend: "masked" or "compressed".
+    """
+    if init not in METHODS:
+        raise ValueError(f"unknown sparsity init {init!r}; allowed: {', '.join(METHODS)}")
+    if backend not in ("masked", "compressed"):
+        raise ValueError(f"unknown sparse backend {backend!r}; allowed: masked, compressed")
+    check_sparsity(sparsity, "sparsity")
+    for pattern, level in (overrides or {}).items():
+        check_sparsity(level, pattern)
+    if sparse_layers(model):
+        raise ValueError("the model is already sparsified; densify() it first")
+    chosen = select(model, sparsity, param_filter, overrides)
+    if init == "erk":
+        levels = erk_sparsities({name: c.shape for name, (c, _) in chosen.items()}, sparsity)
+        chosen = {name: (c, levels[name]) for name, (c, _) in chosen.items()}
+    if init == "nm":
+        chosen = {name: (c, 1 - n / m) for name, (c, _) in chosen.items()}
+    for name, (candidate, level) in chosen.items():
+        weight = candidate.module.weight
+        mask = make_mask(init, name, candidate.shape, level, seed, weight=(weight.t() if candidate.transposed else weight),
+                         n=n, m=m, block_size=block_size)
+        layer = SparseLinear(candidate.module, mask.t() if candidate.transposed else mask, candidate.transposed, level)
+        if backend == "compressed":
+            from .compressed import CompressedSparseLinear
+
+            layer = CompressedSparseLinear.from_masked(layer, tile=tile)
+        _replace(model, candidate.module_name, layer)
+    config = dict(sparsity=sparsity, init=init, seed=seed, n=n, m=m, block_size=block_size, backend=backend,
+                  param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
+                  (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),
+                  overrides=dict(overrides or {}))
+    return Sparsifier(model, config)
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every sparse layer by its original dense module type, zeros in place, no masks or hooks."""
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("the model has no sparse layer to densify")
+    for name, layer in layers.items():
+        _replace(model, name, layer.to_dense())
+    return model
+
+
+def is_sparse_state_dict(state_dict: dict) -> bool:
+    return any(k.endswith("weight_mask") or k.endswith("tile_bitmap") for k in state_dict)
+
+
+def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = False, strict: bool = True):
+    """Load a model state dict, refusing a sparse/dense mismatch with a clear message unless asked to densify.
+
+    With densify_model=True a sparse checkpoint loads into a dense model (its zeros come along), and a sparsified
+    model is densified before a dense checkpoint is loaded into it."""
+    sparse_ckpt, sparse_model = is_sparse_state_dict(state_dict), bool(sparse_layers(model))
+    if sparse_ckpt and not sparse_model:
+        if not densify_model:
+            raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
+                             "settings first, or load with densify=True to take its weights densely")
+        state_dict = _dense_view(state_dict)
+    elif sparse_model and not sparse_ckpt:
+        if not densify_model:
+            raise ValueError("the checkpoint is dense but the model is sparse: densify the model first, "
+                             "or load with densify=True")
+        densify(model)
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def _dense_view(state_dict: dict) -> dict:
+    """Drop masks; compressed layers are expanded to dense weights by their backend."""
+    if any(k.endswith("tile_bitmap") for k in state_dict):
+        from .compressed import dense_state_dict
+
+        state_dict = dense_state_dict(state_dict)
+    return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
