@@ -1,0 +1,202 @@
+"""Tokenize a source once, pack it into fixed-length sequences in memory-mapped token files, cache by content.
+
+Layout of one cache entry, `cache_dir/<key>/`: `train.bin`, `val.bin` (flat token streams, uint16 when the vocab
+has fewer than 65536 tokens, else uint32; every document is followed by EOS) and `meta.json`, written last and
+atomically, so an entry with a meta.json is complete. Sequence i of a split is tokens[i*seq_len : i*seq_len+seq_len+1]:
+seq_len+1 tokens (inputs = row[:-1], targets = row[1:]); consecutive rows share one boundary token, so every token
+after the first is a target exactly once. The tail that does not fill a row is dropped (meta "dropped_tokens").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import DataError
+from .sources import check_source, iter_documents, source_fingerprint, stable_fraction
+from .tokenizer import TextTokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+_FLUSH_TOKENS = 1 << 20
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of seq_len+1 tokens (LongTensor) read from a flat token file through a lazily opened np.memmap."""
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str = "uint16"):
+        self.path, self.seq_len, self.dtype = Path(path), int(seq_len), np.dtype(dtype)
+        if not self.path.is_file():
+            raise DataError(f"token file not found: '{self.path}'")
+        self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
+        self._tokens = None  # opened on first use so the dataset pickles cheaply into DataLoader workers
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole flat token stream (memory-mapped, read-only)."""
+        if self._tokens is None:
+            self._tokens = (np.memmap(self.path, dtype=self.dtype, mode="r") if self.n_tokens
+                            else np.zeros(0, dtype=self.dtype))
+        return self._tokens
+
+    def __len__(self) -> int:
+        return max(0, (self.n_tokens - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sequence {i} out of range for {n} sequences")
+        start = (i % n) * self.seq_len
+        return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+
+def cache_key(source: dict, tokenizer: TextTokenizer, seq_len: int, val_fraction: float) -> str:
+    """sha256 over what decides the packed tokens: source spec (+ file stats), tokenizer file, seq_len, val split."""
+    payload = {"version": FORMAT_VERSION, "source": source, "fingerprint": source_fingerprint(source),
+               "tokenizer": tokenizer.file_hash, "seq_len": seq_len, "split": {"val_fraction": val_fraction}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size < 2**16 else "uint32"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _load_cached(entry: Path, key: str) -> dict | None:
+    meta_path = entry / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    intact = meta.get("key") == key and all(
+        (entry / s["file"]).is_file() and (entry / s["file"]).stat().st_size == s["tokens"] * itemsize
+        for s in meta["splits"].values())
+    return meta if intact else None
+
+
+def _tokenize_into(files: dict, docs: Iterator[str], tokenizer: TextTokenizer, val_fraction: float,
+                   max_tokens: int | None, dtype: str, batch_docs: int, progress: bool) -> dict:
+    """Stream documents → token ids + EOS → the split's open file; returns per-split counts."""
+    counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
+    buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    buffered = {s: 0 for s in SPLITS}
+    total, truncated = 0, False
+
+    def flush(split: str) -> None:
+        if buffers[split]:
+            np.concatenate(buffers[split]).tofile(files[split])
+            buffers[split].clear()
+            buffered[split] = 0
+
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenize+pack", disable=not progress)
+    while not truncated:
+        batch = [d for _, d in zip(range(batch_docs), docs)]
+        if not batch:
+            break
+        before = total
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            ids.append(tokenizer.eos_id)
+            if max_tokens is not None and total + len(ids) >= max_tokens:
+                ids, truncated = ids[:max_tokens - total], True
+            # by document content: duplicates land in the same split, and order does not matter
+            split = "val" if stable_fraction(text) < val_fraction else "train"
+            arr = np.asarray(ids, dtype=dtype)
+            buffers[split].append(arr)
+            buffered[split] += len(arr)
+            counts[split]["tokens"] += len(arr)
+            counts[split]["documents"] += 1
+            total += len(arr)
+            if buffered[split] >= _FLUSH_TOKENS:
+                flush(split)
+            if truncated:
+                break
+        bar.update(total - before)
+    bar.close()
+    for split in SPLITS:
+        flush(split)
+    return {"counts": counts, "truncated": truncated}
+
+
+def build_packed_splits(source: dict, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
+                        val_fraction: float = 0.02, batch_docs: int = 256,
+                        progress: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
+    """(train, val, meta): packed splits of `source`, built once into `cache_dir/<key>/` and reused afterwards.
+
+    source: a source spec dict (see spdf.data.sources); its optional "max_tokens" stops tokenizing after that many
+    tokens (EOS included), so a streaming corpus yields shards of the wanted size. Documents go to "val" when
+    stable_fraction(text) < val_fraction. meta is the saved meta.json plus "cache_hit" (True when nothing was
+    tokenized) and "dir" (the cache entry).
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    max_tokens = source.get("max_tokens") if isinstance(source, dict) else None
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise DataError(f"max_tokens must be an integer >= 2 or null, got {max_tokens!r}")
+    check_source(source)  # a cache hit must not need the data itself (an offline resume of a Pile run)
+    key = cache_key(source, tokenizer, seq_len, val_fraction)
+    entry = Path(cache_dir) / key[:24]
+    meta = _load_cached(entry, key)
+    cache_hit = meta is not None
+    if meta is None:
+        meta = _build(entry, key, source, tokenizer, seq_len, val_fraction, max_tokens, batch_docs, progress)
+    dtype = meta["dtype"]
+    train, val = (PackedDataset(entry / meta["splits"][s]["file"], seq_len, dtype) for s in SPLITS)
+    return train, val, {**meta, "cache_hit": cache_hit, "dir": str(entry)}
+
+
+def _build(entry: Path, key: str, source: dict, tokenizer: TextTokenizer, seq_len: int, val_fraction: float,
+           max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
+    docs = iter_documents(source)  # first: a missing file or unreachable dataset fails before anything is written
+    entry.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = {s: entry / f".{s}.bin.{os.getpid()}.tmp" for s in SPLITS}
+    start = time.perf_counter()
+    try:
+        files = {s: open(tmp[s], "wb") for s in SPLITS}
+        try:
+            result = _tokenize_into(files, docs, tokenizer, val_fraction, max_tokens, dtype, batch_docs, progress)
+        finally:
+            for f in files.values():
+                f.close()
+        counts = result["counts"]
+        if counts["train"]["tokens"] <= seq_len:
+            raise DataError(f"source {source.get('source')!r} gave {counts['train']['tokens']} training tokens, "
+                            f"not one sequence of seq_len+1 = {seq_len + 1}; add data or lower seq_len")
+        if val_fraction > 0 and counts["val"]["tokens"] <= seq_len:
+            raise DataError(f"val_fraction={val_fraction} held out {counts['val']['documents']} documents, "
+                            f"{counts['val']['tokens']} tokens: not one sequence of {seq_len + 1}; raise val_fraction")
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    splits = {}
+    for s in SPLITS:
+        os.replace(tmp[s], entry / f"{s}.bin")
+        n = counts[s]["tokens"]
+        rows = max(0, (n - 1) // seq_len)
+        splits[s] = {"file": f"{s}.bin", "tokens": n, "documents": counts[s]["documents"], "sequences": rows,
+                     "dropped_tokens": n - rows * seq_len - 1 if rows else n}
+    meta = {"version": FORMAT_VERSION, "key": key, "source": source, "tokenizer_hash": tokenizer.file_hash,
+            "tokenizer_path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "seq_len": seq_len, "val_fraction": val_fraction, "dtype": dtype, "max_tokens": max_tokens,
+            "truncated": result["truncated"], "splits": splits,
+            "build_seconds": round(time.perf_counter() - start, 3)}
+    _write_json_atomic(entry / "meta.json", meta)
+    return meta

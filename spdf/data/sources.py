@@ -1,0 +1,220 @@
+"""Text sources: iterate documents (one str each) from a source spec dict.
+
+Source specs (plain dicts, as a recipe writes them):
+
+    {"source": "stdlib", "part": "pretrain" | "heldout", "heldout_fraction": 0.1, "max_bytes": 4_000_000}
+    {"source": "files", "paths": ["data/*.txt", "x.jsonl", "y.parquet"], "text_field": "text"}
+    {"source": "hf", "name": "monology/pile-uncopyrighted", "config": None, "split": "train",
+     "streaming": True, "text_field": "text"}
+
+Every spec may also carry "max_tokens" (read by packing, not here: a token budget cap).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DataError
+
+SOURCES = ("stdlib", "files", "hf")
+_COMMON_KEYS = {"source", "max_tokens"}
+_KEYS = {
+    "stdlib": {"part", "heldout_fraction", "max_bytes"},
+    "files": {"paths", "text_field"},
+    "hf": {"name", "config", "split", "streaming", "text_field"},
+}
+# Generated tables, tests, GUIs' demos and vendored trees: not the code-with-docstrings we want.
+_STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__",
+                     "turtledemo", "ensurepip", "encodings", "pydoc_data", "__phello__"}
+STDLIB_PARTS = ("pretrain", "heldout")
+
+
+def stable_fraction(key: str) -> float:
+    """A number in [0, 1) that depends only on `key` (sha256; Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def check_spec(spec: dict, kind: str, allowed: set[str], what: str) -> None:
+    """Raise DataError naming the first key of `spec` outside `allowed`."""
+    for key in spec:
+        if key not in allowed:
+            raise DataError(f"unknown key '{key}' in {kind} {what} spec; allowed: {', '.join(sorted(allowed))}")
+
+
+def _fraction(value, name: str) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise DataError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1,
+                   max_bytes: int | None = None) -> list[tuple[str, str]]:
+    """(relative path, source text) of the standard library's .py modules in one part of a by-module split.
+
+    A module is held out when stable_fraction(its relative posix path) < heldout_fraction, so the split is the same
+    on every machine with the same Python whatever `max_bytes` is. Modules come in (hash, path) order, which mixes
+    packages; `max_bytes` (utf-8 bytes) skips any module that would overflow the cap.
+    """
+    if part not in STDLIB_PARTS:
+        raise DataError(f"unknown stdlib part '{part}'; allowed: {', '.join(STDLIB_PARTS)}")
+    heldout_fraction = _fraction(heldout_fraction, "heldout_fraction")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+        raise DataError(f"max_bytes must be a positive integer or null, got {max_bytes!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chosen = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(d in _STDLIB_SKIP_DIRS or d.startswith("config-") for d in rel.parts[:-1]):
+            continue
+        key = rel.as_posix()
+        frac = stable_fraction(key)
+        if (frac < heldout_fraction) == (part == "heldout"):
+            chosen.append((frac, key, path))
+    chosen.sort()
+    out, total = [], 0
+    for _, key, path in chosen:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        size = len(text.encode("utf-8"))
+        if not text.strip() or (max_bytes is not None and total + size > max_bytes):
+            continue
+        out.append((key, text))
+        total += size
+    return out
+
+
+def _expand_paths(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise DataError("files source needs 'paths': a non-empty list of files or globs")
+    files: list[Path] = []
+    for pattern in paths:
+        pattern = str(pattern)
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"no file matches '{pattern}'")
+            files.extend(matches)
+        elif Path(pattern).is_file():
+            files.append(Path(pattern))
+        else:
+            raise DataError(f"file not found: '{pattern}'")
+    return files
+
+
+def _field(row: dict, field: str, where: str):
+    if field not in row:
+        raise DataError(f"{where} has no field '{field}'; fields: {', '.join(sorted(map(str, row)))}")
+    return row[field]
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Rows of a .jsonl file; a line that is not a JSON object is a DataError naming file and line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            yield row
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading '{path}' needs pyarrow (pip install pyarrow); or convert it to .jsonl") from None
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no column '{field}'; columns: {', '.join(pf.schema_arrow.names)}")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _iter_files(paths, text_field: str = "text") -> Iterator[str]:
+    files = _expand_paths(paths)  # eagerly: a missing file fails at the call, not mid-iteration
+    for path in files:
+        if path.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+            raise DataError(f"unsupported file type '{path}'; allowed: .txt (one document), .jsonl, .parquet")
+    return _read_files(files, text_field)
+
+
+def _read_files(files: list[Path], text_field: str) -> Iterator[str]:
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            yield path.read_text(encoding="utf-8", errors="replace")
+        elif suffix == ".jsonl":
+            for row in read_jsonl(path):
+                text = _field(row, text_field, str(path))
+                if text:
+                    yield str(text)
+        else:
+            yield from _iter_parquet(path, text_field)
+
+
+def load_hf(name: str, config: str | None, split: str, streaming: bool):
+    """datasets.load_dataset, with an unreachable dataset (offline, unknown name) turned into a DataError."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"Hugging Face dataset '{name}' needs the `datasets` package (pip install 'spdf[data]')"
+                        ) from None
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:  # the hub raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError…
+        reason = " ".join(str(e).split())[:200]
+        raise DataError(f"could not load Hugging Face dataset '{name}' (config {config!r}, split '{split}'): "
+                        f"{type(e).__name__}: {reason}; offline? use a local source such as "
+                        f"{{'source': 'files', 'paths': [...]}} or {{'source': 'stdlib'}}") from None
+
+
+def _iter_hf(name: str, config: str | None = None, split: str = "train", streaming: bool = True,
+             text_field: str = "text") -> Iterator[str]:
+    rows = load_hf(name, config, split, streaming)  # eagerly: an unreachable dataset fails at the call
+    return (str(text) for row in rows if (text := _field(row, text_field, f"dataset '{name}'")))
+
+
+def check_source(source: dict) -> None:
+    """Validate a source spec's kind and keys without reading any data."""
+    if not isinstance(source, dict) or source.get("source") not in SOURCES:
+        got = source.get("source") if isinstance(source, dict) else source
+        raise DataError(f"unknown data source {got!r}; allowed: {', '.join(SOURCES)}")
+    check_spec(source, source["source"], _KEYS[source["source"]] | _COMMON_KEYS, "source")
+
+
+def iter_documents(source: dict) -> Iterator[str]:
+    """Documents (str) of a source spec dict, in a deterministic order; see the module docstring for specs."""
+    check_source(source)
+    kind = source["source"]
+    args = {k: v for k, v in source.items() if k not in _COMMON_KEYS}
+    if kind == "stdlib":
+        return (text for _, text in stdlib_modules(**args))
+    if kind == "files":
+        if "paths" not in args:
+            raise DataError("files source needs 'paths': a non-empty list of files or globs")
+        return _iter_files(**args)
+    if "name" not in args:
+        raise DataError("hf source needs 'name', e.g. 'monology/pile-uncopyrighted'")
+    return _iter_hf(**args)
+
+
+def source_fingerprint(source: dict) -> dict:
+    """What, besides the spec itself, decides a source's content: the cache key includes it."""
+    kind = source.get("source")
+    if kind == "stdlib":
+        return {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
+    if kind == "files":
+        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _expand_paths(source.get("paths"))]
+        return {"files": stats}
+    return {}

@@ -1,0 +1,84 @@
+"""`spdf inspect`: per-layer sparsity of a checkpoint, export or run directory, read from files alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from .sparsity.bitpack import unpack_bits
+
+
+def _weights_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for candidate in (path / "model.safetensors", path / "export" / "model.safetensors"):
+        if candidate.exists():
+            return candidate
+    phases = path / "phases"
+    if phases.is_dir():
+        done = sorted((p for p in phases.iterdir() if (p / "done.json").exists()),
+                      key=lambda p: (p / "done.json").stat().st_mtime)
+        if done:
+            return done[-1] / "export" / "model.safetensors"
+    raise FileNotFoundError(f"no model.safetensors found at {path} (give a checkpoint, export or run directory)")
+
+
+def _load_state(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{file} could not be read (corrupt or truncated?): {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} does not hold a state dict")
+    return state
+
+
+def _masks(file: Path, state: dict) -> dict[str, torch.Tensor]:
+    """Module name → mask in the weight's stored orientation, from weight_mask buffers or a masks.safetensors file."""
+    masks = {k[: -len(".weight_mask")]: v.bool() for k, v in state.items() if k.endswith(".weight_mask")}
+    packed = file.with_name("masks.safetensors")
+    if not masks and packed.exists():
+        with safe_open(str(packed), "pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+            for name, shape in shapes.items():
+                mask = unpack_bits(f.get_tensor(f"{name}.mask_bits"), shape)
+                weight = state.get(f"{name}.weight")
+                masks[name] = mask.t() if weight is not None and tuple(weight.shape) != tuple(mask.shape) else mask
+    return masks
+
+
+def checkpoint_stats(path: str | Path) -> dict:
+    """{"file", "sparse", "layers": [per 2-D weight: name, shape, mask_sparsity, actual, nnz, numel], totals}."""
+    file = _weights_file(Path(path))
+    state = _load_state(file)
+    masks = _masks(file, state)
+    rows = []
+    for key, tensor in state.items():
+        if not key.endswith(".weight") or tensor.dim() != 2 or "wte" in key or "wpe" in key or "lm_head" in key:
+            continue
+        name = key[: -len(".weight")]
+        numel = tensor.numel()
+        nnz = int(torch.count_nonzero(tensor))
+        mask = masks.get(name)
+        rows.append(dict(name=name, shape=tuple(tensor.shape), numel=numel, nnz=nnz, actual=1 - nnz / numel,
+                         mask_sparsity=None if mask is None else 1 - int(mask.sum()) / mask.numel()))
+    total = sum(r["numel"] for r in rows) or 1
+    return {"file": str(file), "sparse": bool(masks), "layers": rows,
+            "total_numel": total, "total_nnz": sum(r["nnz"] for r in rows)}
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"{stats['file']} ({'sparse: masks present' if stats['sparse'] else 'dense: no masks'})",
+             f"{'layer':44s} {'shape':>14s} {'mask sp.':>9s} {'zeros':>7s} {'non-zeros':>11s}"]
+    for r in stats["layers"]:
+        mask = f"{r['mask_sparsity']:.2%}" if r["mask_sparsity"] is not None else "-"
+        lines.append(f"{r['name']:44s} {'x'.join(map(str, r['shape'])):>14s} {mask:>9s} {r['actual']:7.2%} "
+                     f"{r['nnz']:11,d}")
+    lines.append(f"{'linear weights in blocks':44s} {'':>14s} {'':>9s} "
+                 f"{1 - stats['total_nnz'] / stats['total_numel']:7.2%} {stats['total_nnz']:11,d}")
+    return "\n".join(lines)

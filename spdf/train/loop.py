@@ -1,0 +1,183 @@
+"""The one training loop, shared by pre-training and fine-tuning.
+
+A phase is: AdamW (decay/no-decay groups), a step-indexed LR schedule, gradient accumulation, grad-norm clipping,
+mixed precision through accelerate, periodic validation, checkpoints, metrics and a progress bar. Everything a
+resumed run needs is in the checkpoint, and the LR is a pure function of the step, so a run killed at any point
+and resumed from its last checkpoint replays exactly the losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog
+from .optim import build_adamw
+from .schedule import lr_factor
+
+
+@dataclass
+class PhasePlan:
+    """A phase's settings, resolved from the recipe into plain numbers."""
+
+    name: str
+    kind: str
+    total_steps: int
+    micro_batch_size: int
+    accum_steps: int
+    lr: float
+    betas: tuple
+    eps: float
+    weight_decay: float
+    grad_clip: float | None
+    warmup_steps: int
+    decay: str
+    min_lr_ratio: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    log_every: int
+    progress: bool = True
+
+
+@dataclass
+class TrainState:
+    """Counters and positions saved with every checkpoint (registered with accelerate)."""
+
+    phase: str = ""
+    step: int = 0
+    tokens: int = 0
+    flops_dense: float = 0.0
+    flops_spent: float = 0.0
+    elapsed: float = 0.0
+    data: dict = field(default_factory=dict)
+    last_val_loss: float | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _loss_sum(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(idx)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, batches) -> float:
+    """Mean loss per target token over `batches`, summed over every rank."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for idx, targets in batches:
+        idx, targets = idx.to(accelerator.device), targets.to(accelerator.device)
+        with accelerator.autocast():
+            total[0] += _loss_sum(model, idx, targets).double()
+        total[1] += (targets != -100).sum()
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: TrainState, phase_dir: Path,
+              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=()):
+    """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
+
+    `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict).
+    `flops_per_token` is (dense-equivalent, actually needed) training FLOPs per token, from spdf.flops.
+    """
+    optimizer = build_adamw(model, plan.lr, plan.betas, plan.eps, plan.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if sparsifier is not None:
+        sparsifier.attach(optimizer)
+    ckpt_root = phase_dir / "checkpoints"
+    state.load_state_dict(TrainState(phase=plan.name).state_dict())
+    existing = list_checkpoints(ckpt_root)
+    if existing:
+        load_checkpoint(accelerator, existing[-1])
+        source.load_state_dict(state.data)
+        metrics.rewind(plan.name, state.step, later_phases)
+        accelerator.print(f"[{plan.name}] resumed from {existing[-1]} (step {state.step}/{plan.total_steps})")
+    dense_per_token, spent_per_token = flops_per_token
+    meta = {"phase": plan.name, "kind": plan.kind, "model": accelerator.unwrap_model(model).config.to_dict(),
+            "sparsity": sparsifier.config if sparsifier is not None else None}
+
+    def checkpoint() -> None:
+        state.data = source.state_dict()
+        save_checkpoint(accelerator, ckpt_root, state.step, {**meta, "step": state.step}, plan.keep_checkpoints)
+
+    def validate() -> float:
+        loss = evaluate(accelerator, model, source.val_batches(plan.eval_batches, plan.micro_batch_size))
+        state.last_val_loss = loss
+        metrics.write({"phase": plan.name, "step": state.step, "tokens": state.tokens, "val_loss": loss,
+                       "val_ppl": math.exp(min(loss, 50.0))})
+        return loss
+
+    finished_before_resume = state.step >= plan.total_steps
+    bar = tqdm(total=plan.total_steps, initial=state.step, desc=plan.name, unit="step", dynamic_ncols=True,
+               disable=not (plan.progress and accelerator.is_main_process))
+    if state.step == 0:
+        validate()  # the loss before any training, to compare with the end of the phase
+    window_loss = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    while state.step < plan.total_steps:
+        step_start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = plan.lr * lr_factor(state.step, plan.total_steps, plan.warmup_steps, plan.decay,
+                                              plan.min_lr_ratio)
+        micro = source.next_step(plan.accum_steps, plan.micro_batch_size)
+        n_targets = sum(int((t != -100).sum()) for _, t in micro)
+        step_tokens = sum(idx.numel() for idx, _ in micro)
+        for i, (idx, targets) in enumerate(micro):
+            idx, targets = idx.to(accelerator.device), targets.to(accelerator.device)
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss_sum = _loss_sum(model, idx, targets)
+                accelerator.backward(loss_sum / max(n_targets, 1))
+            window_loss[0] += loss_sum.detach().double()
+        window_loss[1] += n_targets
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), plan.grad_clip) if plan.grad_clip else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        global_tokens = step_tokens * accelerator.num_processes
+        state.step += 1
+        state.tokens += global_tokens
+        state.flops_dense += dense_per_token * global_tokens
+        state.flops_spent += spent_per_token * global_tokens
+        state.elapsed += time.perf_counter() - step_start
+        window_tokens += global_tokens
+        bar.update(1)
+        if state.step % plan.log_every == 0 or state.step == plan.total_steps:
+            totals = accelerator.reduce(window_loss.clone(), reduction="sum")
+            loss = (totals[0] / totals[1].clamp(min=1)).item()
+            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            record = {"phase": plan.name, "step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr,
+                      "tokens_per_s": tok_s, "flops_dense": state.flops_dense, "flops_spent": state.flops_spent}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            window_loss.zero_()
+            window_tokens, window_start = 0, time.perf_counter()
+        if state.step % plan.eval_every == 0 and state.step < plan.total_steps:
+            validate()
+        if state.step % plan.checkpoint_every == 0 and state.step < plan.total_steps:
+            checkpoint()
+    bar.close()
+    if finished_before_resume:  # killed after its final checkpoint: nothing left to do
+        return accelerator.unwrap_model(model), state.last_val_loss
+    val_loss = validate()
+    checkpoint()
+    return accelerator.unwrap_model(model), val_loss

@@ -1,0 +1,56 @@
+"""Metrics: one JSON object per line in <run_dir>/metrics.jsonl, mirrored to accelerate's trackers.
+
+On resume the lines a killed run wrote after its last checkpoint are dropped, so the file always reads as one
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, accelerator=None, enabled: bool = True):
+        self.path = Path(path)
+        self.accelerator = accelerator
+        self.enabled = enabled
+
+    def rewind(self, phase: str, step: int, later_phases=()) -> None:
+        """Drop records of `phase` after `step` and all records of `later_phases` (they will be written again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if (record.get("phase") == phase and record.get("step", 0) > step) or record.get("phase") in later_phases:
+                continue
+            kept.append(line)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            numbers = {f"{record['phase']}/{k}": v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k not in ("step",)}
+            self.accelerator.log(numbers, step=record.get("global_step", record.get("step")))
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out

@@ -1,0 +1,255 @@
+"""From a recipe to a finished run: tokenizer, model, sparsity, then each phase through the one loop.
+
+Layout of a run directory:
+    recipe.yaml              the resolved recipe (and its fingerprint, to refuse another recipe's directory)
+    tokenizer.json           trained offline on the corpus, or a copy of the file/hub tokenizer
+    metrics.jsonl            every logged step and validation, all phases
+    phases/<name>/checkpoints/step-XXXXXXXX/   resumable training state (last K kept)
+    phases/<name>/export/    model.safetensors + config.json (+ masks.safetensors) + tokenizer.json
+    phases/<name>/done.json  the phase's summary; a finished phase is skipped on resume
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..data import FinetuneDataset, build_packed_splits, iter_documents, load_finetune_task, load_or_train_tokenizer
+from ..flops import model_flops
+from ..model import GPT
+from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
+from ..sparsity import densify, sparse_layers, sparsify
+from .batches import BatchSource
+from .checkpoint import CheckpointError, export_model, load_export, read_json, write_json_atomic
+from .loop import PhasePlan, TrainState, run_phase
+from .metrics import MetricsLog
+
+
+def data_cache_dir() -> Path:
+    return Path(os.environ.get("SPDF_CACHE_DIR", Path.home() / ".cache" / "spdf" / "data"))
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def claim_run_dir(recipe: Recipe) -> Path:
+    """Create the run directory, or check that an existing one was made by a compatible recipe."""
+    run_dir = recipe.run_path
+    saved = run_dir / "recipe.yaml"
+    fingerprint = recipe_fingerprint(recipe)
+    if saved.exists():
+        previous = read_json(run_dir / "fingerprint.json", "run directory").get("fingerprint")
+        if previous != fingerprint:
+            raise RecipeError(
+                f"run directory {run_dir} was made by a different recipe (model, sparsity, tokenizer or data differ); "
+                f"choose another run_dir (--set run_dir=...) or delete it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_recipe(recipe, saved)
+    write_json_atomic(run_dir / "fingerprint.json", {"fingerprint": fingerprint})
+    return run_dir
+
+
+def _source_spec(phase: PhaseSpec) -> dict:
+    d = phase.data
+    spec = {"source": d.source, "max_tokens": d.max_tokens}
+    if d.source == "stdlib":
+        spec.update(part=d.part, max_bytes=d.max_bytes)
+    elif d.source == "files":
+        spec.update(paths=list(d.paths), text_field=d.text_field)
+    else:
+        spec.update(name=d.name, config=d.config, split=d.split, streaming=d.streaming, text_field=d.text_field)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _task_spec(phase: PhaseSpec) -> dict:
+    t = phase.task
+    spec = {"task": t.task, "path": t.path, "name": t.name, "config": t.config, "max_examples": t.max_examples}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
+    if init_from is not None:  # fine-tuning a checkpoint: its tokenizer, never a new one
+        path = _export_dir(init_from) / "tokenizer.json"
+        if not path.exists():
+            raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
+        return load_or_train_tokenizer({"kind": "file", "path": str(path)}, None, run_dir)
+    t = recipe.tokenizer
+    spec = {"kind": t.kind, "vocab_size": t.vocab_size} if t.kind == "train" else (
+        {"kind": "file", "path": t.path} if t.kind == "file" else {"kind": "hub", "name": t.name})
+    pretrain = next((p for p in recipe.phases if p.kind == "pretrain"), None)
+    documents = iter_documents(_source_spec(pretrain)) if (t.kind == "train" and pretrain is not None) else None
+    return load_or_train_tokenizer(spec, documents, run_dir)
+
+
+def _export_dir(path: Path) -> Path:
+    """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
+    path = Path(path)
+    if (path / "model.safetensors").exists() and (path / "config.json").exists():
+        return path
+    if (path / "export").is_dir():
+        return path / "export"
+    if (path / "phases").is_dir():
+        done = sorted((p for p in (path / "phases").iterdir() if (p / "done.json").exists()),
+                      key=lambda p: (p / "done.json").stat().st_mtime)
+        if done:
+            return done[-1] / "export"
+    raise CheckpointError(f"{path} is not an spdf export, phase or run directory with a finished phase")
+
+
+def _load_weights(model, export: Path) -> None:
+    """Load an export into `model` (sparse or dense): shapes, and masks where the model is sparse, must match."""
+    exported, masks, config = load_export(export)
+    if exported.config.to_dict() != model.config.to_dict():
+        raise CheckpointError(f"{export} holds a model of shape {exported.config.to_dict()}, but the recipe asks for "
+                              f"{model.config.to_dict()}")
+    layers = sparse_layers(model)
+    if layers and set(masks) != set(layers):
+        raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
+                              f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.weight_mask.copy_(masks[name].t() if layer.transposed else masks[name])
+        state = {k: v for k, v in exported.state_dict().items() if k != "lm_head.weight"}
+        if layers:
+            state.update({f"{n}.weight_mask": l.weight_mask for n, l in layers.items()})
+        model.load_state_dict(state, strict=False)
+
+
+def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> PhasePlan:
+    micro = phase.micro_batch_size or phase.batch_size
+    if phase.batch_size % (micro * world):
+        raise RecipeError(f"phases.{phase.name}.batch_size ({phase.batch_size}) must be divisible by "
+                          f"micro_batch_size ({micro}) × processes ({world})")
+    tokens_per_step = phase.batch_size * phase.seq_len
+    if phase.steps is not None:
+        steps = phase.steps
+    elif phase.tokens is not None:
+        steps = math.ceil(phase.tokens / tokens_per_step)
+    else:
+        steps = max(1, math.ceil(phase.epochs * train_len / phase.batch_size))
+    s = phase.schedule
+    warmup = s.warmup_steps if s.warmup_steps is not None else (
+        math.ceil(s.warmup_tokens / tokens_per_step) if s.warmup_tokens is not None else 0)
+    o = phase.optimizer
+    return PhasePlan(
+        name=phase.name, kind=phase.kind, total_steps=steps, micro_batch_size=micro,
+        accum_steps=phase.batch_size // (micro * world), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        weight_decay=o.weight_decay, grad_clip=o.grad_clip, warmup_steps=min(warmup, steps),
+        decay=s.decay, min_lr_ratio=s.min_lr_ratio, eval_every=phase.eval.every_steps,
+        eval_batches=phase.eval.batches, checkpoint_every=phase.checkpoint.every_steps,
+        keep_checkpoints=phase.checkpoint.keep, log_every=recipe.logging.every_steps,
+        progress=recipe.logging.progress)
+
+
+def _datasets(phase: PhaseSpec, tokenizer, accelerator):
+    if phase.kind == "pretrain":
+        with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
+            train, val, _ = build_packed_splits(_source_spec(phase), tokenizer, data_cache_dir(), phase.seq_len,
+                                                val_fraction=phase.data.val_fraction,
+                                                progress=accelerator.is_main_process)
+    else:
+        task = _task_spec(phase)
+        train = FinetuneDataset(load_finetune_task(task, "train"), tokenizer, phase.seq_len + 1)
+        val = FinetuneDataset(load_finetune_task(task, "validation"), tokenizer, phase.seq_len + 1)
+    if len(train) < accelerator.num_processes or len(val) == 0:
+        raise RecipeError(f"phase '{phase.name}': the data gave {len(train)} training and {len(val)} validation "
+                          f"sequences of {phase.seq_len + 1} tokens; use more data or a shorter seq_len")
+    return train, val
+
+
+def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path | None = None) -> dict:
+    """Run the recipe's phases of the given kinds (resuming whatever a previous run left); return a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = claim_run_dir(recipe)
+    log_with = "tensorboard" if recipe.logging.tensorboard else None
+    accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
+                              project_dir=str(run_dir))
+    if log_with:
+        accelerator.init_trackers(recipe.name)
+    set_seed(recipe.seed)
+    tokenizer = _tokenizer(recipe, run_dir, init_from)
+    model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
+    model.to(accelerator.device)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    phases = [p for p in recipe.phases if p.kind in kinds]
+    if not phases:
+        raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
+    summaries = []
+    for i, phase in enumerate(recipe.phases):
+        phase_dir = run_dir / "phases" / phase.name
+        if phase.kind not in kinds:
+            if init_from is None and phase.kind == "pretrain" and "finetune" in kinds:
+                if not (phase_dir / "done.json").exists():
+                    raise RecipeError(f"phase '{phase.name}' of {run_dir} has not finished: run `spdf pretrain` "
+                                      f"first, or fine-tune a checkpoint with --from")
+                _load_weights(model, phase_dir / "export")
+            continue
+        if phase.kind == "finetune" and sparsifier is not None and phase.init == "densify":
+            sparsifier.detach()
+            densify(model)
+            sparsifier = None
+        if (phase_dir / "done.json").exists():
+            _load_weights(model, phase_dir / "export")
+            summaries.append(read_json(phase_dir / "done.json", "phase summary"))
+            accelerator.print(f"[{phase.name}] already finished; skipped")
+            continue
+        train, val = _datasets(phase, tokenizer, accelerator)
+        source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
+        plan = _plan(recipe, phase, len(train), accelerator.num_processes)
+        fb = model_flops(model, phase.seq_len)
+        model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
+                                    (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]])
+        if sparsifier is not None:
+            sparsifier.detach()
+        accelerator.free_memory()
+        first_val = next((r["val_loss"] for r in metrics.read() if r.get("phase") == phase.name
+                          and r.get("step") == 0 and "val_loss" in r), None)
+        summary = {"phase": phase.name, "kind": phase.kind, "steps": state.step, "tokens": state.tokens,
+                   "val_loss_before": first_val, "val_loss_after": val_loss,
+                   "flops_dense_equivalent": state.flops_dense, "flops_spent": state.flops_spent,
+                   "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
+                   "export": str(phase_dir / "export")}
+        if accelerator.is_main_process:
+            export = export_model(model, phase_dir / "export", extra={"phase": phase.name, "recipe": recipe.name,
+                                  "sparsity": sparsifier.config if sparsifier is not None else None})
+            shutil.copy(tokenizer.path, export / "tokenizer.json")
+            write_json_atomic(phase_dir / "done.json", summary)
+        accelerator.wait_for_everyone()
+        summaries.append(summary)
+    accelerator.end_training()
+    return {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "phases": summaries}
+
+
+def _initial_model(recipe: Recipe, config, init_from: Path | None):
+    """A fresh GPT sparsified as the recipe says, or the weights (and masks) of the checkpoint to fine-tune."""
+    model = GPT(config)
+    sp = recipe.sparsity
+    if init_from is None:
+        if sp.method == "none":
+            return model, None
+        sparsifier = sparsify(model, sparsity=sp.level, init=sp.method, seed=recipe.sparsity_seed,
+                              param_filter=list(sp.filter) if sp.filter else None,
+                              overrides=dict(sp.overrides) or None, n=sp.n, m=sp.m, block_size=sp.block_size,
+                              backend=sp.backend)
+        return model, sparsifier
+    export = _export_dir(init_from)
+    _, masks, _ = load_export(export)
+    sparsifier = None
+    if masks:  # the checkpoint's own layers are made sparse; its masks replace the generated ones below
+        sparsifier = sparsify(model, sparsity=0.5, init="random", param_filter=[f"{name}.weight" for name in masks])
+    _load_weights(model, export)
+    for layer in sparse_layers(model).values():
+        layer.target_sparsity = 1.0 - layer.density
+    return model, sparsifier
