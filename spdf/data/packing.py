@@ -165,6 +165,7 @@ def _build(entry: Path, key: str, source: dict, tokenizer: TextTokenizer, seq_le
            max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
     docs = iter_documents(source)  # first: a missing file or unreachable dataset fails before anything is written
     entry.mkdir(parents=True, exist_ok=True)
+    (entry / "meta.json").unlink(missing_ok=True)  # a stale entry stops counting as complete before files change
     dtype = token_dtype(tokenizer.vocab_size)
     tmp = {s: entry / f".{s}.bin.{os.getpid()}.tmp" for s in SPLITS}
     start = time.perf_counter()

@@ -37,7 +37,7 @@ STDLIB_PARTS = ("pretrain", "heldout")
 
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) that depends only on `key` (sha256; Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
 
 
 def check_spec(spec: dict, kind: str, allowed: set[str], what: str) -> None:

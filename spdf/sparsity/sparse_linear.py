@@ -38,6 +38,11 @@ class SparseLinear(nn.Module):
         with torch.no_grad():
             self.weight.mul_(self.weight_mask)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.
+        super().__setstate__(state)
+        self.__dict__["_grad_hook"] = self.weight.register_post_accumulate_grad_hook(self._mask_grad)
+
     def _mask_grad(self, param: torch.Tensor) -> None:
         param.grad.mul_(self.weight_mask)
 

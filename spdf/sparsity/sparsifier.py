@@ -160,16 +160,27 @@ def sparsify(
     if sparse_layers(model):
         raise ValueError("the model is already sparsified; densify() it first")
     chosen = select(model, sparsity, param_filter, overrides)
+    for name, (candidate, level) in chosen.items():
+        check_sparsity(level, name)
+        if not candidate.module_name:
+            raise ValueError("cannot sparsify a bare layer in place: wrap it in a module (e.g. nn.Sequential(layer))")
     if init == "erk":
+        if overrides or isinstance(param_filter, dict):
+            raise ValueError("init='erk' allocates per-layer sparsity itself: per-pattern levels and overrides "
+                             "cannot be combined with it")
         levels = erk_sparsities({name: c.shape for name, (c, _) in chosen.items()}, sparsity)
         chosen = {name: (c, levels[name]) for name, (c, _) in chosen.items()}
     if init == "nm":
         chosen = {name: (c, 1 - n / m) for name, (c, _) in chosen.items()}
+    # Every mask first, then every swap: a bad layer (say N:M on an indivisible width) leaves the model untouched.
+    masks = {}
     for name, (candidate, level) in chosen.items():
         weight = candidate.module.weight
         mask = make_mask(init, name, candidate.shape, level, seed, weight=(weight.t() if candidate.transposed else weight),
                          n=n, m=m, block_size=block_size)
-        layer = SparseLinear(candidate.module, mask.t() if candidate.transposed else mask, candidate.transposed, level)
+        masks[name] = mask.t() if candidate.transposed else mask
+    for name, (candidate, level) in chosen.items():
+        layer = SparseLinear(candidate.module, masks[name], candidate.transposed, level)
         if backend == "compressed":
             from .compressed import CompressedSparseLinear
 
@@ -205,12 +216,12 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
     if sparse_ckpt and not sparse_model:
         if not densify_model:
             raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
-                             "settings first, or load with densify=True to take its weights densely")
+                             "settings first, or load with densify_model=True to take its weights densely")
         state_dict = _dense_view(state_dict)
     elif sparse_model and not sparse_ckpt:
         if not densify_model:
             raise ValueError("the checkpoint is dense but the model is sparse: densify the model first, "
-                             "or load with densify=True")
+                             "or load with densify_model=True")
         densify(model)
     return model.load_state_dict(state_dict, strict=strict)
 

@@ -169,8 +169,14 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    run_dir = claim_run_dir(recipe)
     log_with = "tensorboard" if recipe.logging.tensorboard else None
+    if log_with:
+        try:
+            import tensorboard  # noqa: F401  (accelerate's tracker needs it)
+        except ImportError:
+            raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
+                              "(pip install tensorboard), or set logging.tensorboard: false") from None
+    run_dir = claim_run_dir(recipe)
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
                               project_dir=str(run_dir))
     if log_with:

@@ -1,0 +1,135 @@
+"""CompressedSparseLinear: the "compressed" backend -- only the non-zeros are stored and trained.
+
+Where SparseLinear keeps a dense weight with exact zeros (dense matmul, dense grads, dense AdamW state), this layer
+keeps the non-zeros as one trainable vector ``values`` in the tiled format of ``spdf.kernels`` (index tensors are
+buffers) and computes with ``spdf.kernels.tiled_linear``: Triton kernels on CUDA, the pure-PyTorch reference on CPU.
+Weights, grads and optimizer state are all nnz-sized; masked entries cannot become non-zero because they do not
+exist, so no gradient hook or optimizer hook is needed.
+
+The state dict holds ``values``, ``bias`` (if any), the layout buffers and an extra state with shape, tile and
+orientation; loading one made from a different mask resizes the buffers and ``values`` (rebuild the optimizer then).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from spdf.kernels import TiledLayout, pack, tiled_linear, unpack
+from spdf.kernels.layout import FIELDS
+
+from .sparse_linear import SparseLinear
+
+PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ... (sparsifier.py recognises tile_bitmap)
+
+
+class CompressedSparseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: nn.Parameter | None = None,
+                 tile=(64, 64), transposed: bool = False, dense_shell: nn.Module | None = None,
+                 target_sparsity: float | None = None):
+        """``weight``/``mask`` in nn.Linear orientation (out, in). ``transposed`` records that the dense module
+        stores (in, out) (Hugging Face Conv1D): it only matters for ``to_dense``."""
+        super().__init__()
+        layout, values = pack(weight.detach(), mask, tile)
+        self.values = nn.Parameter(values, requires_grad=weight.requires_grad)
+        self.bias = bias
+        for name, tensor in layout.tensors().items():
+            self.register_buffer(PREFIX + name, tensor)
+        self.out_features, self.in_features = layout.shape
+        self.tile = layout.tile
+        self.transposed = transposed
+        self.target_sparsity = 1 - self.density if target_sparsity is None else float(target_sparsity)
+        self.__dict__["_dense_shell"] = dense_shell  # not a submodule: holds no parameters of its own
+
+    @classmethod
+    def from_masked(cls, layer: SparseLinear, tile=(64, 64)) -> "CompressedSparseLinear":
+        """Compress a SparseLinear (shares its ``bias`` parameter; ``values`` are copied from its weight)."""
+        weight = layer.weight.t() if layer.transposed else layer.weight
+        # the module type that SparseLinear.to_dense() returns, emptied of parameters
+        shell = copy.deepcopy(layer.__dict__.get("_dense_shell"))
+        return cls(weight, layer.mask, layer.bias, tile=tile, transposed=layer.transposed, dense_shell=shell,
+                   target_sparsity=layer.target_sparsity)
+
+    @property
+    def layout(self) -> TiledLayout:
+        return TiledLayout.from_tensors({n: getattr(self, PREFIX + n) for n in FIELDS},
+                                        (self.out_features, self.in_features), self.tile, nnz=self.values.numel())
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Dense bool mask in nn.Linear orientation (out, in), like ``SparseLinear.mask``."""
+        return self.layout.mask()
+
+    @property
+    def density(self) -> float:
+        return self.values.numel() / (self.out_features * self.in_features)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight in nn.Linear orientation (a new tensor, zeros at masked positions)."""
+        return unpack(self.layout, self.values.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tiled_linear(x, self.values, self.layout, self.bias)
+
+    def to_dense(self) -> nn.Module:
+        """Same contract as ``SparseLinear.to_dense``: the original module type (nn.Linear, Conv1D, ...) with a
+        dense trainable weight (zeros in place, in that module's orientation) and this layer's bias."""
+        weight = self.dense_weight()
+        if self.transposed:
+            weight = weight.t().contiguous()
+        shell = self._dense_shell
+        if shell is None:
+            shell = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+        shell._parameters = {"weight": nn.Parameter(weight), "bias": self.bias}
+        return shell
+
+    # ---- state dict ------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"shape": (self.out_features, self.in_features), "tile": self.tile, "transposed": self.transposed,
+                "target_sparsity": self.target_sparsity}
+
+    def set_extra_state(self, state) -> None:
+        if tuple(state["shape"]) != (self.out_features, self.in_features):
+            raise ValueError(f"state dict is for a {tuple(state['shape'])} weight, this layer is "
+                             f"{(self.out_features, self.in_features)}")
+        self.tile = tuple(state["tile"])
+        self.transposed = bool(state["transposed"])
+        self.target_sparsity = float(state.get("target_sparsity", self.target_sparsity))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A different mask means different index/values sizes: resize before the copy so loading just works.
+        for name in (PREFIX + f for f in FIELDS):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != self._buffers[name].shape:
+                self._buffers[name] = torch.empty_like(incoming, device=self._buffers[name].device)
+        incoming = state_dict.get(prefix + "values")
+        if incoming is not None and incoming.shape != self.values.shape:
+            self.values = nn.Parameter(self.values.new_empty(incoming.shape),
+                                       requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"sparsity={1 - self.density:.4f}, tile={self.tile}, nnz={self.nnz}"
+                f"{', transposed' if self.transposed else ''}")
+
+
+def dense_state_dict(state_dict: dict) -> dict:
+    """A state dict with every compressed layer's entries replaced by a dense ``weight`` (in its module's
+    orientation, zeros in place); the other entries (bias, ...) pass through."""
+    out = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith(PREFIX + "bitmap")]:
+        prefix = key[: -len(PREFIX + "bitmap")]
+        extra = out.pop(prefix + "_extra_state")
+        values = out.pop(prefix + "values")
+        layout = TiledLayout.from_tensors({f: out.pop(prefix + PREFIX + f) for f in FIELDS}, extra["shape"],
+                                          extra["tile"], nnz=values.numel())
+        weight = unpack(layout.to(values.device), values)
+        out[prefix + "weight"] = weight.t().contiguous() if extra["transposed"] else weight
+    return out
