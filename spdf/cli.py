@@ -61,7 +61,8 @@ def _cmd_train(args, kinds) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     summary = run_recipe(recipe, kinds=kinds, init_from=getattr(args, "init_from", None))
-    print(_format_summary(summary))
+    if summary["main_process"]:
+        print(_format_summary(summary))
     return 0
 
 

@@ -122,11 +122,17 @@ def _load_weights(model, export: Path) -> None:
         model.load_state_dict(state, strict=False)
 
 
-def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> PhasePlan:
-    micro = phase.micro_batch_size or phase.batch_size
+def _micro_batch(phase: PhaseSpec, world: int) -> int:
+    """Sequences per process per forward: the recipe's, or else the whole per-process share of the batch."""
+    micro = phase.micro_batch_size or max(phase.batch_size // world, 1)
     if phase.batch_size % (micro * world):
         raise RecipeError(f"phases.{phase.name}.batch_size ({phase.batch_size}) must be divisible by "
                           f"micro_batch_size ({micro}) × processes ({world})")
+    return micro
+
+
+def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> PhasePlan:
+    micro = _micro_batch(phase, world)
     tokens_per_step = phase.batch_size * phase.seq_len
     if phase.steps is not None:
         steps = phase.steps
@@ -177,8 +183,10 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard), or set logging.tensorboard: false") from None
     run_dir = claim_run_dir(recipe)
+    # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
+    # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
-                              project_dir=str(run_dir))
+                              project_dir=str(run_dir), cpu=not torch.cuda.is_available())
     if log_with:
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
@@ -191,6 +199,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     phases = [p for p in recipe.phases if p.kind in kinds]
     if not phases:
         raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
+    for phase in phases:  # fail before any work, not after the first phase
+        _micro_batch(phase, accelerator.num_processes)
     summaries = []
     for i, phase in enumerate(recipe.phases):
         phase_dir = run_dir / "phases" / phase.name
@@ -235,7 +245,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         accelerator.wait_for_everyone()
         summaries.append(summary)
     accelerator.end_training()
-    return {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "phases": summaries}
+    return {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "phases": summaries,
+            "main_process": accelerator.is_main_process}
 
 
 def _initial_model(recipe: Recipe, config, init_from: Path | None):
