@@ -53,10 +53,16 @@ def _masks(file: Path, state: dict) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_stats(path: str | Path) -> dict:
-    """{"file", "sparse", "layers": [per 2-D weight: name, shape, mask_sparsity, actual, nnz, numel], totals}."""
+    """{"file", "sparse", "layers": [per 2-D weight: name, shape, target, mask_sparsity, actual, nnz, numel], totals}.
+
+    target comes from the checkpoint's spdf.json or the export's config.json; actual counts the weight's zeros."""
     file = _weights_file(Path(path))
     state = _load_state(file)
     masks = _masks(file, state)
+    targets = {}
+    for meta_file in (file.with_name("spdf.json"), file.with_name("config.json")):  # checkpoint / export
+        if meta_file.exists():
+            targets = json.loads(meta_file.read_text(encoding="utf-8")).get("targets", {})
     rows = []
     for key, tensor in state.items():
         if not key.endswith(".weight") or tensor.dim() != 2 or "wte" in key or "wpe" in key or "lm_head" in key:
@@ -66,6 +72,7 @@ def checkpoint_stats(path: str | Path) -> dict:
         nnz = int(torch.count_nonzero(tensor))
         mask = masks.get(name)
         rows.append(dict(name=name, shape=tuple(tensor.shape), numel=numel, nnz=nnz, actual=1 - nnz / numel,
+                         target=targets.get(name),
                          mask_sparsity=None if mask is None else 1 - int(mask.sum()) / mask.numel()))
     total = sum(r["numel"] for r in rows) or 1
     return {"file": str(file), "sparse": bool(masks), "layers": rows,
@@ -74,11 +81,12 @@ def checkpoint_stats(path: str | Path) -> dict:
 
 def format_stats(stats: dict) -> str:
     lines = [f"{stats['file']} ({'sparse: masks present' if stats['sparse'] else 'dense: no masks'})",
-             f"{'layer':44s} {'shape':>14s} {'mask sp.':>9s} {'zeros':>7s} {'non-zeros':>11s}"]
+             f"{'layer':44s} {'shape':>14s} {'target':>7s} {'mask sp.':>9s} {'zeros':>7s} {'non-zeros':>11s}"]
     for r in stats["layers"]:
         mask = f"{r['mask_sparsity']:.2%}" if r["mask_sparsity"] is not None else "-"
-        lines.append(f"{r['name']:44s} {'x'.join(map(str, r['shape'])):>14s} {mask:>9s} {r['actual']:7.2%} "
+        target = f"{r['target']:.2%}" if r["target"] is not None else "-"
+        lines.append(f"{r['name']:44s} {'x'.join(map(str, r['shape'])):>14s} {target:>7s} {mask:>9s} {r['actual']:7.2%} "
                      f"{r['nnz']:11,d}")
-    lines.append(f"{'linear weights in blocks':44s} {'':>14s} {'':>9s} "
+    lines.append(f"{'linear weights in blocks':44s} {'':>14s} {'':>7s} {'':>9s} "
                  f"{1 - stats['total_nnz'] / stats['total_numel']:7.2%} {stats['total_nnz']:11,d}")
     return "\n".join(lines)

@@ -85,9 +85,20 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore everything `save_checkpoint` saved; returns its spdf.json. Damaged files give a CheckpointError."""
+def layout_meta(model: nn.Module) -> dict:
+    """What a checkpoint must agree on with the model it is loaded into: the shape and each layer's target sparsity."""
+    return {"model": model.config.to_dict(),
+            "targets": {name: layer.target_sparsity for name, layer in sparse_layers(model).items()}}
+
+
+def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
+    """Restore everything `save_checkpoint` saved; returns its spdf.json. A checkpoint of another shape or sparsity,
+    or a damaged one, gives a CheckpointError and changes nothing."""
     meta = read_json(path / META_FILE, "checkpoint")
+    for key, what in (("model", "model shape"), ("targets", "sparse layers")):
+        if meta.get(key) != expect[key]:
+            raise CheckpointError(f"checkpoint {path} has another {what} than the recipe: {meta.get(key)} vs "
+                                  f"{expect[key]}; use a run directory made by this recipe")
     try:
         accelerator.load_state(str(path))
     except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
@@ -111,7 +122,7 @@ def export_model(model: nn.Module, out_dir: Path, extra: dict | None = None) -> 
         masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
         shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
         save_file(masks, str(tmp / "masks.safetensors"), metadata={"shapes": json.dumps(shapes)})
-    config = {"model": model.config.to_dict(), "sparse": bool(layers), **(extra or {})}
+    config = {**layout_meta(model), "sparse": bool(layers), **(extra or {})}
     write_json_atomic(tmp / "config.json", config)
     if out_dir.exists():
         shutil.rmtree(out_dir)

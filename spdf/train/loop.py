@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import layout_meta, list_checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .optim import build_adamw
 from .schedule import lr_factor
@@ -90,7 +90,7 @@ def evaluate(accelerator, model, batches) -> float:
 
 
 def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: TrainState, phase_dir: Path,
-              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=()):
+              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=(), meta_extra=None):
     """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
 
     `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict).
@@ -101,17 +101,16 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     if sparsifier is not None:
         sparsifier.attach(optimizer)
     ckpt_root = phase_dir / "checkpoints"
+    meta = {"phase": plan.name, "kind": plan.kind, **layout_meta(accelerator.unwrap_model(model)),
+            "sparsity": sparsifier.config if sparsifier is not None else None, **(meta_extra or {})}
     state.load_state_dict(TrainState(phase=plan.name).state_dict())
     existing = list_checkpoints(ckpt_root)
     if existing:
-        load_checkpoint(accelerator, existing[-1])
+        load_checkpoint(accelerator, existing[-1], expect=layout_meta(accelerator.unwrap_model(model)))
         source.load_state_dict(state.data)
         metrics.rewind(plan.name, state.step, later_phases)
         accelerator.print(f"[{plan.name}] resumed from {existing[-1]} (step {state.step}/{plan.total_steps})")
     dense_per_token, spent_per_token = flops_per_token
-    meta = {"phase": plan.name, "kind": plan.kind, "model": accelerator.unwrap_model(model).config.to_dict(),
-            "sparsity": sparsifier.config if sparsifier is not None else None}
-
     def checkpoint() -> None:
         state.data = source.state_dict()
         save_checkpoint(accelerator, ckpt_root, state.step, {**meta, "step": state.step}, plan.keep_checkpoints)

@@ -226,7 +226,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         fb = model_flops(model, phase.seq_len)
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
-                                    (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]])
+                                    (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]],
+                                    meta_extra={"recipe": recipe.to_dict()})
         if sparsifier is not None:
             sparsifier.detach()
         accelerator.free_memory()
