@@ -223,7 +223,8 @@ def _set_path(data: dict, parts: list[str], value) -> None:
     for i, part in enumerate(parts):
         tp, owner = _strip_optional(tp), None
         if dataclasses.is_dataclass(tp):
-            fields = _hints(tp)
+            hints = _hints(tp)  # ClassVars (EXCLUSIVE, SHAPE_KEYS) are hints too, but not keys
+            fields = {f.name: hints[f.name] for f in dataclasses.fields(tp)}
             if part not in fields:
                 raise RecipeError(f"unknown key '{join_path(path, part)}'{suggest(part, fields)}; allowed: "
                                   f"{', '.join(fields)}")

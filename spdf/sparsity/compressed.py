@@ -90,17 +90,18 @@ class CompressedSparseLinear(nn.Module):
         return shell
 
     # ---- state dict ------------------------------------------------------------------------------------------
-    def get_extra_state(self):
-        return {"shape": (self.out_features, self.in_features), "tile": self.tile, "transposed": self.transposed,
-                "target_sparsity": self.target_sparsity}
+    # The extra state is a tensor, not a dict, so state dicts save as safetensors (accelerate checkpoints do).
+    def get_extra_state(self) -> torch.Tensor:
+        return _encode_extra(self.out_features, self.in_features, self.tile, self.transposed, self.target_sparsity)
 
     def set_extra_state(self, state) -> None:
+        state = _decode_extra(state)
         if tuple(state["shape"]) != (self.out_features, self.in_features):
             raise ValueError(f"state dict is for a {tuple(state['shape'])} weight, this layer is "
                              f"{(self.out_features, self.in_features)}")
         self.tile = tuple(state["tile"])
         self.transposed = bool(state["transposed"])
-        self.target_sparsity = float(state.get("target_sparsity", self.target_sparsity))
+        self.target_sparsity = float(state["target_sparsity"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A different mask means different index/values sizes: resize before the copy so loading just works.
@@ -120,13 +121,27 @@ class CompressedSparseLinear(nn.Module):
                 f"{', transposed' if self.transposed else ''}")
 
 
+def _encode_extra(out_features: int, in_features: int, tile, transposed: bool, target_sparsity: float) -> torch.Tensor:
+    # float64 holds these integers exactly
+    return torch.tensor([out_features, in_features, tile[0], tile[1], float(transposed), target_sparsity],
+                        dtype=torch.float64)
+
+
+def _decode_extra(state) -> dict:
+    if isinstance(state, dict):  # written by an earlier version
+        return {"target_sparsity": float("nan"), **state}
+    out_features, in_features, tile_r, tile_c, transposed, target = state.tolist()
+    return {"shape": (int(out_features), int(in_features)), "tile": (int(tile_r), int(tile_c)),
+            "transposed": bool(transposed), "target_sparsity": target}
+
+
 def dense_state_dict(state_dict: dict) -> dict:
     """A state dict with every compressed layer's entries replaced by a dense ``weight`` (in its module's
     orientation, zeros in place); the other entries (bias, ...) pass through."""
     out = dict(state_dict)
     for key in [k for k in state_dict if k.endswith(PREFIX + "bitmap")]:
         prefix = key[: -len(PREFIX + "bitmap")]
-        extra = out.pop(prefix + "_extra_state")
+        extra = _decode_extra(out.pop(prefix + "_extra_state"))
         values = out.pop(prefix + "values")
         layout = TiledLayout.from_tensors({f: out.pop(prefix + PREFIX + f) for f in FIELDS}, extra["shape"],
                                           extra["tile"], nnz=values.numel())

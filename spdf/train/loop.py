@@ -60,6 +60,9 @@ class TrainState:
     elapsed: float = 0.0
     data: dict = field(default_factory=dict)
     last_val_loss: float | None = None
+    # (loss sum, target count) of the steps since the last training log, summed over ranks: a resume between two
+    # logs then logs the same mean loss as the uninterrupted run.
+    window: tuple = (0.0, 0)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -108,11 +111,14 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     if existing:
         load_checkpoint(accelerator, existing[-1], expect=layout_meta(accelerator.unwrap_model(model)))
         source.load_state_dict(state.data)
-        metrics.rewind(plan.name, state.step, later_phases)
         accelerator.print(f"[{plan.name}] resumed from {existing[-1]} (step {state.step}/{plan.total_steps})")
+    # Records a killed run wrote after its last checkpoint (all of them, if it had none) are written again.
+    metrics.rewind(plan.name, state.step if existing else -1, later_phases)
     dense_per_token, spent_per_token = flops_per_token
     def checkpoint() -> None:
         state.data = source.state_dict()
+        totals = accelerator.reduce(window_loss.clone(), reduction="sum")
+        state.window = (totals[0].item(), int(totals[1].item()))
         save_checkpoint(accelerator, ckpt_root, state.step, {**meta, "step": state.step}, plan.keep_checkpoints)
 
     def validate() -> float:
@@ -128,6 +134,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     if state.step == 0:
         validate()  # the loss before any training, to compare with the end of the phase
     window_loss = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    if accelerator.is_main_process:  # the saved window is a sum over ranks: one rank carries it
+        window_loss += torch.tensor(state.window, dtype=torch.float64, device=accelerator.device)
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
     while state.step < plan.total_steps:

@@ -79,13 +79,31 @@ def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
         path = _export_dir(init_from) / "tokenizer.json"
         if not path.exists():
             raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
-        return load_or_train_tokenizer({"kind": "file", "path": str(path)}, None, run_dir)
+        return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(path, run_dir))}, None, run_dir)
     t = recipe.tokenizer
+    if t.kind == "file":
+        return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(Path(t.path), run_dir))}, None, run_dir)
     spec = {"kind": t.kind, "vocab_size": t.vocab_size} if t.kind == "train" else (
         {"kind": "file", "path": t.path} if t.kind == "file" else {"kind": "hub", "name": t.name})
     pretrain = next((p for p in recipe.phases if p.kind == "pretrain"), None)
     documents = iter_documents(_source_spec(pretrain)) if (t.kind == "train" and pretrain is not None) else None
     return load_or_train_tokenizer(spec, documents, run_dir)
+
+
+def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
+    """Copy a tokenizer file into the run directory, so the run stays usable if the original moves or changes."""
+    kept = run_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise RecipeError(f"tokenizer file not found: '{tokenizer_file}'")
+    if kept.exists():
+        if kept.read_bytes() != tokenizer_file.read_bytes():
+            raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
+                              f"use another run_dir")
+        return kept
+    tmp = kept.with_name(".tokenizer.json.tmp")
+    shutil.copyfile(tokenizer_file, tmp)
+    os.replace(tmp, kept)
+    return kept
 
 
 def _export_dir(path: Path) -> Path:

@@ -1,0 +1,178 @@
+"""Exact resume: a run killed at any point and run again replays the uninterrupted run's losses, bit for bit.
+
+One test kills a real `python -m spdf run` with SIGKILL; the others cut a finished run back to what a kill at a
+chosen point leaves on disk (metrics up to that step and a half-written line, the checkpoints written before it,
+no export or done.json), which makes every interesting point reachable without timing luck.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_runs import (copy_run, loss_trace, read_metrics, run_cli, spdf_subprocess, subprocess_env,
+                       truncate_to_kill, write_recipe)
+
+
+def _wait_for(condition, proc, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _train_steps_logged(run_dir, phase: str) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("phase") == phase and "loss" in r:
+            steps.append(r["step"])
+    return steps
+
+
+def _plant_half_written_checkpoint(ckpt_root, step: int):
+    """What a kill during save_checkpoint leaves: a temp directory with a truncated model file."""
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    tmp.mkdir(parents=True)
+    (tmp / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (tmp / "spdf.json").write_text(json.dumps({"step": step, "phase": "pretrain"}))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("sigkill")
+    run_dir = root / "run"
+    recipe = write_recipe(root / "tiny.yaml", run_dir)
+    ckpt_root = run_dir / "phases/pretrain/checkpoints"
+    with open(root / "killed.out", "w") as out, open(root / "killed.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "spdf", "run", str(recipe)], cwd=root, stdout=out,
+                                stderr=err, env=subprocess_env(cache_dir))
+        try:
+            first = _wait_for(lambda: sorted(ckpt_root.glob("step-*")), proc, 240, "a checkpoint appeared")
+            ckpt_step = int(first[0].name.split("-")[1])
+            # let it log past the checkpoint, so the resumed run must also drop what the killed one wrote after it
+            _wait_for(lambda: any(s > ckpt_step for s in _train_steps_logged(run_dir, "pretrain")), proc, 120,
+                      "a step after the checkpoint was logged")
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = {"checkpoints": sorted(p.name for p in ckpt_root.glob("step-*")),
+               "logged": _train_steps_logged(run_dir, "pretrain"),
+               "done": (run_dir / "phases/pretrain/done.json").exists()}
+    planted = _plant_half_written_checkpoint(ckpt_root, 99)
+    resumed = spdf_subprocess(["run", recipe], cache_dir, cwd=root)
+    return {"run_dir": run_dir, "at_kill": at_kill, "resumed": resumed, "planted": planted}
+
+
+def test_sigkilled_run_resumes_to_the_end(killed_and_resumed):
+    k = killed_and_resumed
+    proc, run_dir = k["resumed"], k["run_dir"]
+    assert not k["at_kill"]["done"] and k["at_kill"]["checkpoints"], k["at_kill"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    newest = k["at_kill"]["checkpoints"][-1]
+    step = int(newest.split("-")[1])
+    assert f"[pretrain] resumed from {run_dir / 'phases/pretrain/checkpoints' / newest} (step {step}/8)" in proc.stdout
+    assert "spdf run finished" in proc.stdout
+    for phase in ("pretrain", "finetune"):
+        assert (run_dir / "phases" / phase / "done.json").is_file()
+        assert (run_dir / "phases" / phase / "export/model.safetensors").is_file()
+    # the half-written checkpoint was not resumed from (it would have failed to load, or jumped to step 99)
+    assert ".tmp-step-00000099" not in proc.stdout and "step 99" not in proc.stdout
+
+
+def test_sigkilled_run_replays_the_uninterrupted_losses_exactly(killed_and_resumed, finished_run):
+    run_dir = killed_and_resumed["run_dir"]
+    assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"])
+    # and the file reads as one run: every (phase, step, kind) once
+    keys = [(p, s, kind) for p, s, kind, _ in loss_trace(run_dir)]
+    assert len(keys) == len(set(keys))
+    ref = load_file(str(finished_run["run_dir"] / "phases/finetune/export/model.safetensors"))
+    ours = load_file(str(run_dir / "phases/finetune/export/model.safetensors"))
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("phase,last_step,checkpoint", [
+    ("pretrain", 7, 6),   # killed during step 8 of pre-training: resume from step 6, drop step 7's records
+    ("finetune", 3, 2),   # killed during fine-tuning: pre-training is skipped, fine-tuning resumes densified
+])
+def test_resume_mid_phase_replays_exactly(finished_run, tmp_path, capsys, phase, last_step, checkpoint):
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, phase, last_step, keep_checkpoints_upto=checkpoint)
+    rc, out, err = run_cli(["run", recipe], capsys)
+    assert rc == 0, err
+    assert f"[{phase}] resumed from {run_dir / 'phases' / phase / 'checkpoints' / f'step-{checkpoint:08d}'}" in out
+    if phase == "finetune":
+        assert "[pretrain] already finished" in out
+    assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"])
+    read_metrics(run_dir)  # every line is whole JSON again: the half-written one was dropped
+    for p in ("pretrain", "finetune"):
+        ref = load_file(str(finished_run["run_dir"] / "phases" / p / "export/model.safetensors"))
+        ours = load_file(str(run_dir / "phases" / p / "export/model.safetensors"))
+        assert all(torch.equal(ours[k], ref[k]) for k in ref), p
+
+
+def test_killed_after_the_final_checkpoint_only_exports(finished_run, tmp_path, capsys):
+    """Killed between the phase's last checkpoint and its done.json; a half-written later checkpoint is ignored."""
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, "pretrain", 8, keep_checkpoints_upto=8)
+    _plant_half_written_checkpoint(run_dir / "phases/pretrain/checkpoints", 10)
+    rc, out, err = run_cli(["pretrain", recipe], capsys)
+    assert rc == 0, err
+    assert "resumed from" in out and "step-00000008 (step 8/8)" in out
+    assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"], "pretrain")
+    ref_dir = finished_run["run_dir"] / "phases/pretrain"
+    for name in ("model.safetensors", "masks.safetensors", "config.json", "tokenizer.json"):
+        assert (run_dir / "phases/pretrain/export" / name).read_bytes() == (ref_dir / "export" / name).read_bytes()
+    ours, ref = (json.loads((d / "done.json").read_text()) for d in (run_dir / "phases/pretrain", ref_dir))
+    for key in ("steps", "tokens", "val_loss_before", "val_loss_after", "flops_spent", "flops_dense_equivalent"):
+        assert ours[key] == ref[key], key
+
+
+def test_killed_before_the_first_checkpoint_restarts_cleanly(finished_run, tmp_path, capsys):
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, "pretrain", 1, keep_checkpoints_upto=None)
+    rc, out, err = run_cli(["pretrain", recipe], capsys)
+    assert rc == 0, err
+    assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"], "pretrain")
+
+
+@pytest.fixture(scope="module")
+def logged_every_3(tmp_path_factory, cache_dir):
+    """Pre-training alone with train records every 3 steps while checkpoints come every 2."""
+    root = tmp_path_factory.mktemp("log3")
+    sets = ("logging.every_steps=3", "phases.pretrain.checkpoint.keep=10")
+    recipe = write_recipe(root / "tiny.yaml", root / "run", *sets)
+    from spdf.cli import main
+    assert main(["pretrain", str(recipe)]) == 0
+    return root / "run", sets
+
+
+def test_resume_between_two_logged_steps_replays_the_logged_loss(logged_every_3, tmp_path, capsys):
+    reference, sets = logged_every_3
+    run_dir, recipe = copy_run(reference, tmp_path / "run", tmp_path / "tiny.yaml", *sets)
+    truncate_to_kill(run_dir, "pretrain", 5, keep_checkpoints_upto=4)  # logs at 3 and 6; resume from 4
+    rc, out, err = run_cli(["pretrain", recipe], capsys)
+    assert rc == 0, err
+    assert "step-00000004 (step 4/8)" in out
+    assert loss_trace(run_dir) == loss_trace(reference)
