@@ -101,6 +101,8 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
             raise CheckpointError(f"checkpoint {path} has another {what} than the recipe: {meta.get(key)} vs "
                                   f"{expect[key]}; use a run directory made by this recipe")
     try:
+        # accelerate skips an unreadable RNG state file with a log line only, and the resumed run would then differ
+        torch.load(path / f"random_states_{accelerator.process_index}.pkl", map_location="cpu", weights_only=False)
         accelerator.load_state(str(path))
     except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -109,6 +109,8 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
 def _export_dir(path: Path) -> Path:
     """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
     if (path / "model.safetensors").exists() and (path / "config.json").exists():
         return path
     if (path / "export").is_dir():
@@ -200,6 +202,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         except ImportError:
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard), or set logging.tensorboard: false") from None
+    if init_from is not None:
+        _export_dir(init_from)  # a bad --from is refused before the run directory is made
     run_dir = claim_run_dir(recipe)
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
