@@ -3,13 +3,16 @@
     python benchmarks/step_overhead.py                          # CPU default, ~3 minutes on 2 idle cores
     python benchmarks/step_overhead.py --device cuda --d-model 2048 --layers 8 --batch 8 --seq 1024 --reps 30
 
-One step = forward, backward, clip_grad_norm_(1.0), AdamW(weight_decay=0.1).step(), zero_grad(). The same GPT (same
+One step = forward, backward, clip_grad_norm_(1.0), AdamW(weight_decay=0.1).step(), zero_grad(), with the fused AdamW
+kernel that spdf's training loop uses (`--adamw foreach` for torch's default; it writes step_overhead_foreach.*:
+on AVX-512 CPUs torch's vectorised sqrt is ~8x slower on exact zeros, which every sparse variant's AdamW state holds
+at masked positions, so foreach AdamW charges sparsity a few percent that fused does not). The same GPT (same
 initial weights, same masks, same batch) is trained in four variants side by side in one process:
 
   dense     no sparsity
   spdf      spdf.sparsify(model, s) + sp.attach(opt): plain dense matmul on a weight with exact zeros; a grad hook
-            masks the gradient and an optimizer step post-hook re-zeroes weights and AdamW state (mul_ by the
-            uint8 view of the bool mask)
+            masks the gradient and an optimizer step post-hook re-zeroes the weights (mul_ by the uint8 view of
+            the bool mask); AdamW's state is zeroed when created and provably stays zero
   prune     torch.nn.utils.prune.custom_from_mask: weight = weight_orig * weight_mask recomputed every forward
   param     parametrize.register_parametrization with torch.ao.pruning's FakeSparsity (mask * weight every forward)
 
@@ -68,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=12, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--adamw", choices=("fused", "foreach"), default="fused")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args()
 
@@ -77,7 +81,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(variant: str, cfg: spdf.GPTConfig, init: dict, masks: dict, sparsity: float, device: torch.device):
+def build(variant: str, cfg: spdf.GPTConfig, init: dict, masks: dict, sparsity: float, device: torch.device,
+          adamw: str = "fused"):
     """(model, optimizer, sparsifier or None) for one variant, from the shared initial weights and masks."""
     model = spdf.GPT(cfg)
     model.load_state_dict(init)
@@ -92,7 +97,7 @@ def build(variant: str, cfg: spdf.GPTConfig, init: dict, masks: dict, sparsity: 
         for name, mask in masks.items():
             module = model.get_submodule(name)
             parametrize.register_parametrization(module, "weight", FakeSparsity(mask.to(device, module.weight.dtype)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, **{adamw: True})
     if sp is not None:
         sp.attach(opt)
     return model, opt, sp
@@ -133,6 +138,8 @@ def breakdown(model, opt, sp, device) -> dict:
     float_masks = [m.to(w.dtype) for m, w in zip(bool_masks, weights)]
     keep_not = [~m for m in bool_masks]
     grads = [torch.randn_like(w) * m for w, m in zip(weights, bool_masks)]  # what the hook sees, already sparse-ish
+    seen_state: dict = {}
+    sp.enforce(opt, seen_state)  # as after the first step: every AdamW state tensor seen and zeroed
     grad_holders = [torch.zeros_like(w) for w in weights]  # stand-ins carrying a .grad, as the hook receives
     for holder, g in zip(grad_holders, grads):
         holder.grad = g
@@ -159,7 +166,10 @@ def breakdown(model, opt, sp, device) -> dict:
         # what spdf does now
         "grad hook as shipped: grad.mul_(uint8 view of mask), all sparse layers": median_ms(
             lambda: [layer._mask_grad(w) for layer, w in zip(layers, grad_holders)], device),
-        "enforce(opt) as shipped: mul_(uint8 view) on weights + AdamW state": median_ms(lambda: sp.enforce(opt), device),
+        "post-step enforce as shipped: mul_(uint8 view) on weights (AdamW state zeroed once)": median_ms(
+            lambda: sp.enforce(opt, seen_state), device),
+        "full enforce(opt): weights + AdamW state (non-zero-preserving optimizers, every step)": median_ms(
+            lambda: sp.enforce(opt), device),
         "  layer walk only (sp.layers)": median_ms(lambda: sp.layers, device),
         # alternatives (what spdf did before: multiply by the bool mask, or foreach over bool masks)
         "alt grad hook: grad.mul_(bool mask)": median_ms(lambda: [g.mul_(m) for g, m in zip(grads, bool_masks)],
@@ -207,7 +217,7 @@ def write_markdown(path: Path, res: dict) -> None:
         f"GPT d_model {s['d_model']}, {s['layers']} layers, {s['heads']} heads, vocab {s['vocab']}, batch {s['batch']}"
         f" x seq {s['seq']} ({s['batch'] * s['seq']} tokens/step), {s['params'] / 1e6:.1f}M params"
         f" ({s['sparse_params'] / 1e6:.1f}M sparsified at {s['sparsity']:.0%}); fp32 on {m['device']}.",
-        f"Step: forward, backward, clip_grad_norm_(1.0), AdamW(wd 0.1), zero_grad. {res['reps']} timed steps per"
+        f"Step: forward, backward, clip_grad_norm_(1.0), AdamW({res['adamw']}, wd 0.1), zero_grad. {res['reps']} timed steps per"
         f" variant after {res['warmup']} warm-up, round-robin. torch {m['torch']}, {m['threads']} threads,"
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after.",
         f"param variant: {res['param_kind']}.",
@@ -247,7 +257,7 @@ def main() -> None:
     probe = spdf.GPT(cfg)
     masks = {name: layer.mask.clone() for name, layer in spdf.sparsify(probe, args.sparsity, seed=0).layers.items()}
     del probe
-    runs = {v: build(v, cfg, init, masks, args.sparsity, device) for v in VARIANTS}
+    runs = {v: build(v, cfg, init, masks, args.sparsity, device, args.adamw) for v in VARIANTS}
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
@@ -306,13 +316,14 @@ def main() -> None:
         shape=dict(d_model=args.d_model, layers=args.layers, heads=heads, vocab=args.vocab, batch=args.batch,
                    seq=args.seq, sparsity=args.sparsity, params=bd["all_params"], sparse_params=bd["sparse_params"],
                    dtype="float32"),
-        reps=args.reps, warmup=args.warmup, param_kind=PARAM_KIND, load_before=list(load_before),
+        reps=args.reps, warmup=args.warmup, adamw=args.adamw, param_kind=PARAM_KIND, load_before=list(load_before),
         load_after=list(load_after), wall_s=time.perf_counter() - t0, variants=results, verdict=verdict,
         final_loss={v: losses[v][-1] for v in VARIANTS}, breakdown=bd,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "step_overhead.json").write_text(json.dumps(res, indent=2) + "\n")
-    write_markdown(args.out / "step_overhead.md", res)
+    stem = "step_overhead" if args.adamw == "fused" else f"step_overhead_{args.adamw}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_markdown(args.out / f"{stem}.md", res)
 
     print(f"\n{'variant':8} {'median s':>9} {'IQR s':>8} {'ratio':>7} {'paired':>7}")
     for v in VARIANTS:
@@ -325,7 +336,7 @@ def main() -> None:
     print("\nspdf extras in isolation (median ms):")
     for k, v in bd["ms"].items():
         print(f"  {k:70} {v:8.2f}")
-    print(f"wrote {args.out / 'step_overhead.json'} and {args.out / 'step_overhead.md'}")
+    print(f"wrote {args.out / stem}.json and .md")
 
 
 if __name__ == "__main__":

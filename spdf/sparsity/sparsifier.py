@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +31,11 @@ def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+# Optimizers whose update leaves a state entry and a weight at exactly zero when the gradient there is zero and the
+# state entry is zero (moments decay from 0 to 0; decoupled or L2 weight decay of a zero weight is zero).
+ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+
+
 class Sparsifier:
     """Owns the masks of a sparsified model: keeps them enforced, reports on them, saves and restores them."""
 
@@ -48,8 +55,9 @@ class Sparsifier:
         Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`."""
         while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "AcceleratedOptimizer":
             optimizer = optimizer.optimizer
+        zeroed_state: dict[int, weakref.ref] = {}  # state tensors already zeroed, for zero-preserving optimizers
         handles = [
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce(opt, zeroed_state)),
             optimizer.register_load_state_dict_post_hook(lambda opt: self.enforce(opt)),
         ]
         self._optimizers.append((optimizer, handles))
@@ -65,20 +73,32 @@ class Sparsifier:
         self._optimizers.clear()
 
     @torch.no_grad()
-    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero masked entries of the weights (and of `optimizer`'s state tensors of the weight's shape)."""
-        # One in-place multiply per tensor by the uint8 view of the mask. Measured on CPU (benchmarks/step_overhead.py)
-        # this beats torch._foreach_mul_, which falls back to a slow per-tensor path for mixed dtypes.
-        with torch.no_grad():
-            for layer in self.layers.values():
-                if not isinstance(layer, SparseLinear):
-                    continue  # the compressed backend stores no masked entries at all
-                keep = layer.mask_multiplier
-                layer.weight.mul_(keep)
-                state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
-                for value in state.values():
-                    if torch.is_tensor(value) and value.shape == layer.weight.shape:
-                        value.mul_(keep)
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
+        """Zero masked entries of the weights and of `optimizer`'s state tensors of the weight's shape.
+
+        With `zeroed_state` (what attach() passes after each step) and an optimizer of ZERO_PRESERVING type, a state
+        tensor is zeroed once, when it first appears: with masked gradients these optimizers' updates keep a zero
+        state entry exactly zero, so zeroing it again every step would only cost two passes over memory
+        (benchmarks/step_overhead.py). Weights are re-zeroed every step whatever the optimizer.
+        """
+        # One in-place multiply per tensor by the uint8 view of the mask: faster on CPU than torch._foreach_mul_,
+        # which falls back to a slow per-tensor path for mixed dtypes.
+        once = zeroed_state is not None and optimizer is not None and type(optimizer) in ZERO_PRESERVING
+        for layer in self.layers.values():
+            if not isinstance(layer, SparseLinear):
+                continue  # the compressed backend stores no masked entries at all
+            keep = layer.mask_multiplier
+            layer.weight.mul_(keep)
+            state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
+            for value in state.values():
+                if not (torch.is_tensor(value) and value.shape == layer.weight.shape):
+                    continue
+                if once:
+                    seen = zeroed_state.get(id(value))
+                    if seen is not None and seen() is value:
+                        continue
+                    zeroed_state[id(value)] = weakref.ref(value)
+                value.mul_(keep)
 
     # ---- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> list[dict]:

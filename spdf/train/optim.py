@@ -16,6 +16,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel for floating-point parameters
+
+
 def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
-    # foreach is the fast path on CPU and GPU; fused is CUDA-only for some dtypes, so leave it to torch's default.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    """AdamW over param_groups(); the fused kernel wherever torch has one.
+
+    Fused is one pass per tensor instead of foreach's several, and on CPU it is also immune to a slow path in
+    torch's vectorised sqrt on exact zeros, which is what a sparse model's AdamW state holds at masked positions
+    (benchmarks/step_overhead.py measures both: foreach AdamW makes a 75%-sparse step ~4% slower than dense on an
+    AVX-512 CPU, fused does not).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
+                             fused=fused or None)

@@ -11,7 +11,7 @@ import spdf
 from spdf.sparsity import sparse_layers
 
 SPARSITY = 0.75
-STATE_KEYS = {"exp_avg", "exp_avg_sq", "momentum_buffer"}
+STATE_KEYS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "exp_inf", "square_avg"}
 
 
 def micro_batches(n, seed=0, batch=2, seq=16, vocab=128):
@@ -50,6 +50,10 @@ OPTIMIZERS = {
     "adamw-wd": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1),
     "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01),
     "adam-no-decay": lambda p: torch.optim.Adam(p, lr=3e-3),
+    "adamw-fused-amsgrad": lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.1, fused=True, amsgrad=True),
+    # not in ZERO_PRESERVING: re-zeroed every step (Adamax's exp_inf would otherwise become eps at masked positions)
+    "adamax": lambda p: torch.optim.Adamax(p, lr=3e-3, weight_decay=0.01),
+    "rmsprop-momentum": lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9),
 }
 
 

@@ -126,6 +126,25 @@ def test_build_adamw_settings():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     for g in opt.param_groups:
         assert g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95) and g["eps"] == 1e-7
+        assert g["fused"] is True  # CPU parameters: torch's fused kernel (see optim.py for why)
+
+
+def test_fused_adamw_keeps_a_sparse_model_exactly_sparse():
+    model = spdf.GPT.from_name("tiny-test")
+    sp = spdf.sparsify(model, sparsity=0.75, seed=0)
+    opt = build_adamw(model, lr=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    sp.attach(opt)
+    idx = torch.randint(0, model.config.vocab_size, (2, 17))
+    for _ in range(3):
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for layer in sp.layers.values():
+        dropped = ~layer.weight_mask
+        assert torch.count_nonzero(layer.weight[dropped]) == 0
+        assert all(torch.count_nonzero(v[dropped]) == 0 for v in opt.state[layer.weight].values()
+                   if v.shape == layer.weight.shape)
+        assert torch.count_nonzero(layer.weight[layer.weight_mask]) == layer.weight_mask.sum()
 
 
 # ---- spdf.train.batches.BatchSource ------------------------------------------------------------------------------
