@@ -120,9 +120,11 @@ class TiledLayout:
 
 
 def untile(layout: TiledLayout, tiled: torch.Tensor) -> torch.Tensor:
-    """``(gr, gc, TN, TK)`` -> dense ``(N, K)`` (drops the edge padding)."""
+    """``(gr, gc, TN, TK)`` -> dense ``(N, K)`` (drops the edge padding), contiguous in a storage of its own size:
+    a cropped view would carry the padding's memory along and its strides into optimizers (fused AdamW)."""
     (n, k), (tn, tk), (gr, gc) = layout.shape, layout.tile, layout.grid
-    return tiled.permute(0, 2, 1, 3).reshape(gr * tn, gc * tk)[:n, :k]
+    dense = tiled.permute(0, 2, 1, 3).reshape(gr * tn, gc * tk)
+    return dense if (n, k) == (gr * tn, gc * tk) else dense[:n, :k].clone(memory_format=torch.contiguous_format)
 
 
 def tiled_view(layout: TiledLayout, dense: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ def build_adamw(model: nn.Module, lr: float, betas, eps: float, weight_decay: fl
     AVX-512 CPU, fused does not).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+    # torch 2.13's CPU fused kernel updates a non-contiguous parameter wrongly (it walks param and grad as if they
+    # had the same strides): those models get the foreach path.
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in FUSED_DEVICES and p.is_contiguous()
+                                 for p in params)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
                              fused=fused or None)

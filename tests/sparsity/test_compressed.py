@@ -181,3 +181,13 @@ def test_compressed_state_dict_saves_as_safetensors(tmp_path):
     fresh.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=False)
     idx = torch.randint(0, 128, (2, 16))
     assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+def test_densified_weights_are_contiguous_and_own_their_storage():
+    # 96 x 32 weights with 64 x 64 tiles: a cropped view of the padded tiles would be non-contiguous
+    model = spdf.GPT.from_name("tiny-test")
+    spdf.sparsify(model, sparsity=0.75, seed=0, backend="compressed", tile=(64, 64))
+    spdf.densify(model)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous(), name
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name

@@ -129,6 +129,14 @@ def test_build_adamw_settings():
         assert g["fused"] is True  # CPU parameters: torch's fused kernel (see optim.py for why)
 
 
+def test_a_non_contiguous_parameter_gets_the_foreach_path():
+    model = spdf.GPT.from_name("tiny-test")
+    layer = model.transformer.h[0].mlp.c_fc
+    layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t())  # same values, column-major
+    opt = build_adamw(model, lr=3e-4, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    assert not any(g["fused"] for g in opt.param_groups)
+
+
 def test_fused_adamw_keeps_a_sparse_model_exactly_sparse():
     model = spdf.GPT.from_name("tiny-test")
     sp = spdf.sparsify(model, sparsity=0.75, seed=0)
