@@ -5,7 +5,7 @@
 Runs the recipe in a fresh temporary run directory and data cache (so tokenizer training and packing are included,
 as on a fresh machine) through the real `spdf` command in a subprocess, then reads the run's own records: each
 phase's done.json (steps, tokens, training seconds, validation loss before/after, FLOPs) and metrics.jsonl
-(tokens/s of every logged window). Writes benchmarks/results/demo.{json,md}.
+(tokens/s of every logged window). Writes benchmarks/results/<recipe name>.{json,md} (demo.*, demo-dense.*).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def main() -> None:
                     "load_before": load_before[0], "load_after": load_after[0]},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = args.recipe.stem
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# The offline demo, end to end (demo_run.py)",
         "",
@@ -98,7 +99,7 @@ def main() -> None:
     lines += ["", "tokens/s = tokens / seconds spent in the phase's training steps (validation and checkpoints excluded); FLOPs are spdf's analytic "
               "training FLOPs (the masked backend on CPU still runs dense matmuls: the saving is in FLOPs the "
               "hardware could skip, not in CPU time)."]
-    (args.out / "demo.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
