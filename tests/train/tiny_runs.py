@@ -1,4 +1,4 @@
-"""Tiny end-to-end runs of the demo recipe, shared by tests/train and tests/test_cli.py (which imports this module).
+"""Tiny end-to-end runs of the demo recipe, shared by the tests in tests/train.
 
 The recipe is recipes/demo.yaml shrunk with the same `--set` overrides a user would type: a 2-layer, width-32 GPT,
 a 300-token BPE trained on 200 KB of the standard library, 8 sparse pre-training steps and 4 dense fine-tuning
@@ -149,7 +149,7 @@ def truncate_to_kill(run_dir: Path, phase: str, last_step: int, keep_checkpoints
             shutil.rmtree(ckpt)
 
 
-# ---- session-wide work, memoized here so tests/train/conftest.py and tests/test_cli.py share one copy ----------
+# ---- session-wide work, memoized here so every test module of the session shares one copy ----------
 _SESSION: dict = {}
 
 

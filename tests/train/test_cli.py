@@ -2,47 +2,24 @@
 
 A user error must print exactly one line `spdf: error: …` naming the key or path, exit with status 2, show no
 traceback and leave whatever is already on disk byte for byte as it was. The run directories come from
-tests/train/tiny_runs.py: the session's finished tiny demo run, copied wherever a test could change it.
+tiny_runs.py (fixtures in conftest.py): the session's finished tiny demo run, copied wherever a test could change it.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
-
-from spdf.cli import main  # noqa: E402
-from spdf.flops import analytic_flops  # noqa: E402
-from spdf.model.config import GPTConfig  # noqa: E402
-from tiny_runs import (assert_user_error, copy_run, run_cli, session_cache_dir,  # noqa: E402
-                       session_finished_run, set_args, spdf_subprocess, tree_digest, truncate_to_kill, write_recipe)
+from spdf.cli import main
+from spdf.flops import analytic_flops
+from spdf.model.config import GPTConfig
+from tiny_runs import (assert_user_error, copy_run, run_cli, set_args, spdf_subprocess, tree_digest, truncate_to_kill,
+                       write_recipe)
 
 SUBCOMMANDS = ("run", "pretrain", "finetune", "inspect", "flops")
 SPARSE_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return session_cache_dir(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _spdf_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("SPDF_CACHE_DIR", str(cache_dir))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> dict:
-    return session_finished_run(tmp_path_factory)
-
-
-@pytest.fixture
-def finished_copy(finished_run, tmp_path) -> tuple[Path, Path]:
-    return copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
 
 
 def _recipe_file(tmp_path: Path, edit) -> Path:
