@@ -53,7 +53,11 @@ class GPTConfig:
             close = difflib.get_close_matches(name, CONFIGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown model name {name!r}{hint}; known: {', '.join(CONFIGS)}")
-        return dataclasses.replace(CONFIGS[name], **overrides)
+        base = CONFIGS[name]
+        if "d_model" in overrides and overrides.get("d_ff") is None:
+            # a narrower or wider named model keeps its MLP ratio (4 for every shipped config)
+            overrides["d_ff"] = base.d_ff * overrides["d_model"] // base.d_model
+        return dataclasses.replace(base, **overrides)
 
     def replace(self, **overrides) -> "GPTConfig":
         return dataclasses.replace(self, **overrides)

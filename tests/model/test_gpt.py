@@ -151,3 +151,9 @@ def test_dropout_is_off_in_eval_and_on_in_train(make_gpt):
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_a_resized_named_config_keeps_its_mlp_ratio():
+    assert GPTConfig.from_name("gpt3-small", d_model=384).d_ff == 1536
+    assert GPTConfig.from_name("tiny", d_model=32, d_ff=100).d_ff == 100  # an explicit d_ff wins
+    assert GPTConfig.from_name("gpt3-xl", n_layer=2).d_ff == 8192

@@ -125,7 +125,7 @@ def test_flops_of_exports_reads_the_masks(finished_run, capsys):
     assert rc == 0, err
     data = json.loads(out)
     expected = analytic_flops(cfg, 0.75)  # every attention and MLP weight at exactly 75%
-    assert data["reduction"] == pytest.approx(expected.reduction, rel=1e-12) and data["reduction"] > 2
+    assert data["reduction"] == pytest.approx(expected.reduction, rel=1e-12) and data["reduction"] > 1.5
     assert data["sparse_forward"] == pytest.approx(expected.sparse_forward, rel=1e-12)
     # a run directory means its last finished phase: the dense fine-tuning
     rc, out, _ = run_cli(["flops", run_dir, "--json"], capsys)

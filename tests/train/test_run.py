@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spdf.flops import analytic_flops
 from spdf.inspect import checkpoint_stats
+from spdf.model.config import GPTConfig
 from spdf.recipe import load_recipe
 from spdf.train.checkpoint import load_export
 from spdf.train.schedule import lr_factor
@@ -64,8 +66,11 @@ def test_metrics_records(finished_run):
                                                                         s.decay, s.min_lr_ratio), rel=1e-12)
             assert r["flops_dense"] > 0 and r["flops_spent"] > 0
         flops_ratio = [r["flops_dense"] / r["flops_spent"] for r in train]
-        if phase == "pretrain":
-            assert all(ratio > 2.0 for ratio in flops_ratio)  # 75% sparse attention and MLP weights
+        if phase == "pretrain":  # 75% sparse attention and MLP weights, attention scores and logits dense
+            cfg = GPTConfig(**json.loads((finished_run["run_dir"] / "phases/pretrain/export/config.json")
+                                         .read_text())["model"])
+            expected = analytic_flops(cfg, 0.75, seq_len=spec.seq_len).reduction
+            assert flops_ratio == pytest.approx([expected] * len(flops_ratio), rel=1e-9) and expected > 1.5
         else:
             assert all(ratio == 1.0 for ratio in flops_ratio)
     # phases are logged in order: all of pre-training, then fine-tuning
