@@ -36,13 +36,16 @@ def truncate_pair(prompt_ids: list[int], completion_ids: list[int], max_len: int
     """(prompt + completion ids cut to max_len, number of prompt ids kept).
 
     The completion keeps at most max_len - 1 tokens (its head; at least one prompt token stays as context), then
-    the prompt gives up tokens from its left, so the tokens nearest the completion survive.
+    the prompt gives up tokens from its middle: its head (a task's instruction, a function's `def` line) keeps a
+    quarter of the prompt's budget and its tail (the cue and context right before the completion) the rest.
     """
     if max_len < 2:
         raise DataError(f"max_len must be >= 2 (a prompt token and a completion token), got {max_len}")
     completion_ids = completion_ids[: max_len - 1]
     keep = max_len - len(completion_ids)
-    prompt_ids = prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
+    if len(prompt_ids) > keep:
+        head = keep // 4
+        prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (keep - head):]
     return prompt_ids + completion_ids, len(prompt_ids)
 
 

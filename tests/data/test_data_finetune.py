@@ -92,14 +92,16 @@ def test_rows_mask_the_prompt_and_end_with_eos(small_tokenizer):
         assert small_tokenizer.decode(ids[:n_prompt].tolist()) == ex.prompt
 
 
-def test_truncation_cuts_the_prompt_from_the_left_never_the_whole_completion(small_tokenizer):
-    assert truncate_pair([1, 2, 3, 4, 5], [6, 7, 0], 6) == ([3, 4, 5, 6, 7, 0], 3)
+def test_truncation_cuts_the_prompt_in_the_middle_never_the_whole_completion(small_tokenizer):
+    assert truncate_pair([1, 2, 3, 4, 5], [6, 7, 0], 6) == ([3, 4, 5, 6, 7, 0], 3)  # budget 3: head 0, tail 3
+    assert truncate_pair(list(range(1, 11)), [20, 0], 10) == ([1, 2, 5, 6, 7, 8, 9, 10, 20, 0], 8)  # head 2, tail 6
     assert truncate_pair([1, 2, 3], [4, 5, 6, 7, 8], 4) == ([3, 4, 5, 6], 1)
     assert truncate_pair([1], [2, 0], 10) == ([1, 2, 0], 1)
-    ex = Example("word " * 300 + "# Summary:", "Short.", ["Short."])
-    item = FinetuneDataset([ex], small_tokenizer, max_len=32)[0]
-    assert len(item["input_ids"]) == 32
-    assert small_tokenizer.decode(item["input_ids"].tolist()).endswith("word # Summary: Short.")
+    ex = Example("def f(x):" + " word" * 300 + " # Summary:", "Short.", ["Short."])
+    item = FinetuneDataset([ex], small_tokenizer, max_len=48)[0]
+    assert len(item["input_ids"]) == 48
+    text = small_tokenizer.decode(item["input_ids"].tolist())
+    assert text.startswith("def f(x):") and text.endswith("word # Summary: Short.")
     assert (item["labels"] != IGNORE_INDEX).sum() == len(small_tokenizer.encode(" Short.")) + 1
 
 
