@@ -83,8 +83,7 @@ def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
     t = recipe.tokenizer
     if t.kind == "file":
         return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(Path(t.path), run_dir))}, None, run_dir)
-    spec = {"kind": t.kind, "vocab_size": t.vocab_size} if t.kind == "train" else (
-        {"kind": "file", "path": t.path} if t.kind == "file" else {"kind": "hub", "name": t.name})
+    spec = {"kind": "train", "vocab_size": t.vocab_size} if t.kind == "train" else {"kind": "hub", "name": t.name}
     pretrain = next((p for p in recipe.phases if p.kind == "pretrain"), None)
     documents = iter_documents(_source_spec(pretrain)) if (t.kind == "train" and pretrain is not None) else None
     return load_or_train_tokenizer(spec, documents, run_dir)
@@ -100,7 +99,7 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
             raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
                               f"use another run_dir")
         return kept
-    tmp = kept.with_name(".tokenizer.json.tmp")
+    tmp = kept.with_name(f".tokenizer.json.{os.getpid()}.tmp")  # every rank copies the same bytes; none collide
     shutil.copyfile(tokenizer_file, tmp)
     os.replace(tmp, kept)
     return kept
