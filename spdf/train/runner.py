@@ -203,15 +203,19 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                               "(pip install tensorboard), or set logging.tensorboard: false") from None
     if init_from is not None:
         _export_dir(init_from)  # a bad --from is refused before the run directory is made
-    run_dir = claim_run_dir(recipe)
+    run_dir = recipe.run_path
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+    # One rank makes the run directory and the tokenizer; the others then find them complete (read, not written
+    # half-way: a rank that saw recipe.yaml before fingerprint.json existed used to fail).
+    with accelerator.main_process_first():
+        claim_run_dir(recipe)
+        tokenizer = _tokenizer(recipe, run_dir, init_from)
     if log_with:
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
-    tokenizer = _tokenizer(recipe, run_dir, init_from)
     model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
     model.to(accelerator.device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
