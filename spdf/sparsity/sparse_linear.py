@@ -35,8 +35,7 @@ class SparseLinear(nn.Module):
         self.__dict__["_grad_hook"] = self.weight.register_post_accumulate_grad_hook(self._mask_grad)
         self.optimizer_attached = False  # set by Sparsifier.attach(); an unattached training layer warns once
         self._warned_unattached = False
-        with torch.no_grad():
-            self.weight.mul_(self.mask_multiplier)
+        self.apply_mask_()
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.

@@ -87,8 +87,8 @@ class Sparsifier:
         for layer in self.layers.values():
             if not isinstance(layer, SparseLinear):
                 continue  # the compressed backend stores no masked entries at all
+            layer.apply_mask_()
             keep = layer.mask_multiplier
-            layer.weight.mul_(keep)
             state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
             for value in state.values():
                 if not (torch.is_tensor(value) and value.shape == layer.weight.shape):
