@@ -100,16 +100,9 @@ def _cmd_flops(args) -> int:
         return 0
     path = Path(args.model)
     if path.exists():
-        from .train.checkpoint import load_export
-        from .train.runner import _export_dir
-        from .sparsity import sparsify
+        from .export import find_export, sparse_model
 
-        model, masks, _ = load_export(_export_dir(path))
-        if masks:
-            sparsify(model, 0.5, param_filter=[f"{name}.weight" for name in masks])
-            for name, layer in model.named_modules():
-                if name in masks:
-                    layer.weight_mask.copy_(masks[name])
+        model, _ = sparse_model(find_export(path))
         fb, label, name = model_flops(model, args.seq_len), "densities from the masks", str(path)
     else:
         fb = analytic_flops(GPTConfig.from_name(args.model), args.sparsity, args.seq_len)
@@ -125,7 +118,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
     from .recipe import RecipeError
-    from .train.checkpoint import CheckpointError
+    from .export import CheckpointError
 
     try:
         if args.command in ("run", "pretrain", "finetune"):

@@ -5,25 +5,23 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .sparsity.bitpack import unpack_bits
+from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, read_masks
 
 
 def _weights_file(path: Path) -> Path:
+    """A weights file given directly, a checkpoint's or export's, or that of a phase's or run's export."""
     if path.is_file():
         return path
-    for candidate in (path / "model.safetensors", path / "export" / "model.safetensors"):
-        if candidate.exists():
-            return candidate
-    phases = path / "phases"
-    if phases.is_dir():
-        done = sorted((p for p in phases.iterdir() if (p / "done.json").exists()),
-                      key=lambda p: (p / "done.json").stat().st_mtime)
-        if done:
-            return done[-1] / "export" / "model.safetensors"
-    raise FileNotFoundError(f"no model.safetensors found at {path} (give a checkpoint, export or run directory)")
+    if (path / WEIGHTS_FILE).exists():  # an export, or a training checkpoint (accelerate names it the same)
+        return path / WEIGHTS_FILE
+    try:
+        return find_export(path) / WEIGHTS_FILE
+    except CheckpointError:
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} found at {path} (give a checkpoint, export or run directory)"
+                                ) from None
 
 
 def _load_state(file: Path) -> dict[str, torch.Tensor]:
@@ -41,14 +39,10 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
 def _masks(file: Path, state: dict) -> dict[str, torch.Tensor]:
     """Module name → mask in the weight's stored orientation, from weight_mask buffers or a masks.safetensors file."""
     masks = {k[: -len(".weight_mask")]: v.bool() for k, v in state.items() if k.endswith(".weight_mask")}
-    packed = file.with_name("masks.safetensors")
-    if not masks and packed.exists():
-        with safe_open(str(packed), "pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
-            for name, shape in shapes.items():
-                mask = unpack_bits(f.get_tensor(f"{name}.mask_bits"), shape)
-                weight = state.get(f"{name}.weight")
-                masks[name] = mask.t() if weight is not None and tuple(weight.shape) != tuple(mask.shape) else mask
+    if not masks:
+        for name, mask in read_masks(file.with_name(MASKS_FILE)).items():
+            weight = state.get(f"{name}.weight")
+            masks[name] = mask.t() if weight is not None and tuple(weight.shape) != tuple(mask.shape) else mask
     return masks
 
 

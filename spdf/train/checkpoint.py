@@ -1,14 +1,12 @@
-"""Training checkpoints (exact resume) and exports (plain safetensors a user loads with torch alone).
+"""Training checkpoints: exact resume (exports, the plain safetensors a user loads, are spdf.export's).
 
 A checkpoint is a directory `step-00000100/` written by `accelerate.save_state` (model with its masks, optimizer,
 scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity. It is
 written under a temporary name and renamed when complete, so a crash mid-write never leaves a half checkpoint
-where resume would look. An export is `model.safetensors` (dense-shaped weights, zeros in place), `config.json`
-and, for a sparse model, `masks.safetensors` (masks packed 8 per byte).
+where resume would look.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -16,39 +14,13 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..model import GPT, GPTConfig
-from ..sparsity import sparse_layers, to_dense_state_dict
-from ..sparsity.bitpack import pack_bits, unpack_bits
+from ..export import CheckpointError, layout_meta, read_json, write_json_atomic  # noqa: F401  (re-exported)
 
 CHECKPOINT_PREFIX = "step-"
 META_FILE = "spdf.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, truncated or does not fit the recipe."""
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what}: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what}: {path} is corrupt ({e})") from None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -86,12 +58,6 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
     return final
 
 
-def layout_meta(model: nn.Module) -> dict:
-    """What a checkpoint must agree on with the model it is loaded into: the shape and each layer's target sparsity."""
-    return {"model": model.config.to_dict(),
-            "targets": {name: layer.target_sparsity for name, layer in sparse_layers(model).items()}}
-
-
 def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
     """Restore everything `save_checkpoint` saved; returns its spdf.json. A checkpoint of another shape or sparsity,
     or a damaged one, gives a CheckpointError and changes nothing."""
@@ -123,50 +89,3 @@ def _damaged_file(path: Path) -> str:
         except Exception:  # only to name the file; the error reported is the one load_state raised
             return file.name
     return ""
-
-
-# ---- exports -----------------------------------------------------------------------------------------------------
-def export_model(model: nn.Module, out_dir: Path, extra: dict | None = None) -> Path:
-    """Write model.safetensors + config.json (+ masks.safetensors) atomically into out_dir."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # Always dense weights with zeros in place (compressed layers expanded), masks beside them in masks.safetensors.
-    state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
-             if k != "lm_head.weight"}  # lm_head is tied to the token embedding
-    save_file(state, str(tmp / "model.safetensors"))
-    layers = sparse_layers(model)
-    if layers:
-        masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
-        shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
-        save_file(masks, str(tmp / "masks.safetensors"), metadata={"shapes": json.dumps(shapes)})
-    config = {**layout_meta(model), "sparse": bool(layers), **(extra or {})}
-    write_json_atomic(tmp / "config.json", config)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def load_export(path: Path) -> tuple[GPT, dict[str, torch.Tensor], dict]:
-    """(dense GPT with the exported weights, {module name: mask in (out, in) orientation}, config.json)."""
-    path = Path(path)
-    config = read_json(path / "config.json", "export")
-    model = GPT(GPTConfig(**config["model"]))
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except (SafetensorError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"export {path}: model.safetensors could not be read ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    masks = {}
-    if (path / "masks.safetensors").exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path / "masks.safetensors"), "pt") as f:
-            shapes = json.loads(f.metadata()["shapes"])
-            for name, shape in shapes.items():
-                masks[name] = unpack_bits(f.get_tensor(f"{name}.mask_bits"), shape)
-    return model, masks, config

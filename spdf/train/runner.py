@@ -1,6 +1,6 @@
 """From a recipe to a finished run: tokenizer, model, sparsity, then each phase through the one loop.
 
-Layout of a run directory:
+Layout of a run directory (an export's own format is spdf.export's):
     recipe.yaml              the resolved recipe (and its fingerprint, to refuse another recipe's directory)
     tokenizer.json           trained offline on the corpus, or a copy of the file/hub tokenizer
     metrics.jsonl            every logged step and validation, all phases
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..export import CheckpointError, find_export, load_weights, read_json, sparse_model, write_export, write_json_atomic
 from ..data import FinetuneDataset, build_packed_splits, iter_documents, load_finetune_task, load_or_train_tokenizer
 from ..flops import model_flops
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
 from ..sparsity import densify, sparse_layers, sparsify
 from .batches import BatchSource
-from .checkpoint import CheckpointError, export_model, load_export, read_json, write_json_atomic
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
 
@@ -76,7 +76,7 @@ def _task_spec(phase: PhaseSpec) -> dict:
 
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
     if init_from is not None:  # fine-tuning a checkpoint: its tokenizer, never a new one
-        path = _export_dir(init_from) / "tokenizer.json"
+        path = find_export(init_from) / "tokenizer.json"
         if not path.exists():
             raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
         return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(path, run_dir))}, None, run_dir)
@@ -103,42 +103,6 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
     shutil.copyfile(tokenizer_file, tmp)
     os.replace(tmp, kept)
     return kept
-
-
-def _export_dir(path: Path) -> Path:
-    """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
-    if (path / "model.safetensors").exists() and (path / "config.json").exists():
-        return path
-    if (path / "export").is_dir():
-        return path / "export"
-    if (path / "phases").is_dir():
-        done = sorted((p for p in (path / "phases").iterdir() if (p / "done.json").exists()),
-                      key=lambda p: (p / "done.json").stat().st_mtime)
-        if done:
-            return done[-1] / "export"
-    raise CheckpointError(f"{path} is not an spdf export, phase or run directory with a finished phase")
-
-
-def _load_weights(model, export: Path) -> None:
-    """Load an export into `model` (sparse or dense): shapes, and masks where the model is sparse, must match."""
-    exported, masks, config = load_export(export)
-    if exported.config.to_dict() != model.config.to_dict():
-        raise CheckpointError(f"{export} holds a model of shape {exported.config.to_dict()}, but the recipe asks for "
-                              f"{model.config.to_dict()}")
-    layers = sparse_layers(model)
-    if layers and set(masks) != set(layers):
-        raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
-                              f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.weight_mask.copy_(masks[name].t() if layer.transposed else masks[name])
-        state = {k: v for k, v in exported.state_dict().items() if k != "lm_head.weight"}
-        if layers:
-            state.update({f"{n}.weight_mask": l.weight_mask for n, l in layers.items()})
-        model.load_state_dict(state, strict=False)
 
 
 def _micro_batch(phase: PhaseSpec, world: int) -> int:
@@ -202,7 +166,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard), or set logging.tensorboard: false") from None
     if init_from is not None:
-        _export_dir(init_from)  # a bad --from is refused before the run directory is made
+        find_export(init_from)  # a bad --from is refused before the run directory is made
     run_dir = recipe.run_path
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
@@ -234,14 +198,14 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                 if not (phase_dir / "done.json").exists():
                     raise RecipeError(f"phase '{phase.name}' of {run_dir} has not finished: run `spdf pretrain` "
                                       f"first, or fine-tune a checkpoint with --from")
-                _load_weights(model, phase_dir / "export")
+                load_weights(model, phase_dir / "export")
             continue
         if phase.kind == "finetune" and sparsifier is not None and phase.init == "densify":
             sparsifier.detach()
             densify(model)
             sparsifier = None
         if (phase_dir / "done.json").exists():
-            _load_weights(model, phase_dir / "export")
+            load_weights(model, phase_dir / "export")
             summaries.append(read_json(phase_dir / "done.json", "phase summary"))
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
@@ -264,9 +228,9 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                    "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
                    "export": str(phase_dir / "export")}
         if accelerator.is_main_process:
-            export = export_model(model, phase_dir / "export", extra={"phase": phase.name, "recipe": recipe.name,
-                                  "sparsity": sparsifier.config if sparsifier is not None else None})
-            shutil.copy(tokenizer.path, export / "tokenizer.json")
+            write_export(model, phase_dir / "export", tokenizer_file=tokenizer.path,
+                         extra={"phase": phase.name, "recipe": recipe.name,
+                                "sparsity": sparsifier.config if sparsifier is not None else None})
             write_json_atomic(phase_dir / "done.json", summary)
         accelerator.wait_for_everyone()
         summaries.append(summary)
@@ -287,12 +251,4 @@ def _initial_model(recipe: Recipe, config, init_from: Path | None):
                               overrides=dict(sp.overrides) or None, n=sp.n, m=sp.m, block_size=sp.block_size,
                               backend=sp.backend)
         return model, sparsifier
-    export = _export_dir(init_from)
-    _, masks, _ = load_export(export)
-    sparsifier = None
-    if masks:  # the checkpoint's own layers are made sparse; its masks replace the generated ones below
-        sparsifier = sparsify(model, sparsity=0.5, init="random", param_filter=[f"{name}.weight" for name in masks])
-    _load_weights(model, export)
-    for layer in sparse_layers(model).values():
-        layer.target_sparsity = 1.0 - layer.density
-    return model, sparsifier
+    return sparse_model(find_export(init_from), model)

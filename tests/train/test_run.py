@@ -13,7 +13,7 @@ from spdf.flops import analytic_flops
 from spdf.inspect import checkpoint_stats
 from spdf.model.config import GPTConfig
 from spdf.recipe import load_recipe
-from spdf.train.checkpoint import load_export
+from spdf.export import read_export
 from spdf.train.schedule import lr_factor
 from spdf.cli import main
 from tiny_runs import (session_cache_dir as cache_dir_of, FINETUNE_STEPS, PRETRAIN_STEPS, loss_trace, read_metrics, run_cli, spdf_subprocess,
@@ -110,7 +110,9 @@ def test_pretrain_export_is_exactly_75_percent_sparse(finished_run):
         assert r["mask_sparsity"] == 0.75, r  # exact count per tensor (random init)
         assert r["actual"] >= 0.75, r
     # and the zeros are exactly where the masks are
-    model, masks, _ = load_export(export)
+    exported = read_export(export)
+    model, masks = exported.model, exported.masks
+    assert exported.tokenizer_path == export / "tokenizer.json"
     params = dict(model.named_parameters())
     assert set(masks) == {r["name"] for r in sparse_rows}
     for name, mask in masks.items():
@@ -124,7 +126,8 @@ def test_finetune_export_is_dense_and_formerly_masked_weights_learned(finished_r
     run_dir = finished_run["run_dir"]
     stats = checkpoint_stats(run_dir / "phases/finetune/export")
     assert stats["sparse"] is False and all(r["mask_sparsity"] is None for r in stats["layers"])
-    pre_model, masks, _ = load_export(run_dir / "phases/pretrain/export")
+    pre = read_export(run_dir / "phases/pretrain/export")
+    pre_model, masks = pre.model, pre.masks
     fine = load_file(str(run_dir / "phases/finetune/export/model.safetensors"))
     pre = dict(pre_model.named_parameters())
     for name, mask in masks.items():

@@ -1,0 +1,207 @@
+"""The export format, in one place: write an export, read it back, and find one from a run, phase or export path.
+
+An export directory holds
+    model.safetensors   dense-shaped weights with the zeros in place (compressed layers expanded); `lm_head.weight`
+                        is left out because it is tied to the token embedding
+    config.json         {"model": GPTConfig fields, "targets": {layer: target sparsity}, "sparse": bool, ...extra}
+    masks.safetensors   a sparse model's masks, packed 8 per byte, with their shapes in the file's metadata
+    tokenizer.json      the tokenizer the model was trained with
+and loads with plain torch: `GPT(GPTConfig(**config["model"]))` + `load_state_dict(..., strict=False)`.
+
+Training (`spdf.train`), `spdf inspect`, `spdf flops` and evaluation (`spdf.eval`) all read and write exports through
+this module, so evaluation never needs the training package.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .model import GPT, GPTConfig
+from .sparsity import sparse_layers, sparsify, to_dense_state_dict
+from .sparsity.bitpack import pack_bits, unpack_bits
+
+WEIGHTS_FILE, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE = ("model.safetensors", "config.json", "masks.safetensors",
+                                                         "tokenizer.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or export that is missing, corrupt, truncated or does not fit what it is loaded into."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what}: {path} is corrupt ({e})") from None
+
+
+def layout_meta(model: nn.Module) -> dict:
+    """What a checkpoint must agree on with the model it is loaded into: the shape and each layer's target sparsity."""
+    return {"model": model.config.to_dict(),
+            "targets": {name: layer.target_sparsity for name, layer in sparse_layers(model).items()}}
+
+
+# ---- write -------------------------------------------------------------------------------------------------------
+def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = None,
+                 extra: dict | None = None) -> Path:
+    """Write model.safetensors + config.json (+ masks.safetensors) (+ a copy of tokenizer_file) into out_dir.
+
+    Everything is written into a temporary sibling first and renamed into place, so a crash never leaves a
+    half export where a reader would look.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
+             if k != "lm_head.weight"}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    layers = sparse_layers(model)
+    if layers:
+        masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
+        shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
+        save_file(masks, str(tmp / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
+    write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+# ---- find and read -----------------------------------------------------------------------------------------------
+def is_export(path: Path) -> bool:
+    return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def find_export(path: Path) -> Path:
+    """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
+    if is_export(path):
+        return path
+    if (path / "export").is_dir():
+        return path / "export"
+    if (path / "phases").is_dir():
+        done = sorted((p for p in (path / "phases").iterdir() if (p / "done.json").exists()),
+                      key=lambda p: (p / "done.json").stat().st_mtime)
+        if done:
+            return done[-1] / "export"
+    raise CheckpointError(f"{path} is not an spdf export, phase or run directory with a finished phase")
+
+
+def read_masks(masks_file: Path) -> dict[str, torch.Tensor]:
+    """{module name: bool mask in (out, in) orientation} of a masks.safetensors file ({} if there is none)."""
+    masks = {}
+    if Path(masks_file).exists():
+        try:
+            with safe_open(str(masks_file), "pt") as f:
+                shapes = json.loads(f.metadata()["shapes"])
+                for name, shape in shapes.items():
+                    masks[name] = unpack_bits(f.get_tensor(f"{name}.mask_bits"), shape)
+        except (SafetensorError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{masks_file} could not be read (corrupt or truncated?): {e}") from None
+    return masks
+
+
+@dataclass
+class Export:
+    """What an export holds: a dense GPT with its weights, the masks of a sparse model, config.json, the tokenizer."""
+    path: Path
+    model: GPT
+    masks: dict[str, torch.Tensor]
+    config: dict
+    tokenizer_path: Path | None  # None: an export written without one (a user's own, or an old spdf)
+
+
+def read_export(path: Path) -> Export:
+    """Load the export at `path` (an export directory; see find_export for run and phase directories)."""
+    path = Path(path)
+    config = read_json(path / CONFIG_FILE, "export")
+    try:
+        model = GPT(GPTConfig(**config["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"export {path}: config.json does not describe a model ({e})") from None
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"export {path}: {WEIGHTS_FILE} could not be read ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise CheckpointError(f"export {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    tokenizer = path / TOKENIZER_FILE
+    return Export(path, model, read_masks(path / MASKS_FILE), config, tokenizer if tokenizer.is_file() else None)
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 of an export's weights and masks: which model an evaluation report is about."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_FILE, MASKS_FILE):
+        file = Path(path) / name
+        if file.is_file():
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- load into a model -------------------------------------------------------------------------------------------
+def load_weights(model, export: Path | Export) -> None:
+    """Load an export into `model` (sparse or dense): shapes, and masks where the model is sparse, must match."""
+    exported = export if isinstance(export, Export) else read_export(export)
+    export, masks = exported.path, exported.masks
+    if exported.model.config.to_dict() != model.config.to_dict():
+        raise CheckpointError(f"{export} holds a model of shape {exported.model.config.to_dict()}, but the recipe "
+                              f"asks for {model.config.to_dict()}")
+    layers = sparse_layers(model)
+    if layers and set(masks) != set(layers):
+        raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
+                              f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            layer.weight_mask.copy_(masks[name].t() if layer.transposed else masks[name])
+        state = {k: v for k, v in exported.model.state_dict().items() if k != "lm_head.weight"}
+        if layers:
+            state.update({f"{n}.weight_mask": l.weight_mask for n, l in layers.items()})
+        model.load_state_dict(state, strict=False)
+
+
+def sparse_model(export: Path, model: GPT | None = None):
+    """(model, sparsifier or None): `model` (default: a fresh GPT of the export's shape) with the export's weights,
+    made sparse on exactly the export's masked layers with exactly its masks. A dense export gives sparsifier None."""
+    exported = read_export(export)
+    model = model if model is not None else GPT(exported.model.config)
+    sparsifier = None
+    if exported.masks:  # the export's own layers are made sparse; its masks replace the generated ones below
+        sparsifier = sparsify(model, sparsity=0.5, init="random",
+                              param_filter=[f"{name}.weight" for name in exported.masks])
+    load_weights(model, exported)
+    for layer in sparse_layers(model).values():
+        layer.target_sparsity = 1.0 - layer.density
+    return model, sparsifier
