@@ -16,8 +16,8 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from spdf.data import (FinetuneDataset, build_packed_splits, iter_documents, load_finetune_task,
-                       load_or_train_tokenizer)
+from spdf.data import (DataSpec, FinetuneDataset, TaskSpec, TokenizerSpec, build_packed_splits, iter_documents,
+                       load_finetune_task, load_or_train_tokenizer)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -35,19 +35,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--val-fraction", type=float, default=0.02)
     args = ap.parse_args()
-    source = {"source": "stdlib", "part": "pretrain", "max_bytes": args.max_bytes}
+    source = DataSpec(source="stdlib", part="pretrain", max_bytes=args.max_bytes, val_fraction=args.val_fraction)
 
     with tempfile.TemporaryDirectory() as tmp:
         docs, t_corpus = timed(lambda: list(iter_documents(source)))
         n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-        tok, t_train = timed(lambda: load_or_train_tokenizer({"kind": "train", "vocab_size": args.vocab_size},
+        tok, t_train = timed(lambda: load_or_train_tokenizer(TokenizerSpec(vocab_size=args.vocab_size),
                                                              docs, Path(tmp) / "tok"))
         (train, val, meta), t_pack = timed(lambda: build_packed_splits(source, tok, Path(tmp) / "cache", args.seq_len,
-                                                                       args.val_fraction, progress=False))
-        _, t_hit = timed(lambda: build_packed_splits(source, tok, Path(tmp) / "cache", args.seq_len,
-                                                     args.val_fraction, progress=False))
+                                                                       progress=False))
+        _, t_hit = timed(lambda: build_packed_splits(source, tok, Path(tmp) / "cache", args.seq_len, progress=False))
         n_tokens = train.n_tokens + val.n_tokens
-        task, t_task = timed(lambda: load_finetune_task({"task": "docstring"}, "train"))
+        task, t_task = timed(lambda: load_finetune_task(TaskSpec(task="docstring"), "train"))
         rows, t_rows = timed(lambda: FinetuneDataset(task, tok, args.seq_len + 1))
 
     result = {

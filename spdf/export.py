@@ -154,7 +154,8 @@ def read_export(path: Path) -> Export:
     except RuntimeError as e:  # a tensor of the wrong shape
         raise CheckpointError(f"export {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
     tokenizer = path / TOKENIZER_FILE
     return Export(path, model, read_masks(path / MASKS_FILE), config, tokenizer if tokenizer.is_file() else None)
 

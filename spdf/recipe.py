@@ -35,13 +35,11 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import tempfile
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Sequence
 
 import yaml
 
@@ -49,105 +47,11 @@ from .model.config import CONFIGS, GPTConfig
 from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, LoggingSpec, ModelSpec, OptimizerSpec, PhaseSpec,
                             Recipe, RecipeError, ScheduleSpec, SparsitySpec, TaskSpec, TokenizerSpec, join_path,
                             suggest, to_plain)
+from .typed_spec import build, strip_optional, type_hints
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec", "PhaseSpec",
            "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "apply_overrides",
            "dump_recipe", "load_recipe", "model_config", "recipe_fingerprint", "recipe_from_dict"]
-
-
-# ------------------------------------------------------------------------------------------ the converter
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _union_args(tp) -> tuple | None:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return typing.get_args(tp)
-    return None
-
-
-_SCALAR_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-
-
-def build(tp, value, path: str = ""):
-    """Convert plain YAML data `value` to type `tp`, raising RecipeError naming `path` on any mismatch."""
-    args = _union_args(tp)
-    if args is not None:
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return build(inner, value, path)
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, path)
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            raise RecipeError(f"{{key}} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
-                              f"{suggest(value, allowed)}", path)
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{{key}} must be a list, got {value!r}", path)
-        item_types = typing.get_args(tp)
-        if origin is tuple and item_types[-1] is not Ellipsis:
-            if len(value) != len(item_types):
-                raise RecipeError(f"{{key}} must be a list of {len(item_types)} items, got {value!r}", path)
-        else:
-            item_types = (item_types[0],) * len(value)
-        return tuple(build(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
-    if origin is dict:
-        key_t, val_t = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise RecipeError(f"{{key}} must be a mapping, got {value!r}", path)
-        return {build(key_t, k, path): build(val_t, v, f"{path}['{k}']") for k, v in value.items()}
-    return _build_scalar(tp, value, path)
-
-
-def _build_scalar(tp, value, path: str):
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp in (int, float) and not isinstance(value, bool):
-        number = value
-        if isinstance(value, str):  # YAML 1.1 reads "6e-4" and "2.6e10" as strings
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                number = None
-        if isinstance(number, (int, float)) and math.isfinite(number):
-            if tp is float:
-                return float(number)
-            if isinstance(number, int):
-                return number
-            if number.is_integer():
-                return int(number)
-    raise RecipeError(f"{{key}} must be {_SCALAR_NAMES.get(tp, tp)}, got {value!r}", path)
-
-
-def _build_dataclass(cls, value, path: str):
-    if not isinstance(value, dict):
-        raise RecipeError(f"{{key}} must be a mapping of {cls.__name__} keys, got {value!r}", path)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in value:
-        if key not in fields:
-            raise RecipeError(f"unknown key '{join_path(path, str(key))}'{suggest(key, fields)}; allowed: "
-                              f"{', '.join(fields)}")
-    types_ = _hints(cls)
-    kwargs = {}
-    for name, f in fields.items():
-        if name in value:
-            kwargs[name] = build(types_[name], value[name], join_path(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError("missing required key '{key}'", join_path(path, name))
-    try:
-        return cls(**kwargs)
-    except RecipeError as err:
-        raise err.at(path) from None
-
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -212,18 +116,13 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def _strip_optional(tp):
-    args = _union_args(tp)
-    return next(a for a in args if a is not type(None)) if args else tp
-
-
 def _set_path(data: dict, parts: list[str], value) -> None:
     """Walk `parts` through the schema types and the data together; set the last key to `value`."""
     tp, node, path = Recipe, data, ""
     for i, part in enumerate(parts):
-        tp, owner = _strip_optional(tp), None
+        tp, owner = strip_optional(tp), None
         if dataclasses.is_dataclass(tp):
-            hints = _hints(tp)  # ClassVars (EXCLUSIVE, SHAPE_KEYS) are hints too, but not keys
+            hints = type_hints(tp)  # ClassVars (EXCLUSIVE, SHAPE_KEYS) are hints too, but not keys
             fields = {f.name: hints[f.name] for f in dataclasses.fields(tp)}
             if part not in fields:
                 raise RecipeError(f"unknown key '{join_path(path, part)}'{suggest(part, fields)}; allowed: "
@@ -246,7 +145,7 @@ def _set_path(data: dict, parts: list[str], value) -> None:
             return
         child = node.get(key) if isinstance(node, dict) else node[key]
         if child is None:
-            inner = _strip_optional(tp)
+            inner = strip_optional(tp)
             child = [] if typing.get_origin(inner) in (list, tuple) else {}
             node[key] = child
         if not isinstance(child, (dict, list)):
@@ -271,20 +170,34 @@ def _list_index(node, part: str, path: str) -> int:
 # Data keys that only cap how much is read, so raising them to extend a run keeps the run directory compatible.
 _BUDGET_DATA_KEYS = ("max_tokens",)
 _FINGERPRINT_PHASE_KEYS = ("name", "kind", "init", "data", "task", "seq_len", "batch_size")
+# Settings added after run directories already existed: left out while unset, so that those directories resume.
+_ADDED_LATER = {
+    "tokenizer": ("max_bytes",),
+    "data": ("heldout_fraction",),
+    "task": ("heldout_fraction", "validation_fraction", "max_prompt_lines", "prompt_field", "completion_field",
+             "article_field", "summary_field", "max_article_chars"),
+}
+
+
+def _fingerprint_part(spec, section: str, drop=()) -> dict | None:
+    if spec is None:
+        return None
+    return {k: v for k, v in to_plain(spec).items()
+            if k not in drop and not (v is None and k in _ADDED_LATER[section])}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
     phases = []
     for phase in recipe.phases:
         entry = {k: to_plain(getattr(phase, k)) for k in _FINGERPRINT_PHASE_KEYS}
-        if entry["data"] is not None:
-            entry["data"] = {k: v for k, v in entry["data"].items() if k not in _BUDGET_DATA_KEYS}
+        entry["data"] = _fingerprint_part(phase.data, "data", drop=_BUDGET_DATA_KEYS)
+        entry["task"] = _fingerprint_part(phase.task, "task")
         phases.append(entry)
     payload = {
         "version": recipe.version,
         "model": recipe.model.to_dict(),
         "sparsity": {**recipe.sparsity.to_dict(), "seed": recipe.sparsity_seed},
-        "tokenizer": recipe.tokenizer.to_dict(),
+        "tokenizer": _fingerprint_part(recipe.tokenizer, "tokenizer"),
         "phases": phases,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()

@@ -20,7 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .sources import check_source, iter_documents, source_fingerprint, stable_fraction
+from ..typed_spec import to_plain
+from .sources import iter_documents, source_fingerprint, stable_fraction
+from .specs import DataSpec
 from .tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -60,10 +62,10 @@ class PackedDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
-def cache_key(source: dict, tokenizer: TextTokenizer, seq_len: int, val_fraction: float) -> str:
+def cache_key(source: DataSpec, tokenizer: TextTokenizer, seq_len: int) -> str:
     """sha256 over what decides the packed tokens: source spec (+ file stats), tokenizer file, seq_len, val split."""
-    payload = {"version": FORMAT_VERSION, "source": source, "fingerprint": source_fingerprint(source),
-               "tokenizer": tokenizer.file_hash, "seq_len": seq_len, "split": {"val_fraction": val_fraction}}
+    payload = {"version": FORMAT_VERSION, "source": to_plain(source), "fingerprint": source_fingerprint(source),
+               "tokenizer": tokenizer.file_hash, "seq_len": seq_len}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -132,25 +134,19 @@ def _tokenize_into(files: dict, docs: Iterator[str], tokenizer: TextTokenizer, v
     return {"counts": counts, "truncated": truncated}
 
 
-def build_packed_splits(source: dict, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
-                        val_fraction: float = 0.02, batch_docs: int = 256,
-                        progress: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
+def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
+                        batch_docs: int = 256, progress: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
     """(train, val, meta): packed splits of `source`, built once into `cache_dir/<key>/` and reused afterwards.
 
-    source: a source spec dict (see spdf.data.sources); its optional "max_tokens" stops tokenizing after that many
-    tokens (EOS included), so a streaming corpus yields shards of the wanted size. Documents go to "val" when
-    stable_fraction(text) < val_fraction. meta is the saved meta.json plus "cache_hit" (True when nothing was
-    tokenized) and "dir" (the cache entry).
+    `source.max_tokens` stops tokenizing after that many tokens (EOS included), so a streaming corpus yields shards
+    of the wanted size. Documents go to "val" when stable_fraction(text) < source.val_fraction. meta is the saved
+    meta.json plus "cache_hit" (True when nothing was tokenized) and "dir" (the cache entry). A cache hit reads
+    nothing of the source itself (an offline resume of a Pile run works).
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    max_tokens = source.get("max_tokens") if isinstance(source, dict) else None
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
-        raise DataError(f"max_tokens must be an integer >= 2 or null, got {max_tokens!r}")
-    check_source(source)  # a cache hit must not need the data itself (an offline resume of a Pile run)
-    key = cache_key(source, tokenizer, seq_len, val_fraction)
+    val_fraction, max_tokens = source.val_fraction, source.max_tokens
+    key = cache_key(source, tokenizer, seq_len)
     entry = Path(cache_dir) / key[:24]
     meta = _load_cached(entry, key)
     cache_hit = meta is not None
@@ -161,7 +157,7 @@ def build_packed_splits(source: dict, tokenizer: TextTokenizer, cache_dir: str |
     return train, val, {**meta, "cache_hit": cache_hit, "dir": str(entry)}
 
 
-def _build(entry: Path, key: str, source: dict, tokenizer: TextTokenizer, seq_len: int, val_fraction: float,
+def _build(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, seq_len: int, val_fraction: float,
            max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
     docs = iter_documents(source)  # first: a missing file or unreachable dataset fails before anything is written
     entry.mkdir(parents=True, exist_ok=True)
@@ -178,7 +174,7 @@ def _build(entry: Path, key: str, source: dict, tokenizer: TextTokenizer, seq_le
                 f.close()
         counts = result["counts"]
         if counts["train"]["tokens"] <= seq_len:
-            raise DataError(f"source {source.get('source')!r} gave {counts['train']['tokens']} training tokens, "
+            raise DataError(f"source {source.source!r} gave {counts['train']['tokens']} training tokens, "
                             f"not one sequence of seq_len+1 = {seq_len + 1}; add data or lower seq_len")
         if val_fraction > 0 and counts["val"]["tokens"] <= seq_len:
             raise DataError(f"val_fraction={val_fraction} held out {counts['val']['documents']} documents, "
@@ -194,7 +190,7 @@ def _build(entry: Path, key: str, source: dict, tokenizer: TextTokenizer, seq_le
         rows = max(0, (n - 1) // seq_len)
         splits[s] = {"file": f"{s}.bin", "tokens": n, "documents": counts[s]["documents"], "sequences": rows,
                      "dropped_tokens": n - rows * seq_len - 1 if rows else n}
-    meta = {"version": FORMAT_VERSION, "key": key, "source": source, "tokenizer_hash": tokenizer.file_hash,
+    meta = {"version": FORMAT_VERSION, "key": key, "source": to_plain(source), "tokenizer_hash": tokenizer.file_hash,
             "tokenizer_path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "seq_len": seq_len, "val_fraction": val_fraction, "dtype": dtype, "max_tokens": max_tokens,
             "truncated": result["truncated"], "splits": splits,

@@ -1,13 +1,10 @@
-"""Text sources: iterate documents (one str each) from a source spec dict.
+"""Text sources: iterate documents (one str each) of a DataSpec (see spdf.data.specs).
 
-Source specs (plain dicts, as a recipe writes them):
+    DataSpec(source="stdlib", part="pretrain" | "heldout", heldout_fraction=0.1, max_bytes=4_000_000)
+    DataSpec(source="files", paths=("data/*.txt", "x.jsonl", "y.parquet"), text_field="text")
+    DataSpec(source="hf", name="monology/pile-uncopyrighted", config=None, split="train", streaming=True)
 
-    {"source": "stdlib", "part": "pretrain" | "heldout", "heldout_fraction": 0.1, "max_bytes": 4_000_000}
-    {"source": "files", "paths": ["data/*.txt", "x.jsonl", "y.parquet"], "text_field": "text"}
-    {"source": "hf", "name": "monology/pile-uncopyrighted", "config": None, "split": "train",
-     "streaming": True, "text_field": "text"}
-
-Every spec may also carry "max_tokens" (read by packing, not here: a token budget cap).
+`max_tokens` and `val_fraction` are read by packing, not here.
 """
 from __future__ import annotations
 
@@ -21,14 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import DataError
+from .specs import DataSpec
 
-SOURCES = ("stdlib", "files", "hf")
-_COMMON_KEYS = {"source", "max_tokens"}
-_KEYS = {
-    "stdlib": {"part", "heldout_fraction", "max_bytes"},
-    "files": {"paths", "text_field"},
-    "hf": {"name", "config", "split", "streaming", "text_field"},
-}
 # Generated tables, tests, GUIs' demos and vendored trees: not the code-with-docstrings we want.
 _STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__",
                      "turtledemo", "ensurepip", "encodings", "pydoc_data", "__phello__"}
@@ -38,19 +29,6 @@ STDLIB_PARTS = ("pretrain", "heldout")
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) that depends only on `key` (sha256; Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
-
-
-def check_spec(spec: dict, kind: str, allowed: set[str], what: str) -> None:
-    """Raise DataError naming the first key of `spec` outside `allowed`."""
-    for key in spec:
-        if key not in allowed:
-            raise DataError(f"unknown key '{key}' in {kind} {what} spec; allowed: {', '.join(sorted(allowed))}")
-
-
-def _fraction(value, name: str) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise DataError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1,
@@ -63,9 +41,6 @@ def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1,
     """
     if part not in STDLIB_PARTS:
         raise DataError(f"unknown stdlib part '{part}'; allowed: {', '.join(STDLIB_PARTS)}")
-    heldout_fraction = _fraction(heldout_fraction, "heldout_fraction")
-    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
-        raise DataError(f"max_bytes must be a positive integer or null, got {max_bytes!r}")
     root = Path(sysconfig.get_paths()["stdlib"])
     chosen = []
     for path in root.rglob("*.py"):
@@ -179,42 +154,26 @@ def load_hf(name: str, config: str | None, split: str, streaming: bool):
                         f"{{'source': 'files', 'paths': [...]}} or {{'source': 'stdlib'}}") from None
 
 
-def _iter_hf(name: str, config: str | None = None, split: str = "train", streaming: bool = True,
-             text_field: str = "text") -> Iterator[str]:
-    rows = load_hf(name, config, split, streaming)  # eagerly: an unreachable dataset fails at the call
-    return (str(text) for row in rows if (text := _field(row, text_field, f"dataset '{name}'")))
+def _iter_hf(source: DataSpec) -> Iterator[str]:
+    rows = load_hf(source.name, source.config, source.split, source.streaming)  # eagerly: fails at the call
+    return (str(text) for row in rows if (text := _field(row, source.text_field, f"dataset '{source.name}'")))
 
 
-def check_source(source: dict) -> None:
-    """Validate a source spec's kind and keys without reading any data."""
-    if not isinstance(source, dict) or source.get("source") not in SOURCES:
-        got = source.get("source") if isinstance(source, dict) else source
-        raise DataError(f"unknown data source {got!r}; allowed: {', '.join(SOURCES)}")
-    check_spec(source, source["source"], _KEYS[source["source"]] | _COMMON_KEYS, "source")
+def iter_documents(source: DataSpec) -> Iterator[str]:
+    """Documents (str) of a source, in a deterministic order."""
+    if source.source == "stdlib":
+        modules = stdlib_modules(source.part, source.option("heldout_fraction"), source.max_bytes)
+        return (text for _, text in modules)
+    if source.source == "files":
+        return _iter_files(source.paths, source.text_field)
+    return _iter_hf(source)
 
 
-def iter_documents(source: dict) -> Iterator[str]:
-    """Documents (str) of a source spec dict, in a deterministic order; see the module docstring for specs."""
-    check_source(source)
-    kind = source["source"]
-    args = {k: v for k, v in source.items() if k not in _COMMON_KEYS}
-    if kind == "stdlib":
-        return (text for _, text in stdlib_modules(**args))
-    if kind == "files":
-        if "paths" not in args:
-            raise DataError("files source needs 'paths': a non-empty list of files or globs")
-        return _iter_files(**args)
-    if "name" not in args:
-        raise DataError("hf source needs 'name', e.g. 'monology/pile-uncopyrighted'")
-    return _iter_hf(**args)
-
-
-def source_fingerprint(source: dict) -> dict:
+def source_fingerprint(source: DataSpec) -> dict:
     """What, besides the spec itself, decides a source's content: the cache key includes it."""
-    kind = source.get("source")
-    if kind == "stdlib":
+    if source.source == "stdlib":
         return {"python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
-    if kind == "files":
-        stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in _expand_paths(source.get("paths"))]
-        return {"files": stats}
+    if source.source == "files":
+        files = _expand_paths(source.paths)
+        return {"files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
     return {}

@@ -1,27 +1,29 @@
-"""Downstream tasks → prompt/completion Examples, from a task spec dict and a split name.
+"""Downstream tasks → Examples (a prompt and every reference of that input), from a TaskSpec and a split name.
 
-    {"task": "docstring", "max_examples": None, "heldout_fraction": 0.1, "validation_fraction": 0.1,
-     "max_prompt_lines": 10}                      # offline: functions of the stdlib modules held out of pre-training
-    {"task": "jsonl", "path": "data/{split}.jsonl" | "all.jsonl", "prompt_field": "prompt",
-     "completion_field": "completion", "validation_fraction": 0.1}      # optional "references": list[str] per row
-    {"task": "e2e" | "webnlg" | "dart"}           # Hugging Face datasets (online); "name"/"config" override the id
-    {"task": "curation", "path": "curation.jsonl|.csv", "article_field": "article_content",
-     "summary_field": "summary"}                  # Curation Corpus is distributed as a CSV you scrape yourself
+    TaskSpec(task="docstring")     offline: functions of the stdlib modules held out of pre-training
+    TaskSpec(task="jsonl", path="data/{split}.jsonl" | "all.jsonl")      rows {"prompt", "completion"[, "references"]}
+    TaskSpec(task="e2e" | "webnlg" | "dart")          the Hugging Face datasets (online), in their own schema
+    TaskSpec(task="e2e", path="e2e/{split}.jsonl")   the same schema from a local .jsonl/.json copy (offline)
+    TaskSpec(task="curation", path="curation.csv")    Curation Corpus as its scraper writes it (or .jsonl)
 
-Every spec accepts "max_examples" (first N of the split). Splits: "train", "validation" (and "test" for the
-Hugging Face tasks). Local files are split by a stable hash of the prompt, `validation_fraction` of it held out.
+An input appears once per split with all its references grouped (E2E has several texts per meaning representation,
+WebNLG/DART several lexicalisations per triple set): evaluation scores one generation per input against them all,
+and training makes one row per (input, reference) (FinetuneDataset). Splits: "train", "validation", and "test" for
+the data-to-text tasks. Local files without `{split}` are split by a stable hash of the input.
 """
 from __future__ import annotations
 
 import ast
 import csv
+import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
 from .finetune import Example
-from .sources import check_spec, load_hf, read_jsonl, stable_fraction, stdlib_modules
+from .sources import load_hf, read_jsonl, stable_fraction, stdlib_modules
+from .specs import TaskSpec
 
 TASKS = ("docstring", "jsonl", "e2e", "webnlg", "dart", "curation")
 # task: (default hub id, default config, {our split: the dataset's split})
@@ -31,18 +33,16 @@ HF_TASKS = {
     "dart": ("Yale-LILY/dart", None, {"train": "train", "validation": "validation", "test": "test"}),
 }
 _LOCAL_SPLITS = ("train", "validation")
-_KEYS = {
-    "docstring": {"heldout_fraction", "validation_fraction", "max_prompt_lines"},
-    "jsonl": {"path", "prompt_field", "completion_field", "validation_fraction"},
-    "e2e": {"name", "config"}, "webnlg": {"name", "config"}, "dart": {"name", "config"},
-    "curation": {"path", "article_field", "summary_field", "validation_fraction", "max_article_chars"},
-}
 DOC_PROMPT_END = "\n# Summary:"
+
+
+def task_splits(task: str) -> tuple[str, ...]:
+    return tuple(HF_TASKS[task][2]) if task in HF_TASKS else _LOCAL_SPLITS
 
 
 @dataclass
 class TaskSplit:
-    """The examples of one split of one task (a list-like of Example)."""
+    """The examples of one split of one task (a list-like of Example, one per input)."""
     task: str
     split: str
     examples: list[Example]
@@ -84,12 +84,12 @@ def docstring_examples(module_text: str, max_prompt_lines: int = 10) -> list[Exa
     return [ex for _, ex in sorted(found, key=lambda pair: pair[0])]
 
 
-def _docstring_task(split: str, heldout_fraction: float = 0.1, validation_fraction: float = 0.1,
-                    max_prompt_lines: int = 10) -> list[Example]:
+def _docstring_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
     out = []
-    for _, text in stdlib_modules("heldout", heldout_fraction):
+    validation_fraction, max_lines = spec.option("validation_fraction"), spec.option("max_prompt_lines")
+    for _, text in stdlib_modules("heldout", spec.option("heldout_fraction")):
         # keyed by the def line and summary: twins share a split, and max_prompt_lines does not move examples
-        out += [ex for ex in docstring_examples(text, max_prompt_lines)
+        out += [(ex.prompt, ex.completion) for ex in docstring_examples(text, max_lines)
                 if _split_of(f"{ex.prompt.splitlines()[0]}\n{ex.completion}", validation_fraction) == split]
     return out
 
@@ -113,21 +113,20 @@ def _row(row: dict, key: str, where) -> str:
     return str(row[key])
 
 
-def _jsonl_task(split: str, path=None, prompt_field: str = "prompt", completion_field: str = "completion",
-                validation_fraction: float = 0.1) -> list[Example]:
-    p = _local_path(path, split)
+def _jsonl_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
+    p = _local_path(spec.path, split)
+    prompt_field, completion_field = spec.option("prompt_field"), spec.option("completion_field")
     out = []
     for row in read_jsonl(p):
         prompt, completion = _row(row, prompt_field, p), _row(row, completion_field, p)
-        refs = [str(r) for r in row.get("references") or [completion]]
-        if "{split}" in str(path) or _split_of(prompt, validation_fraction) == split:
-            out.append(Example(prompt, completion, refs))
+        if "{split}" in spec.path or _split_of(prompt, spec.option("validation_fraction")) == split:
+            out += [(prompt, str(ref)) for ref in row.get("references") or [completion]]
     return out
 
 
-def _curation_task(split: str, path=None, article_field: str = "article_content", summary_field: str = "summary",
-                   validation_fraction: float = 0.05, max_article_chars: int = 4000) -> list[Example]:
-    p = _local_path(path, split)
+def _curation_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
+    p = _local_path(spec.path, split)
+    article_field, summary_field = spec.option("article_field"), spec.option("summary_field")
     if p.suffix.lower() == ".csv":
         f = open(p, encoding="utf-8", newline="")
         rows = csv.DictReader(f)
@@ -137,8 +136,10 @@ def _curation_task(split: str, path=None, article_field: str = "article_content"
     try:
         for row in rows:
             article, summary = _row(row, article_field, p).strip(), _row(row, summary_field, p).strip()
-            if article and summary and _split_of(article, validation_fraction) == split:
-                out.append(Example(f"Article: {article[:max_article_chars]}\nSummary:", summary, [summary]))
+            if not article:  # the scraper leaves an empty article where a page could not be fetched
+                continue
+            if "{split}" in spec.path or _split_of(article, spec.option("validation_fraction")) == split:
+                out.append((f"Article: {article[:spec.option('max_article_chars')]}\nSummary:", summary))
     finally:
         if f:
             f.close()
@@ -150,8 +151,9 @@ def _column(obj, key: str) -> list:
     return obj[key] if isinstance(obj, dict) else [item[key] for item in obj]
 
 
-def _data_to_text(task: str, rows, where: str) -> list[Example]:
-    grouped: dict[str, list[str]] = {}
+def _data_to_text(task: str, rows, where: str) -> list[tuple[str, str]]:
+    """(prompt, reference) pairs of rows in the dataset's own schema (as the Hub or a local copy gives them)."""
+    out = []
     for row in rows:
         if task == "e2e":
             data, refs = _row(row, "meaning_representation", where), [_row(row, "human_reference", where)]
@@ -161,45 +163,71 @@ def _data_to_text(task: str, rows, where: str) -> list[Example]:
         else:
             data = " ; ".join(" | ".join(t) for t in row["tripleset"])
             refs = _column(row["annotations"], "text")
-        grouped.setdefault(data, []).extend(r.strip() for r in refs if r and r.strip())
-    return [Example(f"Data: {data}\nText:", refs[0], refs) for data, refs in grouped.items() if refs]
+        prompt = f"Data: {data}\nText:"
+        out += [(prompt, ref) for ref in refs] or [(prompt, "")]  # "": an input without references, refused later
+    return out
 
 
-def _hf_task(task: str, split: str, name: str | None = None, config: str | None = None) -> list[Example]:
-    default_name, default_config, splits = HF_TASKS[task]
-    name = name or default_name
-    config = config if config is not None else default_config
-    rows = load_hf(name, config, splits[split], streaming=False)
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a local .jsonl (one object per line) or .json (a list of objects, or JSON lines) file."""
+    if path.suffix.lower() == ".json":
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"{path}: expected a list of JSON objects")
+            return rows
+    return list(read_jsonl(path))
+
+
+def _hf_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
+    default_name, default_config, splits = HF_TASKS[spec.task]
+    if spec.path:
+        where = str(_local_path(spec.path, split))
+        rows = _read_rows(Path(where))
+    else:
+        name = spec.name or default_name
+        config = spec.config if spec.config is not None else default_config
+        where = f"dataset '{name}'"
+        rows = load_hf(name, config, splits[split], streaming=False)
     try:
-        return _data_to_text(task, rows, f"dataset '{name}'")
+        return _data_to_text(spec.task, rows, where)
     except (KeyError, TypeError, IndexError) as e:
-        raise DataError(f"dataset '{name}' does not have the {task} layout spdf expects ({type(e).__name__}: {e}); "
+        raise DataError(f"{where} does not have the {spec.task} layout spdf expects ({type(e).__name__}: {e}); "
                         f"convert it to a jsonl task with prompt/completion/references") from None
 
 
-def load_finetune_task(task: dict, split: str) -> TaskSplit:
-    """The Examples of `split` ("train", "validation"; "test" for e2e/webnlg/dart) of a task spec dict."""
-    kind = task.get("task") if isinstance(task, dict) else task
-    if kind not in TASKS:
-        raise DataError(f"unknown fine-tuning task {kind!r}; allowed: {', '.join(TASKS)}")
-    check_spec(task, kind, _KEYS[kind] | {"task", "max_examples"}, "task")
-    allowed = tuple(HF_TASKS[kind][2]) if kind in HF_TASKS else _LOCAL_SPLITS
+def group_references(pairs: list[tuple[str, str]], task: str, split: str) -> list[Example]:
+    """One Example per distinct prompt, in first-seen order, with its distinct non-empty references in order."""
+    grouped: dict[str, list[str]] = {}
+    for prompt, ref in pairs:
+        refs = grouped.setdefault(prompt, [])
+        ref = ref.strip()
+        if ref and ref not in refs:
+            refs.append(ref)
+    for prompt, refs in grouped.items():
+        if not refs:
+            raise DataError(f"task '{task}', split '{split}': the input {prompt[:80]!r} has no references; every "
+                            f"input needs at least one non-empty reference (remove it from the data)")
+    return [Example(prompt, refs[0], refs) for prompt, refs in grouped.items()]
+
+
+_LOADERS = {"docstring": _docstring_task, "jsonl": _jsonl_task, "curation": _curation_task,
+            "e2e": _hf_task, "webnlg": _hf_task, "dart": _hf_task}
+
+
+def load_finetune_task(spec: TaskSpec, split: str) -> TaskSplit:
+    """The Examples of `split` ("train", "validation"; "test" for e2e/webnlg/dart): one per input, references
+    grouped; `spec.max_examples` keeps the first N inputs."""
+    allowed = task_splits(spec.task)
     if split not in allowed:
-        raise DataError(f"unknown split '{split}' for task '{kind}'; allowed: {', '.join(allowed)}")
-    args = {k: v for k, v in task.items() if k not in ("task", "max_examples")}
-    if kind == "docstring":
-        examples = _docstring_task(split, **args)
-    elif kind == "jsonl":
-        examples = _jsonl_task(split, **args)
-    elif kind == "curation":
-        examples = _curation_task(split, **args)
-    else:
-        examples = _hf_task(kind, split, **args)
-    max_examples = task.get("max_examples")
-    if max_examples is not None:
-        if not isinstance(max_examples, int) or max_examples < 1:
-            raise DataError(f"max_examples must be a positive integer or null, got {max_examples!r}")
-        examples = examples[:max_examples]
+        raise DataError(f"unknown split '{split}' for task '{spec.task}'; allowed: {', '.join(allowed)}")
+    examples = group_references(_LOADERS[spec.task](spec, split), spec.task, split)
+    if spec.max_examples is not None:
+        examples = examples[:spec.max_examples]
     if not examples:
-        raise DataError(f"task '{kind}' has no examples in split '{split}'")
-    return TaskSplit(kind, split, examples)
+        raise DataError(f"task '{spec.task}' has no examples in split '{split}'")
+    return TaskSplit(spec.task, split, examples)

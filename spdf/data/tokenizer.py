@@ -1,10 +1,10 @@
 """Tokenizers: a tokenizer.json file, a Hugging Face Hub name, or a byte-level BPE trained on the corpus itself.
 
-Tokenizer specs (plain dicts):
+A TokenizerSpec (spdf.data.specs) chooses:
 
-    {"kind": "train", "vocab_size": 4096, "max_bytes": None}   # offline default; reused from save_dir if present
-    {"kind": "file", "path": "path/to/tokenizer.json"}
-    {"kind": "hub", "name": "gpt2"}                              # GPT-2: 50257 tokens, eos <|endoftext|> = 50256
+    TokenizerSpec(kind="train", vocab_size=4096, max_bytes=None)   # offline default; reused from save_dir if present
+    TokenizerSpec(kind="file", path="path/to/tokenizer.json")
+    TokenizerSpec(kind="hub", name="gpt2")                           # GPT-2: 50257 tokens, eos <|endoftext|> = 50256
 """
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
-from .sources import check_spec
+from .specs import TokenizerSpec
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
-TOKENIZER_KINDS = ("train", "file", "hub")
-_KEYS = {"train": {"vocab_size", "max_bytes"}, "file": {"path"}, "hub": {"name"}}
 _MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
 
 
@@ -89,47 +87,42 @@ def train_bpe(documents: Iterable[str], vocab_size: int, max_bytes: int | None =
     return tok
 
 
-def load_or_train_tokenizer(spec: dict, documents: Iterable[str] | None, save_dir: str | os.PathLike) -> TextTokenizer:
-    """A TextTokenizer from a tokenizer spec dict (see the module docstring).
+def load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None,
+                            save_dir: str | os.PathLike) -> TextTokenizer:
+    """A TextTokenizer as `spec` says.
 
     kind "train": reuse `save_dir/tokenizer.json` if it was trained with the same spec, else train a byte-level BPE
     on `documents` (an iterable of str, consumed once; `max_bytes` caps how much of it is read) and save it there
     atomically. kind "file": load that file. kind "hub": download (online only) and save a copy in `save_dir`, so
     later runs and the data cache key use the same file. `documents` is only read for kind "train".
     """
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind not in TOKENIZER_KINDS:
-        raise DataError(f"unknown tokenizer kind {kind!r}; allowed: {', '.join(TOKENIZER_KINDS)}")
-    check_spec(spec, kind, _KEYS[kind] | {"kind"}, "tokenizer")
-    if kind == "file":
-        path = Path(spec.get("path", ""))
+    if spec.kind == "file":
+        path = Path(spec.path)
         if not path.is_file():
             raise DataError(f"tokenizer file not found: '{path}'")
         return TextTokenizer(path)
 
-    if kind == "hub" and not (isinstance(spec.get("name"), str) and spec["name"]):
-        raise DataError("tokenizer kind 'hub' needs 'name', e.g. 'gpt2'")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     path, record_path = save_dir / "tokenizer.json", save_dir / "tokenizer_spec.json"
     # A sidecar records how the saved file was made, so a changed spec never silently reuses the wrong vocab.
-    if kind == "hub":
-        record = {"kind": "hub", "name": spec["name"]}
+    if spec.kind == "hub":
+        record = {"kind": "hub", "name": spec.name}
     else:
-        record = {"kind": "train", "vocab_size": spec.get("vocab_size", 4096), "max_bytes": spec.get("max_bytes")}
+        record = {"kind": "train", "vocab_size": spec.vocab_size, "max_bytes": spec.max_bytes}
     if path.is_file():
         previous = json.loads(record_path.read_text()) if record_path.is_file() else None
         if previous != record:
             raise DataError(f"'{path}' was made with {previous} but the spec asks {record}; "
                             f"delete it or choose another save_dir")
         return TextTokenizer(path)
-    if kind == "hub":
+    if spec.kind == "hub":
         try:
-            tok = Tokenizer.from_pretrained(spec["name"])
+            tok = Tokenizer.from_pretrained(spec.name)
         except Exception as e:
-            raise DataError(f"could not fetch tokenizer '{spec['name']}' from the Hugging Face Hub "
-                            f"({type(e).__name__}); offline? use {{'kind': 'train', 'vocab_size': ...}} or "
-                            f"{{'kind': 'file', 'path': ...}}") from None
+            raise DataError(f"could not fetch tokenizer '{spec.name}' from the Hugging Face Hub "
+                            f"({type(e).__name__}); offline? use tokenizer kind 'train' (with vocab_size) or "
+                            f"kind 'file' (with path)") from None
     elif documents is None:
         raise DataError("tokenizer kind 'train' needs documents to train on")
     else:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..export import CheckpointError, layout_meta, read_json, write_json_atomic  # noqa: F401  (re-exported)
+from ..export import CheckpointError, read_json, write_json_atomic
 
 CHECKPOINT_PREFIX = "step-"
 META_FILE = "spdf.json"

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import layout_meta, list_checkpoints, load_checkpoint, save_checkpoint
+from ..export import layout_meta
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .optim import build_adamw
 from .schedule import lr_factor

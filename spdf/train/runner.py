@@ -16,10 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..export import CheckpointError, find_export, load_weights, read_json, sparse_model, write_export, write_json_atomic
-from ..data import FinetuneDataset, build_packed_splits, iter_documents, load_finetune_task, load_or_train_tokenizer
+from ..export import (CheckpointError, find_export, load_weights, read_json, sparse_model, write_export,
+                      write_json_atomic)
+from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
+                    load_or_train_tokenizer)
 from ..flops import model_flops
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
@@ -56,37 +57,19 @@ def claim_run_dir(recipe: Recipe) -> Path:
     return run_dir
 
 
-def _source_spec(phase: PhaseSpec) -> dict:
-    d = phase.data
-    spec = {"source": d.source, "max_tokens": d.max_tokens}
-    if d.source == "stdlib":
-        spec.update(part=d.part, max_bytes=d.max_bytes)
-    elif d.source == "files":
-        spec.update(paths=list(d.paths), text_field=d.text_field)
-    else:
-        spec.update(name=d.name, config=d.config, split=d.split, streaming=d.streaming, text_field=d.text_field)
-    return {k: v for k, v in spec.items() if v is not None}
-
-
-def _task_spec(phase: PhaseSpec) -> dict:
-    t = phase.task
-    spec = {"task": t.task, "path": t.path, "name": t.name, "config": t.config, "max_examples": t.max_examples}
-    return {k: v for k, v in spec.items() if v is not None}
-
-
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
     if init_from is not None:  # fine-tuning a checkpoint: its tokenizer, never a new one
         path = find_export(init_from) / "tokenizer.json"
         if not path.exists():
             raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
-        return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(path, run_dir))}, None, run_dir)
+        return load_or_train_tokenizer(TokenizerSpec(kind="file", path=str(_keep_copy(path, run_dir))), None, run_dir)
     t = recipe.tokenizer
     if t.kind == "file":
-        return load_or_train_tokenizer({"kind": "file", "path": str(_keep_copy(Path(t.path), run_dir))}, None, run_dir)
-    spec = {"kind": "train", "vocab_size": t.vocab_size} if t.kind == "train" else {"kind": "hub", "name": t.name}
+        return load_or_train_tokenizer(TokenizerSpec(kind="file", path=str(_keep_copy(Path(t.path), run_dir))), None,
+                                       run_dir)
     pretrain = next((p for p in recipe.phases if p.kind == "pretrain"), None)
-    documents = iter_documents(_source_spec(pretrain)) if (t.kind == "train" and pretrain is not None) else None
-    return load_or_train_tokenizer(spec, documents, run_dir)
+    documents = iter_documents(pretrain.data) if (t.kind == "train" and pretrain is not None) else None
+    return load_or_train_tokenizer(t, documents, run_dir)
 
 
 def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
@@ -140,13 +123,11 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
 def _datasets(phase: PhaseSpec, tokenizer, accelerator):
     if phase.kind == "pretrain":
         with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
-            train, val, _ = build_packed_splits(_source_spec(phase), tokenizer, data_cache_dir(), phase.seq_len,
-                                                val_fraction=phase.data.val_fraction,
+            train, val, _ = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
                                                 progress=accelerator.is_main_process)
     else:
-        task = _task_spec(phase)
-        train = FinetuneDataset(load_finetune_task(task, "train"), tokenizer, phase.seq_len + 1)
-        val = FinetuneDataset(load_finetune_task(task, "validation"), tokenizer, phase.seq_len + 1)
+        train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
+        val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)
     if len(train) < accelerator.num_processes or len(val) == 0:
         raise RecipeError(f"phase '{phase.name}': the data gave {len(train)} training and {len(val)} validation "
                           f"sequences of {phase.seq_len + 1} tokens; use more data or a shorter seq_len")

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 import torch
 
-from spdf.data import DataError, Example, FinetuneDataset, load_finetune_task, pad_collate
+from spdf.data import DataError, Example, TaskSpec, FinetuneDataset, load_finetune_task, pad_collate
 from spdf.data import tasks
 from spdf.data.finetune import IGNORE_INDEX, join_target, truncate_pair
 from spdf.data.tasks import DOC_PROMPT_END, docstring_examples
@@ -65,16 +65,16 @@ def test_docstring_task_uses_heldout_modules_and_splits_deterministically(monkey
         return real(part, *args, **kwargs)[:15]
 
     monkeypatch.setattr(tasks, "stdlib_modules", spy)
-    train = load_finetune_task({"task": "docstring"}, "train")
-    val = load_finetune_task({"task": "docstring"}, "validation")
+    train = load_finetune_task(TaskSpec(task="docstring"), "train")
+    val = load_finetune_task(TaskSpec(task="docstring"), "validation")
     assert set(parts) == {"heldout"}
     assert len(train) > len(val) > 0
     assert not {(e.prompt, e.completion) for e in train} & {(e.prompt, e.completion) for e in val}
-    assert load_finetune_task({"task": "docstring"}, "train").examples == train.examples
-    shorter = load_finetune_task({"task": "docstring", "max_prompt_lines": 3}, "validation")
+    assert load_finetune_task(TaskSpec(task="docstring"), "train").examples == train.examples
+    shorter = load_finetune_task(TaskSpec(task="docstring", max_prompt_lines=3), "validation")
     assert [e.completion for e in shorter] == [e.completion for e in val]  # the split ignores the prompt cap
     assert max(len(e.prompt.splitlines()) for e in shorter) == 4 < max(len(e.prompt.splitlines()) for e in val)
-    assert len(load_finetune_task({"task": "docstring", "max_examples": 5}, "train")) == 5
+    assert len(load_finetune_task(TaskSpec(task="docstring", max_examples=5), "train")) == 5
 
 
 def test_rows_mask_the_prompt_and_end_with_eos(small_tokenizer):
@@ -126,17 +126,25 @@ def test_jsonl_task_with_split_files_and_references(tmp_path):
         rows = [{"prompt": f"{split} {i}:", "completion": f"c{i}", "references": [f"c{i}", f"alt{i}"]}
                 for i in range(n)]
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {"task": "jsonl", "path": str(tmp_path / "{split}.jsonl")}
+    spec = TaskSpec(task="jsonl", path=str(tmp_path / "{split}.jsonl"))
     train = load_finetune_task(spec, "train")
     assert len(train) == 3 and train[1] == Example("train 1:", "c1", ["c1", "alt1"])
     assert len(load_finetune_task(spec, "validation")) == 2
 
 
+def test_rows_of_one_input_are_grouped_and_train_one_row_per_reference(tmp_path, small_tokenizer):
+    rows = [{"prompt": "p1:", "completion": "a"}, {"prompt": "p2:", "completion": "x"},
+            {"prompt": "p1:", "completion": "b", "references": ["b", "a", " c "]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = load_finetune_task(TaskSpec(task="jsonl", path=str(tmp_path / "{split}.jsonl")), "train")
+    assert [(e.prompt, e.references) for e in split] == [("p1:", ["a", "b", "c"]), ("p2:", ["x"])]
+    assert len(FinetuneDataset(split, small_tokenizer, max_len=16)) == 4  # (input, reference) pairs
+
+
 def test_single_jsonl_file_is_split_by_hash(tmp_path):
     path = tmp_path / "all.jsonl"
     path.write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}"}) + "\n" for i in range(100)))
-    spec = {"task": "jsonl", "path": str(path), "prompt_field": "q", "completion_field": "a",
-            "validation_fraction": 0.2}
+    spec = TaskSpec(task="jsonl", path=str(path), prompt_field="q", completion_field="a", validation_fraction=0.2)
     train, val = load_finetune_task(spec, "train"), load_finetune_task(spec, "validation")
     assert len(train) + len(val) == 100 and 5 < len(val) < 40
     assert train[0].references == [train[0].completion]
@@ -146,25 +154,29 @@ def test_curation_csv(tmp_path):
     path = tmp_path / "curation.csv"
     path.write_text("url,summary,article_content\n" + "".join(f"u{i},Sum {i}.,Body of article {i}.\n"
                                                               for i in range(40)))
-    train = load_finetune_task({"task": "curation", "path": str(path), "validation_fraction": 0.25}, "train")
-    val = load_finetune_task({"task": "curation", "path": str(path), "validation_fraction": 0.25}, "validation")
+    spec = TaskSpec(task="curation", path=str(path), validation_fraction=0.25)
+    train, val = load_finetune_task(spec, "train"), load_finetune_task(spec, "validation")
     assert len(train) + len(val) == 40 and len(val) > 0
     assert train[0].prompt.startswith("Article: Body of article") and train[0].prompt.endswith("\nSummary:")
 
 
+def _grouped(task, rows, where):
+    return tasks.group_references(tasks._data_to_text(task, rows, where), task, "train")
+
+
 def test_data_to_text_mappings_keep_all_references():
-    e2e = tasks._data_to_text("e2e", [
+    e2e = _grouped("e2e", [
         {"meaning_representation": "name[A], food[Thai]", "human_reference": "A serves Thai."},
         {"meaning_representation": "name[A], food[Thai]", "human_reference": "Thai food at A."},
         {"meaning_representation": "name[B]", "human_reference": "B."}], "e2e")
     assert [(e.prompt, e.references) for e in e2e] == [
         ("Data: name[A], food[Thai]\nText:", ["A serves Thai.", "Thai food at A."]), ("Data: name[B]\nText:", ["B."])]
-    web = tasks._data_to_text("webnlg", [{
+    web = _grouped("webnlg", [{
         "modified_triple_sets": {"mtriple_set": [["Ab | country | Fr", "Ab | leader | X"]]},
         "lex": {"comment": ["good", "good"], "lid": ["Id1", "Id2"], "text": ["Ab is in Fr.", "X leads Ab, Fr."]}}],
         "webnlg")
     assert web[0].prompt == "Data: Ab | country | Fr ; Ab | leader | X\nText:"
     assert web[0].references == ["Ab is in Fr.", "X leads Ab, Fr."] and web[0].completion == "Ab is in Fr."
-    dart = tasks._data_to_text("dart", [{"tripleset": [["S", "p", "O"], ["S", "q", "P"]],
+    dart = _grouped("dart", [{"tripleset": [["S", "p", "O"], ["S", "q", "P"]],
                                          "annotations": {"source": ["e2e", "e2e"], "text": ["One.", "Two."]}}], "d")
     assert dart[0].prompt == "Data: S | p | O ; S | q | P\nText:" and dart[0].references == ["One.", "Two."]

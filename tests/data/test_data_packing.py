@@ -1,11 +1,12 @@
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from spdf.data import DataError, PackedDataset, build_packed_splits, iter_documents
+from spdf.data import DataError, DataSpec, PackedDataset, build_packed_splits, iter_documents
 from spdf.data import packing
 from spdf.data.sources import stable_fraction
 
@@ -22,7 +23,7 @@ def _expected_streams(source, tok, val_fraction):
 
 @pytest.fixture()
 def packed(tmp_path, small_source, small_tokenizer):
-    return build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, val_fraction=0.2, progress=False)
+    return build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ, progress=False)
 
 
 def test_rows_have_seq_len_plus_one_tokens_and_round_trip_exactly(packed, small_source, small_tokenizer):
@@ -57,7 +58,8 @@ def test_second_call_reuses_the_cache_without_tokenizing(packed, tmp_path, small
 
     monkeypatch.setattr(small_tokenizer, "encode_batch", fail)
     monkeypatch.setattr(packing, "iter_documents", fail)
-    train, _, meta2 = build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, 0.2, progress=False)
+    train, _, meta2 = build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
+                                          progress=False)
     assert meta2["cache_hit"] and not meta["cache_hit"]
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == mtimes
     assert len(train) == meta["splits"]["train"]["sequences"]
@@ -65,8 +67,10 @@ def test_second_call_reuses_the_cache_without_tokenizing(packed, tmp_path, small
 
 def test_cache_key_changes_with_seq_len_and_split(packed, tmp_path, small_source, small_tokenizer):
     _, _, meta = packed
-    _, _, other = build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ + 1, 0.2, progress=False)
-    _, _, third = build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, 0.3, progress=False)
+    _, _, other = build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ + 1,
+                                      progress=False)
+    _, _, third = build_packed_splits(replace(small_source, val_fraction=0.3), small_tokenizer, tmp_path, SEQ,
+                                      progress=False)
     assert len({meta["dir"], other["dir"], third["dir"]}) == 3
     assert not other["cache_hit"] and not third["cache_hit"]
 
@@ -80,11 +84,13 @@ def test_meta_is_written_last_and_a_crash_leaves_no_entry(tmp_path, small_source
 
     monkeypatch.setattr(packing, "_tokenize_into", crash)
     with pytest.raises(KeyboardInterrupt):
-        build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, 0.2, progress=False)
+        build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
+                            progress=False)
     entries = list(tmp_path.iterdir())
     assert len(entries) == 1 and list(entries[0].iterdir()) == []  # no meta, no half-written or temp files
     monkeypatch.setattr(packing, "_tokenize_into", real)
-    train, _, meta = build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, 0.2, progress=False)
+    train, _, meta = build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
+                                         progress=False)
     assert not meta["cache_hit"] and len(train) > 0
     assert sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "train.bin", "val.bin"]
     saved = json.loads((entries[0] / "meta.json").read_text())
@@ -95,15 +101,17 @@ def test_damaged_cache_entry_is_rebuilt(packed, tmp_path, small_source, small_to
     _, _, meta = packed
     train_bin = tmp_path / meta["key"][:24] / "train.bin"
     train_bin.write_bytes(train_bin.read_bytes()[:100])
-    train, _, again = build_packed_splits(small_source, small_tokenizer, tmp_path, SEQ, 0.2, progress=False)
+    train, _, again = build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
+                                          progress=False)
     assert not again["cache_hit"] and train.n_tokens == meta["splits"]["train"]["tokens"]
 
 
 def test_token_budget_stops_a_source_at_exactly_max_tokens(tmp_path, small_tokenizer):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(200)))
-    source = {"source": "files", "paths": [str(docs)], "max_tokens": 3000}
-    train, val, meta = build_packed_splits(source, small_tokenizer, tmp_path / "c", SEQ, 0.1, progress=False)
+    source = DataSpec(source="files", paths=(str(docs),), max_tokens=3000)
+    train, val, meta = build_packed_splits(replace(source, val_fraction=0.1), small_tokenizer, tmp_path / "c", SEQ,
+                                           progress=False)
     assert train.n_tokens + val.n_tokens == 3000 and meta["truncated"]
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] < 200
 
@@ -128,11 +136,9 @@ def test_packing_errors_name_the_problem(tmp_path, small_tokenizer, small_source
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataError, match=r"gave 0 training tokens"):
-        build_packed_splits({"source": "files", "paths": [str(empty)]}, small_tokenizer, tmp_path / "c", SEQ,
+        build_packed_splits(DataSpec(source="files", paths=(str(empty),)), small_tokenizer, tmp_path / "c", SEQ,
                             progress=False)
     assert not any((tmp_path / "c").rglob("*.bin*"))
-    with pytest.raises(DataError, match=r"val_fraction must be a number in \[0, 1\)"):
-        build_packed_splits(small_source, small_tokenizer, tmp_path / "c", SEQ, val_fraction=1.5)
     with pytest.raises(DataError, match=r"seq_len must be a positive integer"):
         build_packed_splits(small_source, small_tokenizer, tmp_path / "c", 0)
     with pytest.raises(DataError, match=r"token file not found"):
@@ -142,9 +148,13 @@ def test_packing_errors_name_the_problem(tmp_path, small_tokenizer, small_source
 def test_editing_a_source_file_invalidates_its_cache(tmp_path, small_tokenizer):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"doc {i} " * 30}) + "\n" for i in range(20)))
-    source = {"source": "files", "paths": [str(docs)]}
-    _, _, first = build_packed_splits(source, small_tokenizer, tmp_path / "c", SEQ, 0.0, progress=False)
+    source = DataSpec(source="files", paths=(str(docs),), val_fraction=0.3)
+    _, _, first = build_packed_splits(source, small_tokenizer, tmp_path / "c", SEQ, progress=False)
     docs.write_text(docs.read_text() + json.dumps({"text": "one more document " * 30}) + "\n")
-    train, _, second = build_packed_splits(source, small_tokenizer, tmp_path / "c", SEQ, 0.0, progress=False)
+    _, _, second = build_packed_splits(source, small_tokenizer, tmp_path / "c", SEQ, progress=False)
     assert not second["cache_hit"] and second["dir"] != first["dir"]
-    assert second["splits"]["train"]["documents"] == 21 and len(train) > first["splits"]["train"]["sequences"]
+
+    def total(meta, key):
+        return sum(split[key] for split in meta["splits"].values())
+
+    assert total(second, "documents") == 21 and total(second, "tokens") > total(first, "tokens")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spdf.data import DataError, iter_documents
+from spdf.data import DataError, DataSpec, iter_documents
 from spdf.data.sources import stable_fraction, stdlib_modules
 
 
@@ -44,7 +44,7 @@ def test_stdlib_max_bytes_caps_the_corpus_and_never_leaks_heldout():
     assert 0 < sum(len(t.encode()) for _, t in capped) <= 200_000
     held = {n for n, _ in stdlib_modules("heldout", 0.1)}
     assert not held & {n for n, _ in capped}
-    docs = list(iter_documents({"source": "stdlib", "max_bytes": 200_000}))
+    docs = list(iter_documents(DataSpec(source="stdlib", max_bytes=200_000)))
     assert docs == [t for _, t in capped]
 
 
@@ -53,17 +53,17 @@ def test_files_source_reads_txt_jsonl_and_parquet_in_sorted_glob_order(tmp_path)
     (tmp_path / "a.txt").write_text("first doc\nline two")
     rows = [{"body": "row one"}, {"body": ""}, {"body": "row three"}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    assert list(iter_documents({"source": "files", "paths": [str(tmp_path / "*.txt")]})) == \
+    assert list(iter_documents(DataSpec(source="files", paths=(str(tmp_path / "*.txt"),)))) == \
         ["first doc\nline two", "second doc"]
-    docs = list(iter_documents({"source": "files", "paths": [str(tmp_path / "c.jsonl")], "text_field": "body"}))
+    docs = list(iter_documents(DataSpec(source="files", paths=(str(tmp_path / "c.jsonl"),), text_field="body")))
     assert docs == ["row one", "row three"]  # empty texts are skipped
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["p1", "p2", None]}), tmp_path / "d.parquet")
-    assert list(iter_documents({"source": "files", "paths": [str(tmp_path / "d.parquet")]})) == ["p1", "p2"]
+    assert list(iter_documents(DataSpec(source="files", paths=(str(tmp_path / "d.parquet"),)))) == ["p1", "p2"]
 
 
 def test_files_source_bad_field_names_the_field_and_file(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hi"}) + "\n")
     with pytest.raises(DataError, match=r"has no field 'text'; fields: content"):
-        list(iter_documents({"source": "files", "paths": [str(tmp_path / "x.jsonl")]}))
+        list(iter_documents(DataSpec(source="files", paths=(str(tmp_path / "x.jsonl"),))))

@@ -1,0 +1,119 @@
+"""The typed settings of spdf.data: a corpus (DataSpec), a downstream task (TaskSpec), a tokenizer (TokenizerSpec).
+
+These are the only description of these settings: a recipe's `data:`, `task:` and `tokenizer:` blocks are these
+classes (re-exported by `spdf.recipe_schema`), and every function of spdf.data takes them. They live here rather
+than in the recipe schema so that spdf.data does not import the recipe layer above it.
+
+A setting that only one kind of source or task reads is None by default and refused for the others; `option(name)`
+gives the value in force (the setting, or that kind's default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+from ..typed_spec import Spec, fail, num, require_for
+
+HF_TASKS = ("e2e", "webnlg", "dart")
+
+
+class _KindOptions:
+    """For a spec whose `selector` field picks a kind: which optional fields each kind reads, and their defaults."""
+
+    selector: ClassVar[str]
+    # field -> {kind: default}; a field set for a kind not listed is an error
+    OPTIONS: ClassVar[dict[str, dict[str, object]]] = {}
+
+    def option(self, name: str):
+        value = getattr(self, name)
+        return self.OPTIONS[name][getattr(self, self.selector)] if value is None else value
+
+    def _check_options(self):
+        kind = getattr(self, self.selector)
+        for name, defaults in self.OPTIONS.items():
+            if getattr(self, name) is not None and kind not in defaults:
+                fail(name, f"{{key}} is only used when {self.selector} is {' or '.join(map(repr, defaults))} "
+                           f"({self.selector} is '{kind}')")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSpec(_KindOptions, Spec):
+    kind: Literal["train", "file", "hub"] = "train"
+    vocab_size: int = num(4096, ge=257)  # kind=train: 256 byte tokens + at least one merge
+    path: Optional[str] = None  # kind=file
+    name: Optional[str] = None  # kind=hub, e.g. "gpt2"
+    max_bytes: Optional[int] = num(None, ge=1)  # kind=train: read at most this much text (None: all of it)
+
+    selector: ClassVar[str] = "kind"
+    OPTIONS: ClassVar = {"max_bytes": {"train": None}}
+
+    def _check(self):
+        require_for(self, "kind", {"file": "path", "hub": "name"})
+        self._check_options()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec(_KindOptions, Spec):
+    """A pre-training corpus: the standard library's source (offline), local files, or a Hugging Face dataset."""
+    source: Literal["stdlib", "files", "hf"] = "stdlib"
+    part: Literal["pretrain", "heldout"] = "pretrain"  # stdlib only
+    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0)  # stdlib: modules held out (default 0.1)
+    max_bytes: Optional[int] = num(None, ge=1)  # stdlib: cap on the text read
+    paths: tuple[str, ...] = ()  # source=files: files or globs (.txt, .jsonl, .parquet)
+    text_field: str = "text"  # files (.jsonl/.parquet) and hf: the column holding the text
+    name: Optional[str] = None  # source=hf
+    config: Optional[str] = None
+    split: str = "train"
+    streaming: bool = False
+    max_tokens: Optional[int] = num(None, ge=1)  # cap on tokens packed (streaming corpora)
+    val_fraction: float = num(0.02, gt=0.0, lt=0.5)  # documents held out for validation loss
+
+    selector: ClassVar[str] = "source"
+    OPTIONS: ClassVar = {"heldout_fraction": {"stdlib": 0.1}, "max_bytes": {"stdlib": None}}
+
+    def _check(self):
+        require_for(self, "source", {"files": "paths", "hf": "name"})
+        self._check_options()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec(_KindOptions, Spec):
+    """A downstream task: prompt/completion examples with every reference of an input grouped together.
+
+    docstring: offline, functions of the standard library modules held out of pre-training (`heldout_fraction` must
+    match the pre-training corpus's). jsonl: a local file of {prompt_field, completion_field[, "references"]} rows.
+    e2e / webnlg / dart: the Hugging Face datasets, or with `path` a local .json/.jsonl file in the same schema.
+    curation: Curation Corpus, a local .csv (as its scraper writes it) or .jsonl. `path` may contain `{split}`
+    (one file per split); otherwise a local jsonl/curation file is split by a stable hash of each input.
+    """
+    task: Literal["docstring", "e2e", "webnlg", "dart", "curation", "jsonl"] = "docstring"
+    path: Optional[str] = None  # jsonl (required), curation (needed to run); e2e/webnlg/dart: a local copy
+    name: Optional[str] = None  # e2e/webnlg/dart: another Hugging Face dataset id
+    config: Optional[str] = None
+    max_examples: Optional[int] = num(None, ge=1)  # the first N inputs of a split
+    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0)
+    validation_fraction: Optional[float] = num(None, gt=0.0, lt=1.0)
+    max_prompt_lines: Optional[int] = num(None, ge=1)
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    article_field: Optional[str] = None
+    summary_field: Optional[str] = None
+    max_article_chars: Optional[int] = num(None, ge=1)
+
+    selector: ClassVar[str] = "task"
+    OPTIONS: ClassVar = {
+        "heldout_fraction": {"docstring": 0.1},
+        "validation_fraction": {"docstring": 0.1, "jsonl": 0.1, "curation": 0.05},
+        "max_prompt_lines": {"docstring": 10},
+        "prompt_field": {"jsonl": "prompt"}, "completion_field": {"jsonl": "completion"},
+        "article_field": {"curation": "article_content"}, "summary_field": {"curation": "summary"},
+        "max_article_chars": {"curation": 4000},
+        "name": {t: None for t in HF_TASKS}, "config": {t: None for t in HF_TASKS},
+    }
+
+    def _check(self):
+        if self.task == "jsonl" and not self.path:
+            fail("path", "{key} is required when task is 'jsonl' (a file of {\"prompt\", \"completion\"} lines)")
+        if self.task == "docstring" and self.path:
+            fail("path", "{key} is not used when task is 'docstring' (it reads the standard library)")
+        self._check_options()
