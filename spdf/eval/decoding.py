@@ -1,9 +1,10 @@
-"""The state every decoding mode shares: left-padded rows, and the per-step rules (n-gram bans, stop sequences)."""
+"""What every decoding mode shares: left-padded rows, the model call of a step, n-gram bans, stop sequences."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 
 @dataclass
@@ -36,6 +37,32 @@ class Rows:
     def select(self, index: torch.Tensor) -> None:
         self.tokens, self.pad = self.tokens.index_select(0, index), self.pad.index_select(0, index)
         self.limit, self.ids = self.limit.index_select(0, index), self.ids.index_select(0, index)
+
+
+class Runner:
+    """The model call of each step: next-token logits for every row, from a KV cache or from the whole sequence."""
+
+    def __init__(self, model: nn.Module, rows: Rows, use_cache: bool):
+        self.model = model
+        # The last generated token is never fed back, hence the - 1.
+        self.cache = model.new_kv_cache(rows.tokens.size(1) - 1) if use_cache else None
+        self.padded = bool((rows.pad > 0).any())
+
+    def next_logits(self, rows: Rows, length: int) -> torch.Tensor:
+        """Logits (R, V) after the first `length` columns of `rows.tokens`, in float32."""
+        mask = rows.mask(length) if self.padded else None
+        if self.cache is None or self.cache.length == 0:  # no cache, or the prompt's first pass
+            logits, _ = self.model(rows.tokens[:, :length], kv_cache=self.cache, attention_mask=mask,
+                                   last_logits_only=True)
+        else:
+            logits, _ = self.model(rows.tokens[:, length - 1:length], kv_cache=self.cache,
+                                   attention_mask=mask if mask is not None else rows.mask(length),
+                                   last_logits_only=True)
+        return logits[:, -1].float()
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.select(index)
 
 
 def ban_repeated_ngrams(scores: torch.Tensor, seq: torch.Tensor, pad: torch.Tensor, n: int) -> None:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .beam_search import beam_search
-from .decoding import Rows, ban_repeated_ngrams, stop_hits
+from .decoding import Rows, Runner, ban_repeated_ngrams, stop_hits
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def generate(
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 rows = Rows.left_padded([prompts[i] for i in chunk], config.max_new_tokens, n_ctx, device)
-                runner = _Runner(model, rows, use_cache)
+                runner = Runner(model, rows, use_cache)
                 if config.num_beams > 1:
                     outputs = beam_search(runner, rows, config, eos_id, stops)
                 else:
@@ -155,33 +155,7 @@ def _check_inputs(prompts, n_ctx: int, vocab: int, batch_size: int, stop_sequenc
         raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
 
 
-class _Runner:
-    """The model call of each step: next-token logits for every row, from a KV cache or from the whole sequence."""
-
-    def __init__(self, model: nn.Module, rows: Rows, use_cache: bool):
-        self.model = model
-        # The last generated token is never fed back, hence the - 1.
-        self.cache = model.new_kv_cache(rows.tokens.size(1) - 1) if use_cache else None
-        self.padded = bool((rows.pad > 0).any())
-
-    def next_logits(self, rows: Rows, length: int) -> torch.Tensor:
-        """Logits (R, V) after the first `length` columns of `rows.tokens`, in float32."""
-        mask = rows.mask(length) if self.padded else None
-        if self.cache is None or self.cache.length == 0:  # no cache, or the prompt's first pass
-            logits, _ = self.model(rows.tokens[:, :length], kv_cache=self.cache, attention_mask=mask,
-                                   last_logits_only=True)
-        else:
-            logits, _ = self.model(rows.tokens[:, length - 1:length], kv_cache=self.cache,
-                                   attention_mask=mask if mask is not None else rows.mask(length),
-                                   last_logits_only=True)
-        return logits[:, -1].float()
-
-    def select(self, index: torch.Tensor) -> None:
-        if self.cache is not None:
-            self.cache.select(index)
-
-
-def _decode_one_beam(runner: _Runner, rows: Rows, config: DecodingConfig, eos_id, stops, generator) -> list:
+def _decode_one_beam(runner: Runner, rows: Rows, config: DecodingConfig, eos_id, stops, generator) -> list:
     """Greedy or sampled decoding; a finished row leaves the batch at once."""
     P, results = rows.prompt_width, [None] * rows.tokens.size(0)
     logits = runner.next_logits(rows, P)
