@@ -2,6 +2,10 @@
 
 The model knows nothing of sparsity: `spdf.sparsify` finds its linear layers by name. Module names follow
 GPT-2's (`transformer.h.N.attn.c_attn`, `mlp.c_fc`, ...) so the same parameter filters serve Hugging Face GPT-2.
+
+For decoding, `forward` also takes a `KVCache` (an argument, never module state), an attention mask over the cached
+and new positions (left-padded batches) and per-row position ids; training calls `model(idx, targets)` and runs
+exactly the plain causal path.
 """
 from __future__ import annotations
 
@@ -14,6 +18,41 @@ import torch.nn.functional as F
 from .config import GPTConfig
 
 
+class KVCache:
+    """Keys and values of the positions already seen, for every layer, preallocated for `max_len` positions.
+
+    Buffers are allocated on the first write of each layer, in the dtype the keys arrive in (bf16 under autocast).
+    Rows are batch rows; `select` keeps, repeats or reorders them (beam search follows parent beams, finished rows
+    are dropped) with one index_select per buffer.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # positions filled, the same for every row (left padding keeps rows aligned)
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new (B, H, T, D) keys/values after `length` and return views of all positions so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        if self.keys[layer] is None:
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (an index tensor; repeats and reordering allowed)."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    store[i] = buf.index_select(0, rows)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -22,10 +61,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if kv_cache is not None:
+            k, v = kv_cache.write(layer, k, v)
+        if mask is None:  # training (and any call without padding or past positions): plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
 
 
@@ -48,8 +94,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), mask, kv_cache, layer))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -88,17 +135,74 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
         return n - self.transformer.wpe.weight.numel() - self.transformer.wte.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return (logits, loss). `targets` entries equal to -100 are ignored (prompt tokens when fine-tuning)."""
-        T = idx.size(1)
-        if T > self.config.n_ctx:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.config.n_ctx})")
-        pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty cache for up to `max_len` positions (default: the context)."""
+        return KVCache(self.config.n_layer, max_len or self.config.n_ctx)
+
+    def hf_gpt2_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under Hugging Face `GPT2LMHeadModel` names and layout (same names; its Conv1D layers
+        store (in, out), so those weights are transposed). Needs a dense model with GPT-2's shape rules."""
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        out = {k: (v.t() if k.endswith(conv1d) else v) for k, v in self.state_dict().items()}
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+        return out
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | KVCache | None]:
+        """Return (logits, loss), or (logits, kv_cache) when a cache is given.
+
+        `targets` entries equal to -100 are ignored (prompt tokens when fine-tuning). For decoding: `kv_cache` holds
+        the past positions and receives the new ones; `attention_mask` (B, past + T; 1 = token, 0 = padding) covers
+        past and new positions; `positions` (B, T) are the position ids of the new tokens (default: counted from the
+        mask, or from the cache length); `last_logits_only` skips the vocabulary projection of all but the last
+        position.
+        """
+        B, T = idx.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and targets is not None:
+            raise ValueError("pass either targets (training) or kv_cache (decoding), not both")
+        if positions is None:
+            if attention_mask is not None:  # left padding: a row's first real token is position 0
+                positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
+            else:
+                if past + T > self.config.n_ctx:
+                    raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
+                                     f"({self.config.n_ctx})")
+                positions = torch.arange(past, past + T, device=idx.device)
+        mask = None if past == 0 and attention_mask is None else self._attention_mask(attention_mask, B, past, T, idx)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length = past + T
+        if last_logits_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
+        if kv_cache is not None:
+            return logits, kv_cache
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, B: int, past: int, T: int,
+                        idx: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, past + T) bool: new token t sees key j if j is not after it and j is a real token. A padding
+        position also sees itself: a query with no key at all would give NaN, which would reach real tokens."""
+        S = past + T
+        query_at = torch.arange(past, S, device=idx.device)[:, None]
+        key_at = torch.arange(S, device=idx.device)[None, :]
+        causal = key_at <= query_at
+        if attention_mask is None:
+            return causal.expand(B, 1, T, S)
+        real = attention_mask.bool()[:, None, None, :]
+        return causal & (real | (key_at == query_at))
