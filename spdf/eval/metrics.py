@@ -203,6 +203,11 @@ def _drop_meteor_scorer() -> None:
         if scorer.lock.locked():
             scorer.lock.release()
         scorer.meteor_p.kill()
+        scorer.meteor_p.wait()
+        try:  # closed here, so that __del__ does not raise on bytes it can no longer flush to the dead JVM
+            scorer.meteor_p.stdin.close()
+        except OSError:
+            pass
 
 
 def meteor(predictions, references) -> float | str:

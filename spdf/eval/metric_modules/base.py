@@ -32,7 +32,7 @@ class SpdfMetric(evaluate.Metric):
         if self.config_name == "default":
             return self.FAMILY
         if self.config_name not in self.FAMILY:
-            raise ValueError(f"unknown config_name {self.config_name!r} for {self.name}; "
+            raise ValueError(f"unknown config_name {self.config_name!r} for {self.__module__.rsplit('.', 1)[-1]}; "
                              f"use 'default' or one of: {', '.join(self.FAMILY)}")
         return (self.config_name,)
 
