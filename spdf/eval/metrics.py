@@ -15,8 +15,8 @@ Conventions (all keyword arguments of `compute_metrics` and of each metric funct
 - Scale: BLEU, chrF, TER, METEOR and ROUGE in percent (0–100, as papers print them); NIST and CIDEr as their
   packages give them. Lower is better only for TER.
 - ROUGE with several references: per input the reference with the highest F-measure counts (rouge-score's
-  `score_multi`, the max-over-references convention of E2E's official scripts), and the corpus score is the mean of
-  those per-input F-measures.
+  `score_multi`; E2E's official ROUGE-L also takes the best over references, maximising precision and recall
+  separately), and the corpus score is the mean of those per-input F-measures.
 """
 from __future__ import annotations
 
@@ -72,6 +72,8 @@ def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]
         raise ValueError(f"predictions must be a list of strings, got {type(predictions).__name__}")
     if len(predictions) == 0:
         raise ValueError("predictions is empty: there is nothing to score")
+    if isinstance(references, str) or not isinstance(references, Sequence):
+        raise ValueError(f"references must be a list of lists of strings, got {type(references).__name__}")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference groups: "
                          "give one list of references per prediction")
@@ -81,6 +83,8 @@ def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]
     for i, refs in enumerate(references):
         if isinstance(refs, str):
             raise ValueError(f"references[{i}] is a string; give a list of references per input (e.g. [[ref], ...])")
+        if not isinstance(refs, Sequence):
+            raise ValueError(f"references[{i}] must be a list of strings, got {type(refs).__name__}")
         if len(refs) == 0:
             raise ValueError(f"example {i} has no references")
         for j, ref in enumerate(refs):

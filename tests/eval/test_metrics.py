@@ -215,6 +215,7 @@ def test_meteor_with_a_broken_java_is_skipped_not_a_crash(monkeypatch, tmp_path)
     (["rouge_l"], PREDICTIONS, [group[0] for group in REFERENCES], r"references\[0\] is a string"),
     (["cider"], PREDICTIONS, [*REFERENCES[:3], ["Loch Fyne", "  "]], r"references\[3\]\[1\] is empty"),
     (["nist"], [*PREDICTIONS[:3], None], REFERENCES, r"predictions\[3\] must be a string"),
+    (["bleu"], PREDICTIONS, [*REFERENCES[:3], None], r"references\[3\] must be a list of strings, got NoneType"),
 ])
 def test_bad_input_raises_one_line_value_error(names, predictions, references, message):
     with pytest.raises(ValueError, match=message) as info:
