@@ -1,6 +1,9 @@
 """spdf: Sparse Pre-training and Dense Fine-tuning of GPT models."""
 from setuptools import setup
 
+# Downstream metrics (spdf.eval.metrics): Hugging Face evaluate modules over the packages that define each metric.
+EVAL = ["evaluate>=0.4", "sacrebleu>=2.3", "rouge-score>=0.1.2", "nltk>=3.8", "pycocoevalcap>=1.2"]
+
 # `kernels/` is a top-level folder of the repository but installs as `spdf.kernels`: a top-level `kernels`
 # module would clash with another well-known package of that name.
 setup(
@@ -17,9 +20,12 @@ setup(
         "spdf.data",
         "spdf.train",
         "spdf.eval",
+        "spdf.eval.metric_modules",
         "spdf.kernels",
     ],
     package_dir={"spdf.kernels": "kernels"},
+    # The `evaluate` module scripts are loaded by path (evaluate.load), not imported as packages: ship them as data.
+    package_data={"spdf.eval.metric_modules": ["*/*.py"]},
     install_requires=[
         "torch>=2.4",
         "pyyaml>=6",
@@ -33,7 +39,8 @@ setup(
         "kernels": ["triton>=3.0"],
         "data": ["datasets>=2.19"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19"],
+        "eval": EVAL,
+        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", *EVAL],
     },
     entry_points={"console_scripts": ["spdf=spdf.cli:main"]},
 )
