@@ -1,4 +1,6 @@
-"""Shared fixtures: a seeded tiny GPT and token batches for it."""
+"""Shared fixtures: a seeded tiny GPT, token batches for it, and a network that really is unreachable."""
+import socket
+
 import pytest
 import torch
 
@@ -22,3 +24,18 @@ def batch():
     g = torch.Generator().manual_seed(1234)
     idx = torch.randint(0, 128, (2, 17), generator=g)
     return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No connection can be opened from Python, and the Hugging Face libraries are told they are offline."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access blocked by the `offline` test fixture")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for var in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
