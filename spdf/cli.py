@@ -1,4 +1,4 @@
-"""The `spdf` command: run, pretrain, finetune, inspect, flops.
+"""The `spdf` command: run, pretrain, finetune, evaluate, inspect, flops.
 
 User errors (a bad recipe key, a missing file, an unknown model name, a damaged checkpoint) print one line and
 exit with status 2; nothing already on disk is touched by a failed start.
@@ -39,6 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init_from", type=Path, default=None, metavar="CHECKPOINT",
                    help="export, phase or run directory whose weights (and masks) to fine-tune")
 
+    p = sub.add_parser("evaluate", help="generate on a downstream task and score it (BLEU, ROUGE, ...), offline",
+                       description="Generate for every input of a task split with an export (or a phase's or run's "
+                                   "last export), score against every reference of each input with the task's "
+                                   "metrics, and write eval/<task>-<split>.json and .md next to it (or in --out).")
+    p.add_argument("path", type=Path, help="export, phase or run directory")
+    p.add_argument("--task", required=True, metavar="TASK",
+                   help="docstring, jsonl, e2e, webnlg, dart or curation")
+    p.add_argument("--split", default=None, help="default: test where the task has one, else validation")
+    p.add_argument("--task-path", default=None, metavar="FILE",
+                   help="a local copy of the task ({split} stands for the split name); e2e/webnlg/dart files in "
+                        "the Hugging Face schema, as .jsonl or .json")
+    p.add_argument("--task-set", dest="task_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other task setting, as in a recipe's task block (e.g. prompt_field=question)")
+    p.add_argument("--decoding", default="paper",
+                   help="paper (beam 10, length penalty 0.8, no-repeat 4-grams, 64 new tokens; the default), "
+                        "greedy or sample")
+    p.add_argument("--num-beams", type=int, default=None, help="override the preset's beam width")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the preset's new-token cap")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N inputs of the split")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="prompts decoded together")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="cut the middle of prompts that leave no room for the new tokens, instead of refusing them")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="report folder (default: PATH/eval)")
+
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -75,10 +99,66 @@ def _format_summary(summary: dict) -> str:
         lines.append(f"  {p['phase']:12s} {p['kind']:8s} {'sparse' if p['sparse'] else 'dense':6s} {p['steps']:6d} "
                      f"steps {p['tokens']:>12,d} tokens  {loss}  FLOPs {p['flops_spent']:.3e} spent vs "
                      f"{p['flops_dense_equivalent']:.3e} dense ({saving:.2f}x fewer)")
+    lines += _format_downstream(summary["phases"])
     lines += [f"  run directory: {summary['run_dir']}", f"  metrics:       {summary['metrics']}",
               f"  checkpoints:   {summary['run_dir']}/phases/<phase>/checkpoints",
               f"  exports:       {summary['run_dir']}/phases/<phase>/export"]
     return "\n".join(lines)
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import TaskSpec, task_splits
+    from .eval.evaluate import check_limit, evaluate_export, format_table, write_report
+    from .eval.generate import DecodingConfig
+    import yaml
+
+    from .typed_spec import RecipeError, build
+
+    # Everything that can be checked without the model is checked first, and nothing is written before the end.
+    check_limit(args.limit)
+    overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+                 if v is not None}
+    decoding = DecodingConfig.from_name(args.decoding, **overrides)
+    task_data = {"task": args.task, **({"path": str(args.task_path)} if args.task_path else {})}
+    for setting in args.task_sets:
+        key, sep, text = setting.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--task-set {setting!r}: expected KEY=VALUE, e.g. prompt_field=question")
+        try:
+            task_data[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise RecipeError(f"--task-set {setting!r}: cannot parse the value {text!r}") from None
+    task = build(TaskSpec, task_data, "task")
+    split = args.split or task_splits(task.task)[-1]
+    report = evaluate_export(args.path, task, split, decoding, args.decoding, limit=args.limit,
+                             batch_size=args.batch_size, truncate_prompts=args.truncate_prompts, progress=True)
+    json_path, md_path = write_report(report, args.out if args.out is not None else Path(args.path) / "eval")
+    print(format_table(report))
+    print(f"  report: {json_path} and {md_path.name}")
+    return 0
+
+
+def _format_downstream(phases: list[dict]) -> list[str]:
+    """Per fine-tuning phase with an eval.generate block: its task metrics before and after fine-tuning."""
+    from .eval.evaluate import METRIC_LABELS
+    from .eval.metrics import TASK_METRICS
+
+    lines = []
+    for p in phases:
+        rows = [(label, p.get(key)) for label, key in (("before fine-tuning", "downstream_before"),
+                                                       ("after fine-tuning", "downstream_after")) if p.get(key)]
+        if not rows:
+            continue
+        first = rows[-1][1]
+        names = [n for n in TASK_METRICS.get(first["task"], ()) if n in first["metrics"]]  # done.json sorts keys
+        lines.append(f"  downstream ({p['phase']}): {first['split']} split, {first['examples']} inputs, "
+                     f"{first['decoding']} decoding")
+        lines.append(f"    {'':20s}" + "".join(f"{METRIC_LABELS.get(n, n):>9s}" for n in names))
+        for label, result in rows:
+            values = [result["metrics"].get(n) for n in names]
+            lines.append(f"    {label:20s}" + "".join(f"{v:9.2f}" if isinstance(v, (int, float)) else f"{str(v):>9s}"
+                                                      for v in values))
+    return lines
 
 
 def _cmd_inspect(args) -> int:
@@ -124,6 +204,8 @@ def main(argv=None) -> int:
         if args.command in ("run", "pretrain", "finetune"):
             kinds = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
             return _cmd_train(args, kinds[args.command])
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
         return _cmd_flops(args)

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from .data.specs import DataSpec, TaskSpec, TokenizerSpec
+from .data.tasks import task_splits
+from .eval.generate import DecodingConfig
 from .model.config import CONFIGS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
 
-__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec", "PhaseSpec",
+__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec", "PhaseSpec",
            "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "join_path",
            "suggest", "to_plain"]
 
@@ -92,9 +94,34 @@ class ScheduleSpec(Spec):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GenerationEvalSpec(Spec):
+    """Downstream evaluation of a fine-tuning phase: generate for the task's inputs and score them (spdf.eval)."""
+    split: str = "validation"
+    decoding: str = "greedy"  # a preset of spdf.eval.generate: paper, greedy, sample
+    max_new_tokens: Optional[int] = num(None, ge=1)  # None: the preset's
+    num_beams: Optional[int] = num(None, ge=1)  # None: the preset's
+    limit: Optional[int] = num(None, ge=1)  # the first N inputs of the split at the end of the phase; None: all
+    before: bool = False  # also score the model as the phase starts (e.g. the pre-trained model, before fine-tuning)
+    every_steps: Optional[int] = num(None, ge=1)  # also every N steps during the phase, on `sample` inputs
+    sample: int = num(16, ge=1)
+    batch_size: int = num(16, ge=1)  # prompts decoded together
+
+    def decoding_config(self) -> DecodingConfig:
+        overrides = {k: getattr(self, k) for k in ("max_new_tokens", "num_beams") if getattr(self, k) is not None}
+        return DecodingConfig.from_name(self.decoding, **overrides)
+
+    def _check(self):
+        try:
+            self.decoding_config()
+        except ValueError as err:
+            fail("decoding", f"{{key}}: {err}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalSpec(Spec):
-    every_steps: int = num(100, ge=1)
-    batches: int = num(20, ge=1)
+    every_steps: int = num(100, ge=1)  # validation loss every N steps
+    batches: int = num(20, ge=1)  # ... on this many validation batches
+    generate: Optional[GenerationEvalSpec] = None  # finetune phases: downstream metrics (see GenerationEvalSpec)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +179,12 @@ class PhaseSpec(Spec):
             fail("epochs", "{key} is only for finetune phases; use steps or tokens")
         if self.kind == "pretrain" and self.init != "densify":
             fail("init", "{key} is only for finetune phases")
+        generation = self.eval.generate
+        if generation is not None and self.kind == "pretrain":
+            fail("eval.generate", "{key} is only for finetune phases (it scores generations on the phase's task)")
+        if generation is not None and generation.split not in task_splits(self.task.task):
+            fail("eval.generate.split", f"{{key}}: task '{self.task.task}' has no split '{generation.split}'; "
+                                        f"splits: {', '.join(task_splits(self.task.task))}")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             fail("batch_size", f"{{key}} ({self.batch_size}) must be divisible by micro_batch_size "
                                 f"({self.micro_batch_size})")

@@ -313,6 +313,13 @@ def test_unknown_key_suggests_the_closest():
     ({"phases__1__init": "keep_mask"}, "(did you mean 'keep_masks'?)"),
     ({"phases__1__name": "pretrain"}, "phases[1].name: phase name 'pretrain' is used twice"),
     ({"phases": "[]"}, "phases must list at least one phase"),
+    ({"phases__1__task__prompt_field": "q"}, "phases[1].task.prompt_field is only used when task is 'jsonl'"),
+    ({"phases__0__eval__generate__limit": 5}, "phases[0].eval.generate is only for finetune phases"),
+    ({"phases__1__eval__generate__split": "test"},
+     "phases[1].eval.generate.split: task 'docstring' has no split 'test'; splits: train, validation"),
+    ({"phases__1__eval__generate__decoding": "beam"},
+     "phases[1].eval.generate.decoding: unknown decoding 'beam'; known: paper, greedy, sample"),
+    ({"phases__1__eval__generate__num_beams": 0}, "phases[1].eval.generate.num_beams must be >= 1, got 0"),
 ])
 def test_invalid_value_is_an_error_naming_the_key(change, expected):
     assert expected in error_of(edited(**change))

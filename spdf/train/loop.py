@@ -47,6 +47,8 @@ class PhasePlan:
     keep_checkpoints: int
     log_every: int
     progress: bool = True
+    downstream_before: bool = False  # score generations on the task before the first step (eval.generate.before)
+    downstream_every: int | None = None  # ... and every N steps on a sample (eval.generate.every_steps)
 
 
 @dataclass
@@ -94,11 +96,13 @@ def evaluate(accelerator, model, batches) -> float:
 
 
 def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: TrainState, phase_dir: Path,
-              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=(), meta_extra=None):
+              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=(), meta_extra=None,
+              downstream=None):
     """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
 
     `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict).
     `flops_per_token` is (dense-equivalent, actually needed) training FLOPs per token, from spdf.flops.
+    `downstream(model, scope, step, tokens)`, if given, scores generations (spdf.train.downstream.DownstreamEval).
     """
     optimizer = build_adamw(model, plan.lr, plan.betas, plan.eps, plan.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -134,6 +138,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
                disable=not (plan.progress and accelerator.is_main_process))
     if state.step == 0:
         validate()  # the loss before any training, to compare with the end of the phase
+        if downstream is not None and plan.downstream_before:
+            downstream(accelerator.unwrap_model(model), "before", 0, 0)
     window_loss = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     if accelerator.is_main_process:  # the saved window is a sum over ranks: one rank carries it
         window_loss += torch.tensor(state.window, dtype=torch.float64, device=accelerator.device)
@@ -181,6 +187,9 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
             window_tokens, window_start = 0, time.perf_counter()
         if state.step % plan.eval_every == 0 and state.step < plan.total_steps:
             validate()
+        if (downstream is not None and plan.downstream_every and state.step % plan.downstream_every == 0
+                and state.step < plan.total_steps):
+            downstream(accelerator.unwrap_model(model), "sample", state.step, state.tokens)
         if state.step % plan.checkpoint_every == 0 and state.step < plan.total_steps:
             checkpoint()
     bar.close()

@@ -26,6 +26,7 @@ from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
 from ..sparsity import densify, sparse_layers, sparsify
 from .batches import BatchSource
+from .downstream import DownstreamEval
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
 
@@ -117,7 +118,9 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
         decay=s.decay, min_lr_ratio=s.min_lr_ratio, eval_every=phase.eval.every_steps,
         eval_batches=phase.eval.batches, checkpoint_every=phase.checkpoint.every_steps,
         keep_checkpoints=phase.checkpoint.keep, log_every=recipe.logging.every_steps,
-        progress=recipe.logging.progress)
+        progress=recipe.logging.progress,
+        downstream_before=bool(phase.eval.generate and phase.eval.generate.before),
+        downstream_every=phase.eval.generate.every_steps if phase.eval.generate else None)
 
 
 def _datasets(phase: PhaseSpec, tokenizer, accelerator):
@@ -195,9 +198,12 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         fb = model_flops(model, phase.seq_len)
+        downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
                                     (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]],
-                                    meta_extra={"recipe": recipe.to_dict()})
+                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream)
+        if downstream is not None:
+            downstream(model, "final", state.step, state.tokens)
         if sparsifier is not None:
             sparsifier.detach()
         accelerator.free_memory()
@@ -208,6 +214,9 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                    "flops_dense_equivalent": state.flops_dense, "flops_spent": state.flops_spent,
                    "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
                    "export": str(phase_dir / "export")}
+        if downstream is not None:
+            summary.update(downstream_before=downstream.summary("before"),
+                           downstream_after=downstream.summary("final"))
         if accelerator.is_main_process:
             write_export(model, phase_dir / "export", tokenizer_file=tokenizer.path,
                          extra={"phase": phase.name, "recipe": recipe.name,

@@ -1,0 +1,56 @@
+"""A fine-tuning phase's downstream evaluation (its `eval.generate` block), logged to metrics.jsonl.
+
+Scopes: "before" as the phase starts (the model it fine-tunes), "sample" every `every_steps` on the first `sample`
+inputs, "final" at the end on the first `limit` inputs (all by default). Generation runs on the main process only;
+the other ranks wait. Prompts longer than the context (minus the new tokens) lose their middle, as the phase's
+training rows did. A record: {"phase", "step", "tokens", "eval": scope, "eval_split", "eval_examples",
+"eval_<metric>" ..., "eval_reference_loss", "eval_seconds"}.
+"""
+from __future__ import annotations
+
+from ..data import load_finetune_task
+from ..eval.evaluate import evaluate_model
+from ..eval.metrics import TASK_METRICS
+from ..recipe import PhaseSpec
+
+
+class DownstreamEval:
+    def __init__(self, phase: PhaseSpec, tokenizer, metrics, accelerator):
+        self.spec, self.task = phase.eval.generate, phase.task
+        self.phase, self.tokenizer, self.metrics, self.accelerator = phase.name, tokenizer, metrics, accelerator
+        self.decoding = self.spec.decoding_config()
+        self._examples = None
+
+    @property
+    def examples(self):
+        if self._examples is None:  # read once, when first needed
+            self._examples = load_finetune_task(self.task, self.spec.split).examples
+        return self._examples
+
+    def record(self, scope: str, step: int) -> dict | None:
+        """The scope's record of this phase at `step` already in metrics.jsonl (a resumed run), if any."""
+        return next((r for r in reversed(self.metrics.read()) if r.get("phase") == self.phase
+                     and r.get("eval") == scope and r.get("step") == step), None)
+
+    def __call__(self, model, scope: str, step: int, tokens: int) -> None:
+        limit = self.spec.sample if scope == "sample" else self.spec.limit
+        if self.accelerator.is_main_process and self.record(scope, step) is None:
+            report = evaluate_model(model, self.tokenizer, self.examples[:limit], self.task.task, self.decoding,
+                                    self.spec.decoding, batch_size=self.spec.batch_size, truncate_prompts=True)
+            seconds = sum(report["seconds"].values())
+            self.metrics.write({"phase": self.phase, "step": step, "tokens": tokens, "eval": scope,
+                                "eval_split": self.spec.split, "eval_examples": report["examples"],
+                                "eval_decoding": self.spec.decoding, "eval_seconds": seconds,
+                                "eval_reference_loss": report["reference_loss"],
+                                **{f"eval_{name}": value for name, value in report["metrics"].items()}})
+        self.accelerator.wait_for_everyone()
+
+    def summary(self, scope: str) -> dict | None:
+        """{"task", "split", "examples", "decoding", "metrics", ...} of the phase's last record of `scope`, for done.json."""
+        r = next((r for r in reversed(self.metrics.read()) if r.get("phase") == self.phase and r.get("eval") == scope),
+                 None)
+        if r is None:
+            return None
+        return {"task": self.task.task, "split": r["eval_split"], "examples": r["eval_examples"], "decoding": r["eval_decoding"],
+                "seconds": r["eval_seconds"], "reference_loss": r["eval_reference_loss"],
+                "metrics": {name: r[f"eval_{name}"] for name in TASK_METRICS[self.task.task] if f"eval_{name}" in r}}
