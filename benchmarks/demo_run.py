@@ -5,7 +5,8 @@
 Runs the recipe in a fresh temporary run directory and data cache (so tokenizer training and packing are included,
 as on a fresh machine) through the real `spdf` command in a subprocess, then reads the run's own records: each
 phase's done.json (steps, tokens, training seconds, validation loss before/after, FLOPs) and metrics.jsonl
-(tokens/s of every logged window). Writes benchmarks/results/<recipe name>.{json,md} (demo.*, demo-dense.*).
+(tokens/s of every logged window, and the seconds each downstream evaluation took). Writes
+benchmarks/results/<recipe name>.{json,md} (demo.*, demo-dense.*, demo-spsf.*).
 """
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ def main() -> None:
                 "tokens_per_s_median_window": statistics.median(rates) if rates else None,
                 "val_loss_before": done["val_loss_before"], "val_loss_after": done["val_loss_after"],
                 "flops_spent": done["flops_spent"], "flops_dense_equivalent": done["flops_dense_equivalent"],
+                "downstream_before": done.get("downstream_before"), "downstream_after": done.get("downstream_after"),
+                "downstream_seconds": sum(r["eval_seconds"] for r in records
+                                          if r["phase"] == phase_dir.name and "eval_seconds" in r),
             })
     trained = sum(p["train_seconds"] for p in phases)
     result = {
@@ -96,6 +100,19 @@ def main() -> None:
                      f"{p['tokens_per_s']:,.0f} | {p['val_loss_before']:.3f} | {p['val_loss_after']:.3f} | "
                      f"{p['flops_spent']:.3e} | {p['flops_dense_equivalent']:.3e} | "
                      f"{p['flops_dense_equivalent'] / p['flops_spent']:.2f}x |")
+    for p in phases:
+        results = [(label, p[key]) for label, key in (("before fine-tuning", "downstream_before"),
+                                                      ("after fine-tuning", "downstream_after")) if p[key]]
+        if not results:
+            continue
+        first = results[-1][1]
+        names = list(first["metrics"])
+        lines += ["", f"Downstream ({p['phase']}): {first['task']} {first['split']} split, {first['examples']} "
+                      f"held-out inputs, {first['decoding']} decoding; the evaluations took "
+                      f"{p['downstream_seconds']:.1f} s in all (generation, scoring, reference loss).", "",
+                  "| model | " + " | ".join(names) + " | reference loss |", "|---|" + "---|" * (len(names) + 1)]
+        lines += [f"| {label} | " + " | ".join(f"{r['metrics'][n]:.2f}" for n in names)
+                  + f" | {r['reference_loss']:.3f} |" for label, r in results]
     lines += ["", "tokens/s = tokens / seconds spent in the phase's training steps (validation and checkpoints excluded); FLOPs are spdf's analytic "
               "training FLOPs (the masked backend on CPU still runs dense matmuls: the saving is in FLOPs the "
               "hardware could skip, not in CPU time)."]

@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             return _cmd_inspect(args)
         return _cmd_flops(args)
     except (RecipeError, DataError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError,
-            PermissionError) as e:
+            PermissionError, ImportError) as e:  # ImportError: an optional extra (e.g. spdf[eval]) is missing
         print(f"spdf: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `spdf inspect … | head`

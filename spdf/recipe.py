@@ -44,13 +44,13 @@ from typing import Sequence
 import yaml
 
 from .model.config import CONFIGS, GPTConfig
-from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, LoggingSpec, ModelSpec, OptimizerSpec, PhaseSpec,
-                            Recipe, RecipeError, ScheduleSpec, SparsitySpec, TaskSpec, TokenizerSpec, join_path,
-                            suggest, to_plain)
+from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, GenerationEvalSpec, LoggingSpec, ModelSpec,
+                            OptimizerSpec, PhaseSpec, Recipe, RecipeError, ScheduleSpec, SparsitySpec, TaskSpec,
+                            TokenizerSpec, join_path, suggest, to_plain)
 from .typed_spec import build, strip_optional, type_hints
 
-__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec", "PhaseSpec",
-           "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "apply_overrides",
+__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
+           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "apply_overrides",
            "dump_recipe", "load_recipe", "model_config", "recipe_fingerprint", "recipe_from_dict"]
 
 

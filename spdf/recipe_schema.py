@@ -17,8 +17,8 @@ from .eval.generate import DecodingConfig
 from .model.config import CONFIGS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
 
-__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec", "PhaseSpec",
-           "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "join_path",
+__all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
+           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "join_path",
            "suggest", "to_plain"]
 
 

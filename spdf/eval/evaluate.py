@@ -172,7 +172,8 @@ def format_table(report: dict) -> str:
     lines += [f"  {METRIC_LABELS.get(name, name):{width}s} {_value(value):>8s}"
               for name, value in report["metrics"].items()]
     if "reference_loss" in report:
-        lines.append(f"  reference loss {report['reference_loss']:.3f} (perplexity {report['reference_perplexity']:.2f})")
+        lines.append(f"  reference loss {report['reference_loss']:.3f} "
+                     f"(perplexity {report['reference_perplexity']:.2f})")
     return "\n".join(lines)
 
 

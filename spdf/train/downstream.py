@@ -10,8 +10,17 @@ from __future__ import annotations
 
 from ..data import load_finetune_task
 from ..eval.evaluate import evaluate_model
-from ..eval.metrics import TASK_METRICS
-from ..recipe import PhaseSpec
+from ..eval.metrics import TASK_METRICS, compute_metrics
+from ..recipe import PhaseSpec, RecipeError
+
+
+def check_metrics_available(phase: PhaseSpec) -> None:
+    """Fail before any training if the metric packages of the phase's eval.generate block are missing."""
+    names = [n for n in TASK_METRICS[phase.task.task] if n != "meteor"]  # METEOR reports a missing Java itself
+    try:
+        compute_metrics(names, ["a b c d e"], [["a b c d e"]])
+    except ImportError as err:
+        raise RecipeError(f"phases.{phase.name}.eval.generate: {err}") from None
 
 
 class DownstreamEval:
@@ -46,11 +55,12 @@ class DownstreamEval:
         self.accelerator.wait_for_everyone()
 
     def summary(self, scope: str) -> dict | None:
-        """{"task", "split", "examples", "decoding", "metrics", ...} of the phase's last record of `scope`, for done.json."""
+        """{"task", "split", "examples", "decoding", "metrics", ...} of the phase's last `scope` record (done.json)."""
         r = next((r for r in reversed(self.metrics.read()) if r.get("phase") == self.phase and r.get("eval") == scope),
                  None)
         if r is None:
             return None
-        return {"task": self.task.task, "split": r["eval_split"], "examples": r["eval_examples"], "decoding": r["eval_decoding"],
+        return {"task": self.task.task, "split": r["eval_split"], "examples": r["eval_examples"],
+                "decoding": r["eval_decoding"],
                 "seconds": r["eval_seconds"], "reference_loss": r["eval_reference_loss"],
                 "metrics": {name: r[f"eval_{name}"] for name in TASK_METRICS[self.task.task] if f"eval_{name}" in r}}

@@ -26,7 +26,7 @@ from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
 from ..sparsity import densify, sparse_layers, sparsify
 from .batches import BatchSource
-from .downstream import DownstreamEval
+from .downstream import DownstreamEval, check_metrics_available
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
 
@@ -174,6 +174,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
     for phase in phases:  # fail before any work, not after the first phase
         _micro_batch(phase, accelerator.num_processes)
+        if phase.eval.generate is not None:
+            check_metrics_available(phase)
     summaries = []
     for i, phase in enumerate(recipe.phases):
         phase_dir = run_dir / "phases" / phase.name

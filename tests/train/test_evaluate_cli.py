@@ -17,7 +17,7 @@ import pytest
 
 from spdf.data import TaskSpec, load_finetune_task
 from spdf.eval.metrics import TASK_METRICS, compute_metrics
-from tiny_runs import (assert_user_error, loss_trace, read_metrics, run_cli, set_args, tree_digest, write_recipe)
+from tiny_runs import assert_user_error, loss_trace, read_metrics, run_cli, tree_digest, write_recipe
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TASK_FILES = {"e2e": FIXTURES / "e2e_nlg" / "{split}.jsonl", "webnlg": FIXTURES / "web_nlg" / "{split}.jsonl",
@@ -41,7 +41,7 @@ def test_metrics_on_the_fixtures_equal_the_packages_offline(task, decoding, fini
     examples = load_finetune_task(TaskSpec(task=task, path=str(TASK_FILES[task])), "test")
     references = [e.references for e in examples]
     assert report["examples"] == len(examples) and report["references"] == sum(map(len, references))
-    assert list(report["metrics"]) == list(TASK_METRICS[task])  # e2e: BLEU NIST METEOR ROUGE-L CIDEr; TER for the others
+    assert list(report["metrics"]) == list(TASK_METRICS[task])  # e2e: BLEU NIST METEOR ROUGE-L CIDEr; others: TER
     # the metrics module is pinned to the packages themselves (tests/eval/test_metrics.py): same inputs, same numbers
     assert report["metrics"] == compute_metrics(TASK_METRICS[task], report["predictions"], references)
     assert report["decoding"]["name"] == decoding and report["decoding"]["max_new_tokens"] == 8
