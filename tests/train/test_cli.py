@@ -18,7 +18,7 @@ from spdf.model.config import GPTConfig
 from tiny_runs import (assert_user_error, copy_run, run_cli, set_args, spdf_subprocess, tree_digest, truncate_to_kill,
                        write_recipe)
 
-SUBCOMMANDS = ("run", "pretrain", "finetune", "inspect", "flops")
+SUBCOMMANDS = ("run", "pretrain", "finetune", "evaluate", "inspect", "flops")
 SPARSE_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -48,6 +48,8 @@ def test_help_exits_0(argv, capsys):
         assert "--from CHECKPOINT" in out
     if argv[0] == "flops":
         assert "--sparsity" in out and "--list" in out and "--json" in out
+    if argv[0] == "evaluate":
+        assert all(option in out for option in ("--task", "--split", "--decoding", "--limit", "--batch-size"))
 
 
 def test_python_dash_m_spdf(cache_dir, tmp_path):
