@@ -40,7 +40,8 @@ SHAPES = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--reps", type=int, default=2, help="timed runs per variant (after one warm-up run)")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per variant (after a small warm-up call)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-prompts", type=int, default=64, help="prompts for the 2000-prompt extrapolation (0: skip)")
     p.add_argument("--device", default="cpu")
@@ -95,21 +96,23 @@ def random_prompts(n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) 
 
 
 def run_variants(variants: dict, reps: int, device, autocast) -> dict:
-    """Round-robin timing; returns per variant the median seconds, all times and the outputs of the last run."""
+    """Round-robin timing of `variants` ({name: fn(small: bool) -> outputs}) after a small warm-up call of each;
+    returns per variant the median seconds, all times and the outputs of the last run."""
     names = list(variants)
     times = {v: [] for v in names}
     outputs = {}
-    for rnd in range(reps + 1):
+    with autocast():
+        for v in names:
+            variants[v](True)
+    for rnd in range(reps):
         for v in names[rnd % len(names):] + names[:rnd % len(names)]:
             sync(device)
             t = time.perf_counter()
             with autocast():
-                outputs[v] = variants[v]()
+                outputs[v] = variants[v](False)
             sync(device)
-            if rnd:  # round 0 warms up
-                times[v].append(time.perf_counter() - t)
-        print(f"  round {rnd}/{reps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" if rnd else v for v in names),
-              flush=True)
+            times[v].append(time.perf_counter() - t)
+        print(f"  round {rnd + 1}/{reps}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in names), flush=True)
     return {v: dict(median_s=statistics.median(times[v]), times_s=times[v], outputs=outputs[v]) for v in names}
 
 
@@ -119,18 +122,21 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
     hf, hf_version = hf_twin(model)
     prompts = random_prompts(spec["prompts"], spec["lengths"], model.config.vocab_size)
     n, bs = spec["new_tokens"], args.batch_size
-    greedy = DecodingConfig.from_name("greedy", max_new_tokens=n)
-    beam = DecodingConfig.from_name("paper", max_new_tokens=n)
-    variants = {
-        "spdf greedy": lambda: generate(model, prompts, greedy, eos_id=None, batch_size=bs),
-        "transformers greedy": lambda: hf_generate(hf, prompts, greedy, bs, True),
-        "spdf beam 10": lambda: generate(model, prompts, beam, eos_id=None, batch_size=bs),
-        "transformers beam 10": lambda: hf_generate(hf, prompts, beam, bs, True),
-    }
+    presets = {"greedy": "greedy", "beam 10": "paper"}
+
+    def variant(library: str, kind: str, use_cache: bool = True):
+        def run(small: bool):
+            config = DecodingConfig.from_name(presets[kind], max_new_tokens=4 if small else n)
+            ps = prompts[:2] if small else prompts
+            if library == "spdf":
+                return generate(model, ps, config, eos_id=None, batch_size=bs, use_cache=use_cache)
+            return hf_generate(hf, ps, config, bs, use_cache)
+        return run
+
+    variants = {f"{lib} {kind}": variant(lib, kind) for kind in presets for lib in ("spdf", "transformers")}
     if spec["uncached"]:
-        variants["spdf greedy, no cache"] = lambda: generate(model, prompts, greedy, eos_id=None, batch_size=bs,
-                                                             use_cache=False)
-        variants["transformers greedy, no cache"] = lambda: hf_generate(hf, prompts, greedy, bs, False)
+        for lib in ("spdf", "transformers"):
+            variants[f"{lib} greedy, no cache"] = variant(lib, "greedy", use_cache=False)
     print(f"{name}: {len(prompts)} prompts of {spec['lengths'][0]}-{spec['lengths'][1]} tokens, {n} new tokens, "
           f"batch {bs}", flush=True)
     res = run_variants(variants, args.reps, device, autocast)
@@ -138,7 +144,7 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
     for v, r in res.items():
         assert all(len(o) == n for o in r["outputs"]), f"{v}: a row stopped early"
         r["tokens_per_s"] = tokens / r["median_s"]
-    for kind in ("greedy", "beam 10"):  # same weights, same settings: how many prompts got identical tokens
+    for kind in presets:  # same weights, same settings: how many prompts got identical tokens
         a, b = res[f"spdf {kind}"]["outputs"], res[f"transformers {kind}"]["outputs"]
         res[f"spdf {kind}"]["same_tokens_as_transformers"] = sum(x == y for x, y in zip(a, b)) / len(a)
     for r in res.values():
@@ -179,7 +185,7 @@ def write_markdown(path: Path, res: dict) -> None:
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after"
         f" (the machine's {m['cpus']} cores were shared with other jobs when the load exceeds 1).",
         "No EOS: every row generates exactly the stated new tokens in both libraries. Median of "
-        f"{res['reps']} round-robin runs after a warm-up. beam 10 = the `paper` decoding (length penalty 0.8, no "
+        f"{res['reps']} round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
         "repeated 4-grams). tokens/s = new tokens returned per second.",
         "",
         f"Command: `{res['command']}`",
@@ -220,6 +226,8 @@ def write_markdown(path: Path, res: dict) -> None:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
