@@ -31,6 +31,8 @@ class KVCache:
         self.length = 0  # positions filled, the same for every row (left padding keeps rows aligned)
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
+        self._spare_keys: list[torch.Tensor | None] = [None] * n_layer
+        self._spare_values: list[torch.Tensor | None] = [None] * n_layer
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new (B, H, T, D) keys/values after `length` and return views of all positions so far."""
@@ -46,11 +48,21 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (an index tensor; repeats and reordering allowed)."""
-        for store in (self.keys, self.values):
+        """Keep batch rows `rows` (an index tensor; repeats and reordering allowed).
+
+        Beam search calls this every step. The rows are gathered into a spare buffer kept from the previous call,
+        and only the filled positions are copied: a fresh allocation of this size costs more than the copy itself
+        on CPU (new pages), and peak memory is the same as allocating (old and new buffer coexist either way)."""
+        n = self.length
+        for store, spares in ((self.keys, self._spare_keys), (self.values, self._spare_values)):
             for i, buf in enumerate(store):
-                if buf is not None:
-                    store[i] = buf.index_select(0, rows)
+                if buf is None:
+                    continue
+                spare = spares[i]
+                if spare is None or spare.size(0) != rows.numel():
+                    spare = buf.new_empty((rows.numel(),) + buf.shape[1:])
+                torch.index_select(buf[:, :, :n], 0, rows, out=spare[:, :, :n])
+                store[i], spares[i] = spare, buf
 
 
 class CausalSelfAttention(nn.Module):
