@@ -110,11 +110,17 @@ def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | N
     return [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
 
 
-def _tokenizer(tokenize: str, lowercase: bool) -> Callable[[str], list[str]]:
-    """The tokens sacrebleu's BLEU would count, so NIST and CIDEr see the same words as BLEU."""
+def _sacrebleu(tokenize: str):
+    """sacrebleu, once it is known to have the tokenizer named `tokenize`."""
     sacrebleu = _import("sacrebleu", "sacrebleu")
     if tokenize not in sacrebleu.BLEU.TOKENIZERS:
         raise ValueError(f"unknown tokenize {tokenize!r}; sacrebleu knows: {', '.join(sacrebleu.BLEU.TOKENIZERS)}")
+    return sacrebleu
+
+
+def _tokenizer(tokenize: str, lowercase: bool) -> Callable[[str], list[str]]:
+    """The tokens sacrebleu's BLEU would count, so NIST and CIDEr see the same words as BLEU."""
+    sacrebleu = _sacrebleu(tokenize)
     tok = sacrebleu.BLEU(tokenize=tokenize).tokenizer
     return lambda text: tok((text.lower() if lowercase else text).rstrip()).split()
 
@@ -124,10 +130,7 @@ def _tokenizer(tokenize: str, lowercase: bool) -> Callable[[str], list[str]]:
 def bleu(predictions, references, *, lowercase: bool = True, tokenize: str = "13a") -> float:
     """Corpus BLEU (sacrebleu: 4-gram, brevity penalty against the closest reference length), in percent."""
     check_inputs(predictions, references)
-    sacrebleu = _import("sacrebleu", "sacrebleu")
-    if tokenize not in sacrebleu.BLEU.TOKENIZERS:
-        raise ValueError(f"unknown tokenize {tokenize!r}; sacrebleu knows: {', '.join(sacrebleu.BLEU.TOKENIZERS)}")
-    metric = sacrebleu.BLEU(lowercase=lowercase, tokenize=tokenize)
+    metric = _sacrebleu(tokenize).BLEU(lowercase=lowercase, tokenize=tokenize)
     return float(metric.corpus_score(list(predictions), _reference_streams(references)).score)
 
 
@@ -142,8 +145,7 @@ def chrf(predictions, references, *, lowercase: bool = True) -> float:
 def ter(predictions, references, *, lowercase: bool = True, tokenize: str = "13a") -> float:
     """Corpus TER (sacrebleu's tercom): edits over the mean reference length, in percent; lower is better."""
     check_inputs(predictions, references)
-    sacrebleu = _import("sacrebleu", "sacrebleu")
-    metric = sacrebleu.TER(normalized=tokenize != "none", case_sensitive=not lowercase)
+    metric = _sacrebleu(tokenize).TER(normalized=tokenize != "none", case_sensitive=not lowercase)
     return float(metric.corpus_score(list(predictions), _reference_streams(references)).score)
 
 
@@ -225,7 +227,9 @@ def meteor(predictions, references) -> float | str:
     res = {i: [_meteor_line(p)] for i, p in enumerate(predictions)}
     with _meteor_lock:
         try:
-            if _meteor_scorer is None or _meteor_scorer.meteor_p.poll() is not None:
+            if _meteor_scorer is not None and _meteor_scorer.meteor_p.poll() is not None:
+                _drop_meteor_scorer()  # the JVM exited since the last call: start another
+            if _meteor_scorer is None:
                 _meteor_scorer = meteor_mod.Meteor()
             score, _ = _meteor_scorer.compute_score(gts, res)
         except (OSError, ValueError) as exc:

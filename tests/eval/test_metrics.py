@@ -228,6 +228,8 @@ def test_unknown_tokenizer_is_refused():
         metrics.compute_metrics(["nist"], PREDICTIONS, REFERENCES, tokenize="moses")
     with pytest.raises(ValueError, match="unknown tokenize 'moses'.*13a"):
         metrics.bleu(PREDICTIONS, REFERENCES, tokenize="moses")
+    with pytest.raises(ValueError, match="unknown tokenize 'moses'.*13a"):
+        metrics.ter(PREDICTIONS, REFERENCES, tokenize="moses")
 
 
 def test_missing_eval_dependency_says_which_extra(monkeypatch):
