@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from spdf.eval.evaluate import METRIC_LABELS
+from spdf.eval.metrics import TASK_METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -106,11 +109,11 @@ def main() -> None:
         if not results:
             continue
         first = results[-1][1]
-        names = list(first["metrics"])
+        names = [n for n in TASK_METRICS.get(first["task"], ()) if n in first["metrics"]]  # done.json sorts keys
         lines += ["", f"Downstream ({p['phase']}): {first['task']} {first['split']} split, {first['examples']} "
                       f"held-out inputs, {first['decoding']} decoding; the evaluations took "
                       f"{p['downstream_seconds']:.1f} s in all (generation, scoring, reference loss).", "",
-                  "| model | " + " | ".join(names) + " | reference loss |", "|---|" + "---|" * (len(names) + 1)]
+                  "| model | " + " | ".join(METRIC_LABELS.get(n, n) for n in names) + " | reference loss |", "|---|" + "---|" * (len(names) + 1)]
         lines += [f"| {label} | " + " | ".join(f"{r['metrics'][n]:.2f}" for n in names)
                   + f" | {r['reference_loss']:.3f} |" for label, r in results]
     lines += ["", "tokens/s = tokens / seconds spent in the phase's training steps (validation and checkpoints excluded); FLOPs are spdf's analytic "
