@@ -30,17 +30,19 @@ from spdf.eval.generate import DecodingConfig, generate
 sys.path.insert(0, str(Path(__file__).parent))
 from step_overhead import machine  # noqa: E402  (one description of the machine for every result file)
 
-# Per model shape: prompts, prompt length range, new tokens, and whether the no-cache variants run (quadratic cost).
+# Per model shape: prompts, prompt length range, new tokens, whether the no-cache variants run (quadratic cost),
+# and timed rounds (tiny's runs take a fraction of a second: more rounds steady the median on a shared machine).
 SHAPES = {
-    "tiny": dict(prompts=16, lengths=(16, 48), new_tokens=32, uncached=True),
-    "gpt3-small": dict(prompts=4, lengths=(16, 40), new_tokens=32, uncached=True),
+    "tiny": dict(prompts=16, lengths=(16, 48), new_tokens=32, uncached=True, reps=7),
+    "gpt3-small": dict(prompts=4, lengths=(16, 40), new_tokens=32, uncached=True, reps=2),
 }
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--reps", type=int, default=2, help="timed runs per variant (after a small warm-up call)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per variant after a small warm-up call "
+                   "(default: per shape, see SHAPES)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-prompts", type=int, default=64, help="prompts for the 2000-prompt extrapolation (0: skip)")
@@ -139,7 +141,8 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
             variants[f"{lib} greedy, no cache"] = variant(lib, "greedy", use_cache=False)
     print(f"{name}: {len(prompts)} prompts of {spec['lengths'][0]}-{spec['lengths'][1]} tokens, {n} new tokens, "
           f"batch {bs}", flush=True)
-    res = run_variants(variants, args.reps, device, autocast)
+    reps = args.reps or spec["reps"]
+    res = run_variants(variants, reps, device, autocast)
     tokens = len(prompts) * n
     for v, r in res.items():
         assert all(len(o) == n for o in r["outputs"]), f"{v}: a row stopped early"
@@ -150,7 +153,7 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
     for r in res.values():
         del r["outputs"]
     return dict(model=name, params=model.num_parameters(), prompts=len(prompts), prompt_lengths=spec["lengths"],
-                new_tokens=n, batch_size=bs, transformers=hf_version, variants=res)
+                new_tokens=n, batch_size=bs, reps=reps, transformers=hf_version, variants=res)
 
 
 def bench_eval_estimate(args, device, autocast) -> dict:
@@ -184,8 +187,8 @@ def write_markdown(path: Path, res: dict) -> None:
         f" {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after"
         f" (the machine's {m['cpus']} cores were shared with other jobs when the load exceeds 1).",
-        "No EOS: every row generates exactly the stated new tokens in both libraries. Median of "
-        f"{res['reps']} round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
+        "No EOS: every row generates exactly the stated new tokens in both libraries. Median of the stated number "
+        "of round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
         "repeated 4-grams). tokens/s = new tokens returned per second.",
         "",
         f"Command: `{res['command']}`",
@@ -195,7 +198,7 @@ def write_markdown(path: Path, res: dict) -> None:
         v = shape["variants"]
         lines += [f"## {shape['model']} ({shape['params'] / 1e6:.1f}M parameters): {shape['prompts']} prompts of "
                   f"{shape['prompt_lengths'][0]}-{shape['prompt_lengths'][1]} tokens, {shape['new_tokens']} new "
-                  f"tokens, batch {shape['batch_size']}", "",
+                  f"tokens, batch {shape['batch_size']}, median of {shape['reps']} runs", "",
                   "| decoding | spdf tokens/s | transformers tokens/s | spdf speed-up | same tokens as transformers |",
                   "|---|---|---|---|---|"]
         for kind in ("greedy", "beam 10", "greedy, no cache"):
@@ -236,7 +239,7 @@ def main() -> None:
     t0 = time.perf_counter()
     shapes = [bench_shape(name, SHAPES[name], args, device, autocast) for name in args.shapes]
     estimate = bench_eval_estimate(args, device, autocast) if args.eval_prompts else None
-    res = dict(machine=machine(device), bf16=args.bf16, reps=args.reps, transformers=shapes[0]["transformers"],
+    res = dict(machine=machine(device), bf16=args.bf16, transformers=shapes[0]["transformers"],
                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                load_before=list(load_before), load_after=list(os.getloadavg()), wall_s=time.perf_counter() - t0,
                shapes=shapes, eval_estimate=estimate)
