@@ -186,7 +186,11 @@ def write_markdown(path: Path, res: dict) -> None:
         f"spdf.eval.generate vs transformers {res['transformers']} `generate` on the same GPT-2-shaped weights (random),"
         f" {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after"
-        f" (the machine's {m['cpus']} cores were shared with other jobs when the load exceeds 1).",
+        + (f": the machine's {m['cpus']} cores were shared with other jobs while this ran, hence absolute"
+           " numbers vary; the spdf/transformers ratios come from interleaved runs."
+           if max(res["load_before"][0], res["load_after"][0]) > 1.5 else "."),
+        *(["With --threads 1 each process uses one thread: on shared cores two OpenMP threads per process wait on"
+           " each other and every timing becomes several times slower and noisier."] if m["threads"] == 1 else []),
         "No EOS: every row generates exactly the stated new tokens in both libraries. Median of the stated number "
         "of round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
         "repeated 4-grams). tokens/s = new tokens returned per second.",
@@ -218,7 +222,9 @@ def write_markdown(path: Path, res: dict) -> None:
     if est:
         lines += [f"## Evaluating 2000 prompts with the demo's `tiny` model ({est['decoding']})", "",
                   f"Measured on {est['prompts']} prompts of {est['prompt_lengths'][0]}-{est['prompt_lengths'][1]} "
-                  "tokens, extrapolated linearly.", "",
+                  "tokens, extrapolated linearly. Random weights never emit EOS, so every prompt runs all 64 steps "
+                  "with 10 beams: a worst case (a fine-tuned model stops at EOS and its finished rows leave the "
+                  "batch).", "",
                   "| batch size | measured s | prompts/s | minutes for 2000 prompts |", "|---|---|---|---|"]
         for bs, r in est["by_batch_size"].items():
             lines.append(f"| {bs} | {r['seconds']:.1f} | {r['prompts_per_s']:.2f} | {r['minutes_for_2000']:.1f} |")
