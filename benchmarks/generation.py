@@ -56,11 +56,7 @@ def hf_twin(model: spdf.GPT):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    c = model.config
-    config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layer,
-                                     n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = transformers.GPT2Config(**model.hf_gpt2_config(), bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.load_state_dict(model.hf_gpt2_state_dict())
     return hf.to(next(model.parameters()).device), transformers.__version__
@@ -183,8 +179,8 @@ def write_markdown(path: Path, res: dict) -> None:
     lines = [
         "# Generation speed (generation.py)",
         "",
-        f"spdf.eval.generate vs transformers {res['transformers']} `generate` on the same GPT-2-shaped weights (random),"
-        f" {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
+        f"spdf.eval.generate vs transformers {res['transformers']} `generate` on the same GPT-2-shaped weights"
+        f" (random), {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after"
         + (f": the machine's {m['cpus']} cores were shared with other jobs while this ran, hence absolute"
            " numbers vary; the spdf/transformers ratios come from interleaved runs."

@@ -99,3 +99,10 @@ def test_training_calls_run_the_plain_causal_attention(make_gpt, batch, monkeypa
     model(idx)
     assert len(calls) == 2 * model.config.n_layer
     assert all(c.get("is_causal") is True and c.get("attn_mask") is None for c in calls)
+
+
+def test_hf_gpt2_config_refuses_shapes_gpt2_cannot_hold(make_gpt):
+    cfg = make_gpt().hf_gpt2_config()
+    assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"]) == (32, 2, 2, 64)
+    with pytest.raises(ValueError, match="GPT-2 needs biases"):
+        make_gpt(bias=False).hf_gpt2_config()
