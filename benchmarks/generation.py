@@ -30,17 +30,19 @@ from spdf.eval.generate import DecodingConfig, generate
 sys.path.insert(0, str(Path(__file__).parent))
 from step_overhead import machine  # noqa: E402  (one description of the machine for every result file)
 
-# Per model shape: prompts, prompt length range, new tokens, and whether the no-cache variants run (quadratic cost).
+# Per model shape: prompts, prompt length range, new tokens, whether the no-cache variants run (quadratic cost),
+# and timed rounds (tiny's runs take a fraction of a second: more rounds steady the median on a shared machine).
 SHAPES = {
-    "tiny": dict(prompts=16, lengths=(16, 48), new_tokens=32, uncached=True),
-    "gpt3-small": dict(prompts=4, lengths=(16, 40), new_tokens=32, uncached=True),
+    "tiny": dict(prompts=16, lengths=(16, 48), new_tokens=32, uncached=True, reps=7),
+    "gpt3-small": dict(prompts=4, lengths=(16, 40), new_tokens=32, uncached=True, reps=2),
 }
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--reps", type=int, default=2, help="timed runs per variant (after a small warm-up call)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per variant after a small warm-up call "
+                   "(default: per shape, see SHAPES)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-prompts", type=int, default=64, help="prompts for the 2000-prompt extrapolation (0: skip)")
@@ -54,11 +56,7 @@ def hf_twin(model: spdf.GPT):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    c = model.config
-    config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layer,
-                                     n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                                     bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    config = transformers.GPT2Config(**model.hf_gpt2_config(), bos_token_id=None, eos_token_id=None, pad_token_id=0)
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.load_state_dict(model.hf_gpt2_state_dict())
     return hf.to(next(model.parameters()).device), transformers.__version__
@@ -139,7 +137,8 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
             variants[f"{lib} greedy, no cache"] = variant(lib, "greedy", use_cache=False)
     print(f"{name}: {len(prompts)} prompts of {spec['lengths'][0]}-{spec['lengths'][1]} tokens, {n} new tokens, "
           f"batch {bs}", flush=True)
-    res = run_variants(variants, args.reps, device, autocast)
+    reps = args.reps or spec["reps"]
+    res = run_variants(variants, reps, device, autocast)
     tokens = len(prompts) * n
     for v, r in res.items():
         assert all(len(o) == n for o in r["outputs"]), f"{v}: a row stopped early"
@@ -150,7 +149,7 @@ def bench_shape(name: str, spec: dict, args, device, autocast) -> dict:
     for r in res.values():
         del r["outputs"]
     return dict(model=name, params=model.num_parameters(), prompts=len(prompts), prompt_lengths=spec["lengths"],
-                new_tokens=n, batch_size=bs, transformers=hf_version, variants=res)
+                new_tokens=n, batch_size=bs, reps=reps, transformers=hf_version, variants=res)
 
 
 def bench_eval_estimate(args, device, autocast) -> dict:
@@ -180,12 +179,16 @@ def write_markdown(path: Path, res: dict) -> None:
     lines = [
         "# Generation speed (generation.py)",
         "",
-        f"spdf.eval.generate vs transformers {res['transformers']} `generate` on the same GPT-2-shaped weights (random),"
-        f" {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
+        f"spdf.eval.generate vs transformers {res['transformers']} `generate` on the same GPT-2-shaped weights"
+        f" (random), {'bf16 autocast' if res['bf16'] else 'fp32'} on {m['device']}; torch {m['torch']}, {m['threads']} threads,"
         f" {m.get('gpu', m['cpu'])}; load average {res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after"
-        f" (the machine's {m['cpus']} cores were shared with other jobs when the load exceeds 1).",
-        "No EOS: every row generates exactly the stated new tokens in both libraries. Median of "
-        f"{res['reps']} round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
+        + (f": the machine's {m['cpus']} cores were shared with other jobs while this ran, hence absolute"
+           " numbers vary; the spdf/transformers ratios come from interleaved runs."
+           if max(res["load_before"][0], res["load_after"][0]) > 1.5 else "."),
+        *(["With --threads 1 each process uses one thread: on shared cores two OpenMP threads per process wait on"
+           " each other and every timing becomes several times slower and noisier."] if m["threads"] == 1 else []),
+        "No EOS: every row generates exactly the stated new tokens in both libraries. Median of the stated number "
+        "of round-robin runs after a small warm-up call. beam 10 = the `paper` decoding (length penalty 0.8, no "
         "repeated 4-grams). tokens/s = new tokens returned per second.",
         "",
         f"Command: `{res['command']}`",
@@ -195,7 +198,7 @@ def write_markdown(path: Path, res: dict) -> None:
         v = shape["variants"]
         lines += [f"## {shape['model']} ({shape['params'] / 1e6:.1f}M parameters): {shape['prompts']} prompts of "
                   f"{shape['prompt_lengths'][0]}-{shape['prompt_lengths'][1]} tokens, {shape['new_tokens']} new "
-                  f"tokens, batch {shape['batch_size']}", "",
+                  f"tokens, batch {shape['batch_size']}, median of {shape['reps']} runs", "",
                   "| decoding | spdf tokens/s | transformers tokens/s | spdf speed-up | same tokens as transformers |",
                   "|---|---|---|---|---|"]
         for kind in ("greedy", "beam 10", "greedy, no cache"):
@@ -215,7 +218,9 @@ def write_markdown(path: Path, res: dict) -> None:
     if est:
         lines += [f"## Evaluating 2000 prompts with the demo's `tiny` model ({est['decoding']})", "",
                   f"Measured on {est['prompts']} prompts of {est['prompt_lengths'][0]}-{est['prompt_lengths'][1]} "
-                  "tokens, extrapolated linearly.", "",
+                  "tokens, extrapolated linearly. Random weights never emit EOS, so every prompt runs all 64 steps "
+                  "with 10 beams: a worst case (a fine-tuned model stops at EOS and its finished rows leave the "
+                  "batch).", "",
                   "| batch size | measured s | prompts/s | minutes for 2000 prompts |", "|---|---|---|---|"]
         for bs, r in est["by_batch_size"].items():
             lines.append(f"| {bs} | {r['seconds']:.1f} | {r['prompts_per_s']:.2f} | {r['minutes_for_2000']:.1f} |")
@@ -236,7 +241,7 @@ def main() -> None:
     t0 = time.perf_counter()
     shapes = [bench_shape(name, SHAPES[name], args, device, autocast) for name in args.shapes]
     estimate = bench_eval_estimate(args, device, autocast) if args.eval_prompts else None
-    res = dict(machine=machine(device), bf16=args.bf16, reps=args.reps, transformers=shapes[0]["transformers"],
+    res = dict(machine=machine(device), bf16=args.bf16, transformers=shapes[0]["transformers"],
                command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                load_before=list(load_before), load_after=list(os.getloadavg()), wall_s=time.perf_counter() - t0,
                shapes=shapes, eval_estimate=estimate)

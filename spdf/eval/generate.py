@@ -172,8 +172,8 @@ def _decode_one_beam(runner: Runner, rows: Rows, config: DecodingConfig, eos_id,
         finished = (keep_len <= t) | (t + 1 >= rows.limit)
         if bool(finished.any()):
             done = finished.nonzero().flatten()
-            for r, n in zip(done.tolist(), keep_len[done].tolist()):
-                results[rows.ids[r]] = rows.tokens[r, P:P + n].tolist()
+            for r, i, n in zip(done.tolist(), rows.ids[done].tolist(), keep_len[done].tolist()):
+                results[i] = rows.tokens[r, P:P + n].tolist()
             alive = (~finished).nonzero().flatten()
             if alive.numel() == 0:
                 break

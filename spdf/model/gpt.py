@@ -151,9 +151,19 @@ class GPT(nn.Module):
         """An empty cache for up to `max_len` positions (default: the context)."""
         return KVCache(self.config.n_layer, max_len or self.config.n_ctx)
 
+    def hf_gpt2_config(self) -> dict:
+        """Keyword arguments of Hugging Face `transformers.GPT2Config` for this shape (tanh GELU, LayerNorm eps 1e-5,
+        this model's dropout). GPT-2 has no bias-free layers and no head width other than d_model / n_head."""
+        c = self.config
+        if not c.bias or c.d_attn != c.d_model:
+            raise ValueError("GPT-2 needs biases and d_model == n_head * head width")
+        return dict(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layer,
+                    n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                    resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+
     def hf_gpt2_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under Hugging Face `GPT2LMHeadModel` names and layout (same names; its Conv1D layers
-        store (in, out), so those weights are transposed). Needs a dense model with GPT-2's shape rules."""
+        store (in, out), so those weights are transposed). Needs a dense model (densify a sparse one first)."""
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         out = {k: (v.t() if k.endswith(conv1d) else v) for k, v in self.state_dict().items()}
         out["lm_head.weight"] = out["transformer.wte.weight"]

@@ -227,11 +227,7 @@ def test_bad_names_and_inputs(model):
 def hf_twin(model: spdf.GPT):
     """transformers' GPT2LMHeadModel with `model`'s shape and weights (GPT-2's layout: Conv1D stores (in, out))."""
     transformers = pytest.importorskip("transformers")
-    c = model.config
-    config = transformers.GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layer,
-                                     n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
-                                     bos_token_id=EOS, eos_token_id=EOS, pad_token_id=0)
+    config = transformers.GPT2Config(**model.hf_gpt2_config(), bos_token_id=EOS, eos_token_id=EOS, pad_token_id=0)
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.load_state_dict(model.hf_gpt2_state_dict())
     return hf

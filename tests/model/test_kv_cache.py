@@ -79,3 +79,30 @@ def test_cache_keeps_the_autocast_dtype(make_gpt):
         cache = model.new_kv_cache()
         model(_idx(1, 3), kv_cache=cache)
     assert cache.keys[0].dtype == torch.bfloat16 and cache.max_len == model.config.n_ctx
+
+
+def test_training_calls_run_the_plain_causal_attention(make_gpt, batch, monkeypatch):
+    """No cache, no mask: the training forward is the causal SDPA call it was before the cache existed."""
+    import torch.nn.functional as F
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = make_gpt()
+    idx, targets = batch
+    model(idx, targets)[1].backward()
+    model.eval()
+    model(idx)
+    assert len(calls) == 2 * model.config.n_layer
+    assert all(c.get("is_causal") is True and c.get("attn_mask") is None for c in calls)
+
+
+def test_hf_gpt2_config_refuses_shapes_gpt2_cannot_hold(make_gpt):
+    cfg = make_gpt().hf_gpt2_config()
+    assert (cfg["n_embd"], cfg["n_layer"], cfg["n_head"], cfg["n_positions"]) == (32, 2, 2, 64)
+    with pytest.raises(ValueError, match="GPT-2 needs biases"):
+        make_gpt(bias=False).hf_gpt2_config()
