@@ -106,10 +106,7 @@ def _cmd_flops(args) -> int:
 
         model, masks, _ = load_export(_export_dir(path))
         if masks:
-            sparsify(model, 0.5, param_filter=[f"{name}.weight" for name in masks])
-            for name, layer in model.named_modules():
-                if name in masks:
-                    layer.weight_mask.copy_(masks[name])
+            sparsify(model, init=masks, param_filter=[f"{name}.weight" for name in masks])
         fb, label, name = model_flops(model, args.seq_len), "densities from the masks", str(path)
     else:
         fb = analytic_flops(GPTConfig.from_name(args.model), args.sparsity, args.seq_len)

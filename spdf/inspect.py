@@ -8,6 +8,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from .sparsity import state_dict_masks, to_dense_state_dict
 from .sparsity.bitpack import unpack_bits
 
 
@@ -39,8 +40,8 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _masks(file: Path, state: dict) -> dict[str, torch.Tensor]:
-    """Module name → mask in the weight's stored orientation, from weight_mask buffers or a masks.safetensors file."""
-    masks = {k[: -len(".weight_mask")]: v.bool() for k, v in state.items() if k.endswith(".weight_mask")}
+    """Module name → mask, from the sparse layers' own state (any backend) or a masks.safetensors file."""
+    masks = state_dict_masks(state)
     packed = file.with_name("masks.safetensors")
     if not masks and packed.exists():
         with safe_open(str(packed), "pt") as f:
@@ -59,6 +60,7 @@ def checkpoint_stats(path: str | Path) -> dict:
     file = _weights_file(Path(path))
     state = _load_state(file)
     masks = _masks(file, state)
+    state = to_dense_state_dict(state)  # compressed layers' weights as dense tensors, zeros in place
     targets = {}
     for meta_file in (file.with_name("spdf.json"), file.with_name("config.json")):  # checkpoint / export
         if meta_file.exists():

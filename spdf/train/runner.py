@@ -19,14 +19,15 @@ import torch
 import yaml
 
 from ..data import FinetuneDataset, build_packed_splits, iter_documents, load_finetune_task, load_or_train_tokenizer
-from ..flops import model_flops
+from ..flops import TrainingFlops
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
-from ..sparsity import densify, sparse_layers, sparsify
+from ..sparsity import densify, set_masks, sparse_layers, sparsify
 from .batches import BatchSource
 from .checkpoint import CheckpointError, export_model, load_export, read_json, write_json_atomic
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .sparsity_plan import sparsify_recipe
 
 
 def data_cache_dir() -> Path:
@@ -132,13 +133,15 @@ def _load_weights(model, export: Path) -> None:
     if layers and set(masks) != set(layers):
         raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
                               f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
-    with torch.no_grad():
+    state = {k: v for k, v in exported.state_dict().items() if k != "lm_head.weight"}
+    if layers:
+        set_masks(model, masks)
         for name, layer in layers.items():
-            layer.weight_mask.copy_(masks[name].t() if layer.transposed else masks[name])
-        state = {k: v for k, v in exported.state_dict().items() if k != "lm_head.weight"}
-        if layers:
-            state.update({f"{n}.weight_mask": l.weight_mask for n, l in layers.items()})
-        model.load_state_dict(state, strict=False)
+            layer.load_dense_weight(state.pop(f"{name}.weight"))
+    missing, _ = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if k != "lm_head.weight" and k.rpartition(".")[0] not in layers]
+    if left:
+        raise CheckpointError(f"{export} does not hold {left[:3]}")
 
 
 def _micro_batch(phase: PhaseSpec, world: int) -> int:
@@ -249,9 +252,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
-        fb = model_flops(model, phase.seq_len)
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
-                                    (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]],
+                                    TrainingFlops(model, phase.seq_len, sparsifier), later_phases=[p.name for p in recipe.phases[i + 1:]],
                                     meta_extra={"recipe": recipe.to_dict()})
         if sparsifier is not None:
             sparsifier.detach()
@@ -278,21 +280,12 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
 def _initial_model(recipe: Recipe, config, init_from: Path | None):
     """A fresh GPT sparsified as the recipe says, or the weights (and masks) of the checkpoint to fine-tune."""
     model = GPT(config)
-    sp = recipe.sparsity
     if init_from is None:
-        if sp.method == "none":
-            return model, None
-        sparsifier = sparsify(model, sparsity=sp.level, init=sp.method, seed=recipe.sparsity_seed,
-                              param_filter=list(sp.filter) if sp.filter else None,
-                              overrides=dict(sp.overrides) or None, n=sp.n, m=sp.m, block_size=sp.block_size,
-                              backend=sp.backend)
-        return model, sparsifier
+        return model, sparsify_recipe(recipe, model)
     export = _export_dir(init_from)
     _, masks, _ = load_export(export)
     sparsifier = None
-    if masks:  # the checkpoint's own layers are made sparse; its masks replace the generated ones below
-        sparsifier = sparsify(model, sparsity=0.5, init="random", param_filter=[f"{name}.weight" for name in masks])
+    if masks:  # the checkpoint's own layers, with its masks (targets: their sparsity)
+        sparsifier = sparsify(model, init=masks, param_filter=[f"{name}.weight" for name in masks])
     _load_weights(model, export)
-    for layer in sparse_layers(model).values():
-        layer.target_sparsity = 1.0 - layer.density
     return model, sparsifier
