@@ -33,7 +33,7 @@ setup(
         "kernels": ["triton>=3.0"],
         "data": ["datasets>=2.19"],
         "plot": ["matplotlib>=3.7"],
-        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19"],
+        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["spdf=spdf.cli:main"]},
 )
