@@ -133,6 +133,11 @@ class Sparsifier:
         self.enforce(optimizer, zeroed)
         if optimizer is not self._optimizers[0][0]:
             return  # only the first attached optimizer counts steps
+        # A fused optimizer under an AMP grad scaler is called even for a step the scaler skips (it skips inside,
+        # given `found_inf`): that step did not happen.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return
         self.step += 1
         if self.algorithm.is_update_step(self.step):
             self.update_masks()
