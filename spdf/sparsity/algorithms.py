@@ -78,11 +78,15 @@ class GMP(_Dynamic):
         if not 0.0 <= initial < 1.0:
             raise ValueError(f"GMP's initial sparsity must be in [0, 1), got {initial!r}")
         self.initial, self.schedule = float(initial), schedule
-        ramp(schedule, 0.0, 1.0, begin, stop)  # an unknown schedule name fails here, not at the first update
+        # The ramp ends at the last update at or before `stop`, so that update reaches the target exactly.
+        self.end = begin + every * ((stop - begin) // every)
+        if self.end <= begin:
+            raise ValueError(f"GMP needs at least one update between begin={begin} and stop={stop} (every={every})")
+        ramp(schedule, 0.0, 1.0, begin, self.end)  # an unknown schedule name fails here, not at the first update
 
     def _level(self, step: int, target: float) -> float:
         start = min(self.initial, target)
-        return ramp(self.schedule, start, target, self.updates.begin, self.updates.stop)(step)
+        return ramp(self.schedule, start, target, self.updates.begin, self.end)(step)
 
     def initial_sparsity(self, target):
         return min(self.initial, target)
