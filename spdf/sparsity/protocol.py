@@ -75,10 +75,6 @@ class SparseLayer(nn.Module):
         raise NotImplementedError
 
 
-def is_sparse_layer(module: nn.Module) -> bool:
-    return isinstance(module, SparseLayer)
-
-
 def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:
     """Module name → sparse layer (any backend) of a sparsified model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
