@@ -8,11 +8,9 @@ from .schedules import Constant, Cosine, Cubic, Linear, Schedule
 from .sparse_linear import SparseLinear
 from .sparsifier import TOTAL_ROW, Sparsifier, layer_stats, set_masks
 
-METHODS = tuple(MASK_METHODS)
-
 __all__ = [
     "ALGORITHMS", "Algorithm", "Block", "Constant", "Cosine", "Cubic", "ERK", "GMP", "GlobalMagnitude", "Linear",
-    "MASK_METHODS", "METHODS", "Magnitude", "MaskMethod", "NM", "Random", "RigL", "SET", "Schedule", "SparseLayer",
+    "MASK_METHODS", "Magnitude", "MaskMethod", "NM", "Random", "RigL", "SET", "Schedule", "SparseLayer",
     "SparseLinear", "Sparsifier", "Static", "TOTAL_ROW", "UserMask", "block_mask", "densify", "erk_sparsities",
     "is_sparse_state_dict", "layer_stats", "load_state_dict", "magnitude_mask", "nm_mask", "random_mask",
     "set_masks", "sparse_layers", "sparsify", "state_dict_masks", "to_dense_state_dict",
