@@ -1,4 +1,6 @@
-"""Mask makers (the functions behind the mask-method objects of methods.py). Each mask is a pure function of (seed, parameter name, shape[, weight]).
+"""Mask makers, the functions behind the mask-method objects of methods.py.
+
+Each mask is a pure function of (seed, parameter name, shape[, weight]).
 
 Masks are made on the CPU from a generator seeded by a stable hash of (seed, name), so every data-parallel rank and
 every resumed run builds the same mask without communication. Shapes are in nn.Linear orientation (out, in); the

@@ -22,7 +22,8 @@ class Schedule:
 
     def __post_init__(self):
         if self.end <= self.begin:
-            raise ValueError(f"{type(self).__name__} schedule needs end > begin, got begin={self.begin}, end={self.end}")
+            raise ValueError(f"{type(self).__name__} schedule needs end > begin, got begin={self.begin}, "
+                             f"end={self.end}")
 
     def shape(self, p: float) -> float:
         """Fraction of the way from initial to final at progress p in [0, 1]."""

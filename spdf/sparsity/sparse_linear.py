@@ -119,7 +119,8 @@ class SparseLinear(SparseLayer):
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, optimizers=()) -> torch.Tensor:
         if mask.shape != self.mask.shape:
-            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a layer of shape {tuple(self.mask.shape)}")
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a layer of shape "
+                             f"{tuple(self.mask.shape)}")
         stored = (mask.t() if self.transposed else mask).to(self.weight_mask.device, torch.bool)
         changed = stored != self.weight_mask
         self.weight_mask.copy_(stored)

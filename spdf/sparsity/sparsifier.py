@@ -196,7 +196,8 @@ class Sparsifier:
         ours, theirs = self.layers, state["layers"]
         if set(ours) != set(theirs):
             missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            raise ValueError(f"sparsifier state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(f"sparsifier state does not match the model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
         for name, layer in ours.items():
             shape = tuple(theirs[name]["shape"])
             if tuple(layer.mask.shape) != shape:

@@ -253,7 +253,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
-                                    TrainingFlops(model, phase.seq_len, sparsifier), later_phases=[p.name for p in recipe.phases[i + 1:]],
+                                    TrainingFlops(model, phase.seq_len, sparsifier),
+                                    later_phases=[p.name for p in recipe.phases[i + 1:]],
                                     meta_extra={"recipe": recipe.to_dict()})
         if sparsifier is not None:
             sparsifier.detach()

@@ -44,7 +44,8 @@ def test_bert_mlm_untied_decoder_and_its_head_stay_dense():
     cfg.tie_word_embeddings = False
     model = transformers.BertForMaskedLM(cfg)
     decoder = model.cls.predictions.decoder
-    assert model.get_output_embeddings() is decoder and decoder.weight is not model.bert.embeddings.word_embeddings.weight
+    assert model.get_output_embeddings() is decoder
+    assert decoder.weight is not model.bert.embeddings.word_embeddings.weight
     spdf.sparsify(model, sparsity=0.75)
     layers = sparse_layers(model)
     assert not any(n.startswith("cls.") for n in layers)  # decoder and the head's transform stay dense
