@@ -1,6 +1,6 @@
 """spdf: Sparse Pre-training and Dense Fine-tuning of GPT models (Thangarasa et al., UAI 2023)."""
 from .model import GPT, GPTConfig
-from .sparsity import SparseLinear, Sparsifier, densify, load_state_dict, sparsify
+from .sparsity import SparseLayer, SparseLinear, Sparsifier, densify, load_state_dict, sparsify
 
 __version__ = "0.1.0"
-__all__ = ["GPT", "GPTConfig", "SparseLinear", "Sparsifier", "densify", "load_state_dict", "sparsify"]
+__all__ = ["GPT", "GPTConfig", "SparseLayer", "SparseLinear", "Sparsifier", "densify", "load_state_dict", "sparsify"]

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="analytic training FLOPs, dense vs sparse, per component",
                        description="Training FLOPs per token (and in total) of a named model at a sparsity, or of a "
                                    "checkpoint with its masks.")
-    p.add_argument("model", help="model name (e.g. gpt3-xl; see --list) or a checkpoint/export/run directory")
+    p.add_argument("model", help="model name (e.g. gpt3-xl; see --list), a checkpoint/export/run directory, or a "
+                                 "recipe (.yaml: its model, sparsity method and pre-training steps)")
     p.add_argument("--sparsity", type=float, default=0.0, help="sparsity of attention and MLP weights (named models)")
     p.add_argument("--tokens", type=float, default=None, help="training tokens, for totals (e.g. 26e9)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
@@ -179,6 +180,8 @@ def _cmd_flops(args) -> int:
                   f"d_ff {cfg.d_ff:6d}  ctx {cfg.n_ctx}")
         return 0
     path = Path(args.model)
+    if path.suffix in (".yaml", ".yml"):
+        return _recipe_flops(args, path)
     if path.exists():
         from .export import find_export, sparse_model
 
@@ -191,6 +194,36 @@ def _cmd_flops(args) -> int:
         print(json.dumps({"model": name, **fb.to_dict(), "tokens": args.tokens}, indent=2))
     else:
         print(format_table(name, fb, label, args.tokens))
+    return 0
+
+
+def _recipe_flops(args, path: Path) -> int:
+    """FLOPs of a recipe's pre-training: the table at its final sparsity, and the mean over its steps of what a
+    dynamic method spends (GMP's rising sparsity, RigL's dense-gradient steps)."""
+    from .flops import analytic_flops, format_table, schedule_flops
+    from .recipe import RecipeError, load_recipe, model_config
+    from .train.sparsity_plan import algorithm, pretrain_steps
+
+    recipe = load_recipe(path)
+    steps = pretrain_steps(recipe)
+    if steps is None:
+        raise RecipeError(f"{path}: no pre-training phase with a fixed number of steps or tokens")
+    phase = next(p for p in recipe.phases if p.kind == "pretrain")
+    seq_len = args.seq_len or phase.seq_len
+    sp = recipe.sparsity
+    level = 0.0 if sp.method == "none" else sp.level
+    cfg = model_config(recipe)
+    fb = analytic_flops(cfg, level, seq_len)
+    over = schedule_flops(cfg, level, algorithm(recipe), steps, seq_len)
+    tokens = args.tokens or steps * phase.batch_size * seq_len
+    if args.json:
+        print(json.dumps({"model": recipe.model.name, **fb.to_dict(), "tokens": tokens, "schedule": over}, indent=2))
+        return 0
+    print(format_table(f"{recipe.name} ({recipe.model.name})", fb, f"sparsity.level {level:.0%} on attention and "
+                       f"MLP weights, method {sp.method}", tokens))
+    print(f"over {steps} steps of method {sp.method}: mean {over['mean_spent_train_per_token']:.4e} training FLOPs "
+          f"per token vs {over['dense_train_per_token']:.4e} dense ({over['reduction']:.2f}x fewer); "
+          f"total {over['mean_spent_train_per_token'] * tokens:.4e} for {tokens:.3g} tokens")
     return 0
 
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import GPT, GPTConfig
-from .sparsity import sparse_layers, sparsify, to_dense_state_dict
+from .sparsity import set_masks, sparse_layers, sparsify, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
 
 WEIGHTS_FILE, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE = ("model.safetensors", "config.json", "masks.safetensors",
@@ -184,13 +184,15 @@ def load_weights(model, export: Path | Export) -> None:
     if layers and set(masks) != set(layers):
         raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
                               f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
-    with torch.no_grad():
+    state = {k: v for k, v in exported.model.state_dict().items() if k != "lm_head.weight"}
+    if layers:  # through the layer protocol: any backend takes its mask and the kept entries of a dense weight
+        set_masks(model, masks)
         for name, layer in layers.items():
-            layer.weight_mask.copy_(masks[name].t() if layer.transposed else masks[name])
-        state = {k: v for k, v in exported.model.state_dict().items() if k != "lm_head.weight"}
-        if layers:
-            state.update({f"{n}.weight_mask": l.weight_mask for n, l in layers.items()})
-        model.load_state_dict(state, strict=False)
+            layer.load_dense_weight(state.pop(f"{name}.weight"))
+    missing, _ = model.load_state_dict(state, strict=False)
+    left = [k for k in missing if k != "lm_head.weight" and k.rpartition(".")[0] not in layers]
+    if left:
+        raise CheckpointError(f"{export} does not hold {left[:3]}")
 
 
 def sparse_model(export: Path, model: GPT | None = None):
@@ -200,9 +202,6 @@ def sparse_model(export: Path, model: GPT | None = None):
     model = model if model is not None else GPT(exported.model.config)
     sparsifier = None
     if exported.masks:  # the export's own layers are made sparse; its masks replace the generated ones below
-        sparsifier = sparsify(model, sparsity=0.5, init="random",
-                              param_filter=[f"{name}.weight" for name in exported.masks])
+        sparsifier = sparsify(model, init=exported.masks, param_filter=[f"{name}.weight" for name in exported.masks])
     load_weights(model, exported)
-    for layer in sparse_layers(model).values():
-        layer.target_sparsity = 1.0 - layer.density
     return model, sparsifier

@@ -20,7 +20,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .model.config import GPTConfig
-from .sparsity import SparseLinear, sparse_layers
+from .sparsity import sparse_layers
 
 COMPONENTS = ("qkv", "attn_out", "mlp_in", "mlp_out", "attn_scores", "logits")
 COMPONENT_LABELS = {
@@ -50,6 +50,12 @@ class FlopBreakdown:
     @property
     def sparse_train(self) -> float:
         return 3 * sum(self.sparse_forward.values())
+
+    @property
+    def dense_grad_train(self) -> float:
+        """Training FLOPs per token on a step that computes the dense weight gradient of the sparse weights (RigL's
+        update steps): forward and backward-data stay sparse, backward-weight is dense."""
+        return self.sparse_train + sum(self.dense_forward.values()) - sum(self.sparse_forward.values())
 
     @property
     def reduction(self) -> float:
@@ -111,6 +117,39 @@ def model_flops(model: nn.Module, seq_len: int | None = None) -> FlopBreakdown:
     # Layers left dense by the filter count at density 1.
     densities = {c: (kept.get(c, 0) + full[c] - total.get(c, 0)) / full[c] for c in full}
     return analytic_flops(cfg, seq_len=seq_len, densities=densities)
+
+
+class TrainingFlops:
+    """Per-token training FLOPs (dense-equivalent, spent) of the next optimizer step of a sparse GPT: follows the
+    masks as a dynamic algorithm changes them (GMP's rising sparsity) and charges RigL's dense-gradient steps."""
+
+    def __init__(self, model: nn.Module, seq_len: int, sparsifier=None):
+        self.model, self.seq_len, self.sparsifier = model, seq_len, sparsifier
+        self._version, self._fb = None, None
+
+    def per_token(self) -> tuple[float, float]:
+        sp = self.sparsifier
+        version = sp.mask_version if sp is not None else 0
+        if self._fb is None or version != self._version:
+            self._fb, self._version = model_flops(self.model, self.seq_len), version
+        fb = self._fb
+        if sp is not None and sp.algorithm.needs_dense_grad(sp.step + 1):
+            return fb.dense_train, fb.dense_grad_train
+        return fb.dense_train, fb.sparse_train
+
+
+def schedule_flops(cfg: GPTConfig, sparsity: float, algorithm, steps: int, seq_len: int | None = None) -> dict:
+    """Mean per-token training FLOPs over `steps` optimizer steps of `algorithm` (every sparse layer at target
+    `sparsity`): GMP's sparsity as its schedule sets it each step, RigL's dense-gradient steps charged."""
+    spent = 0.0
+    cache: dict[float, FlopBreakdown] = {}
+    for step in range(1, steps + 1):
+        level = algorithm.sparsity_at(step, sparsity)
+        fb = cache.get(level) or cache.setdefault(level, analytic_flops(cfg, level, seq_len))
+        spent += fb.dense_grad_train if algorithm.needs_dense_grad(step) else fb.sparse_train
+    dense = analytic_flops(cfg, 0.0, seq_len).dense_train
+    return {"algorithm": algorithm.settings(), "steps": steps, "dense_train_per_token": dense,
+            "mean_spent_train_per_token": spent / steps, "reduction": dense * steps / spent}
 
 
 # ---- measured FLOPs ----------------------------------------------------------------------------------------------
@@ -193,12 +232,12 @@ def measure_training_flops(model: nn.Module, idx: torch.Tensor, targets: torch.T
     charged at that weight's density, exactly as a sparse kernel would spend it."""
     patched = []
     for layer in sparse_layers(model).values():
-        if isinstance(layer, SparseLinear):
+        if layer.dense_compute:  # a dense matmul over a weight with zeros: charge it at the mask's density
             density = layer.density
 
             def forward(x, layer=layer, density=density):
-                weight = layer.weight.t() if layer.transposed else layer.weight
-                return _ScopedLinear.apply(x, weight, layer.bias, density)
+                weight = layer.weight_parameters()[0]
+                return _ScopedLinear.apply(x, weight.t() if layer.transposed else weight, layer.bias, density)
 
             layer.forward = forward
             patched.append(layer)

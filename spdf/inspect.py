@@ -9,6 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, read_masks
+from .sparsity import state_dict_masks, to_dense_state_dict
 
 
 def _weights_file(path: Path) -> Path:
@@ -37,8 +38,9 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _masks(file: Path, state: dict) -> dict[str, torch.Tensor]:
-    """Module name → mask in the weight's stored orientation, from weight_mask buffers or a masks.safetensors file."""
-    masks = {k[: -len(".weight_mask")]: v.bool() for k, v in state.items() if k.endswith(".weight_mask")}
+    """Module name → mask in the weight's stored orientation, from the sparse layers' own state (any backend) or a
+    masks.safetensors file."""
+    masks = state_dict_masks(state)
     if not masks:
         for name, mask in read_masks(file.with_name(MASKS_FILE)).items():
             weight = state.get(f"{name}.weight")
@@ -53,6 +55,7 @@ def checkpoint_stats(path: str | Path) -> dict:
     file = _weights_file(Path(path))
     state = _load_state(file)
     masks = _masks(file, state)
+    state = to_dense_state_dict(state)  # compressed layers' weights as dense tensors, zeros in place
     targets = {}
     for meta_file in (file.with_name("spdf.json"), file.with_name("config.json")):  # checkpoint / export
         if meta_file.exists():

@@ -177,6 +177,9 @@ _ADDED_LATER = {
     "task": ("heldout_fraction", "validation_fraction", "max_prompt_lines", "prompt_field", "completion_field",
              "article_field", "summary_field", "max_article_chars"),
 }
+# Sparsity settings added with the dynamic methods: left out while they keep their defaults (they have no None).
+_SPARSITY_ADDED_LATER = ("init", "update_every", "update_start", "update_stop", "schedule", "drop_fraction",
+                         "initial_level")
 
 
 def _fingerprint_part(spec, section: str, drop=()) -> dict | None:
@@ -184,6 +187,11 @@ def _fingerprint_part(spec, section: str, drop=()) -> dict | None:
         return None
     return {k: v for k, v in to_plain(spec).items()
             if k not in drop and not (v is None and k in _ADDED_LATER[section])}
+
+
+def _sparsity_part(spec) -> dict:
+    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
+    return {k: v for k, v in to_plain(spec).items() if not (k in _SPARSITY_ADDED_LATER and v == defaults[k])}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -196,7 +204,7 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     payload = {
         "version": recipe.version,
         "model": recipe.model.to_dict(),
-        "sparsity": {**recipe.sparsity.to_dict(), "seed": recipe.sparsity_seed},
+        "sparsity": {**_sparsity_part(recipe.sparsity), "seed": recipe.sparsity_seed},
         "tokenizer": _fingerprint_part(recipe.tokenizer, "tokenizer"),
         "phases": phases,
     }

@@ -16,6 +16,8 @@ from .data.tasks import task_splits
 from .eval.generate import DecodingConfig
 from .model.config import CONFIGS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
+from .sparsity.algorithms import ALGORITHMS
+from .sparsity.methods import MASK_METHODS
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
            "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "join_path",
@@ -43,9 +45,18 @@ class ModelSpec(Spec):
                           f"known: {', '.join(CONFIGS)}")
 
 
+# Both lists come from the sparsity registries: a new mask method or algorithm needs no edit here.
+MASK_INITS = tuple(MASK_METHODS)
+DYNAMIC_METHODS = tuple(name for name, cls in ALGORITHMS.items() if cls.dynamic)
+SPARSITY_METHODS = ("none", *MASK_INITS, *DYNAMIC_METHODS)
+_DYNAMIC_DEFAULTS = {"init": "random", "update_every": 100, "update_start": 0, "update_stop": None,
+                     "schedule": None, "drop_fraction": 0.3, "initial_level": 0.0}
+
+
 @dataclass(frozen=True, kw_only=True)
 class SparsitySpec(Spec):
-    method: Literal["none", "random", "magnitude", "erk", "nm", "block"] = "random"
+    # A mask method (static masks made with it) or a dynamic algorithm (masks made with `init`, then updated).
+    method: Literal[SPARSITY_METHODS] = "random"
     level: float = num(0.75, ge=0.0, lt=1.0)  # ignored when method is "none"
     filter: Optional[tuple[str, ...]] = None  # globs on parameter names, "!glob" excludes; None: the paper's default
     overrides: dict[str, float] = field(default_factory=dict)  # glob -> level
@@ -54,6 +65,20 @@ class SparsitySpec(Spec):
     block_size: int = num(16, ge=1)
     seed: Optional[int] = None  # None: the recipe seed
     backend: Literal["masked", "compressed"] = "masked"
+    # Dynamic methods only (gmp, set, rigl); steps are optimizer steps of the pre-training phase.
+    init: Literal[MASK_INITS] = "random"  # the initial mask
+    update_every: int = num(100, ge=1)  # masks change after every update_every-th step ...
+    update_start: int = num(0, ge=0)  # ... after this step ...
+    update_stop: Optional[int] = num(None, ge=1)  # ... up to this step (None: 3/4 of the pre-training steps)
+    # How the drop fraction decays (set, rigl; default cosine) or the sparsity rises (gmp; default cubic), from
+    # update_start to update_stop.
+    schedule: Optional[Literal["constant", "linear", "cosine", "cubic"]] = None
+    drop_fraction: float = num(0.3, gt=0.0, le=1.0)  # set, rigl: of the kept weights, at update_start
+    initial_level: float = num(0.0, ge=0.0, lt=1.0)  # gmp: the sparsity at update_start
+
+    @property
+    def dynamic(self) -> bool:
+        return self.method in DYNAMIC_METHODS
 
     def _check(self):
         if self.n >= self.m:
@@ -64,6 +89,20 @@ class SparsitySpec(Spec):
         for i, pattern in enumerate(self.filter or ()):
             if not pattern.lstrip("!"):
                 fail(f"filter[{i}]", "{key} must be a non-empty glob pattern")
+        only = {"drop_fraction": ("set", "rigl"), "initial_level": ("gmp",)}
+        for key, default in _DYNAMIC_DEFAULTS.items():
+            allowed = only.get(key, DYNAMIC_METHODS)
+            if getattr(self, key) != default and self.method not in allowed:
+                fail(key, f"{{key}} applies to sparsity.method {' or '.join(allowed)} only, not "
+                           f"'{self.method}' (remove it, or choose one of those methods)")
+        if self.dynamic and self.backend == "compressed":
+            fail("backend", f"{{key}} 'compressed' keeps static masks only; sparsity.method '{self.method}' "
+                             f"changes them during training: use backend 'masked'")
+        if self.method == "gmp" and self.initial_level > self.level:
+            fail("initial_level", f"{{key}} ({self.initial_level}) must not exceed sparsity.level ({self.level})")
+        if self.update_stop is not None and self.update_stop <= self.update_start:
+            fail("update_stop", f"{{key}} ({self.update_stop}) must be after sparsity.update_start "
+                                 f"({self.update_start})")
 
 
 @dataclass(frozen=True, kw_only=True)

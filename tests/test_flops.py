@@ -1,5 +1,7 @@
 """FLOP accounting: the paper's headline reductions, the component breakdown, and measured vs analytic counts."""
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +121,66 @@ def test_measurement_leaves_the_model_as_it_was(make_gpt):
     assert (layer.weight.grad[~layer.weight_mask] == 0).all()
     with torch.no_grad():
         assert torch.equal(model(idx[:, :-1])[0], before)
+
+
+# ---- dynamic methods ---------------------------------------------------------------------------------------------
+def test_schedule_flops_static_rigl_and_gmp():
+    from spdf.flops import schedule_flops
+    from spdf.sparsity import GMP, RigL, Static
+
+    cfg = GPTConfig.from_name("gpt3-small")
+    fb = analytic_flops(cfg, 0.75)
+    static = schedule_flops(cfg, 0.75, Static(), 1000)
+    assert static["mean_spent_train_per_token"] == pytest.approx(fb.sparse_train)
+    rigl = schedule_flops(cfg, 0.75, RigL(0.3, every=100, stop=750), 1000)
+    updates = 7  # steps 100..700
+    expected = (fb.sparse_train * (1000 - updates) + fb.dense_grad_train * updates) / 1000
+    assert rigl["mean_spent_train_per_token"] == pytest.approx(expected)
+    assert fb.sparse_train < fb.dense_grad_train < fb.dense_train
+    gmp = schedule_flops(cfg, 0.75, GMP(0.0, every=100, stop=750), 1000)
+    assert fb.sparse_train < gmp["mean_spent_train_per_token"] < fb.dense_train
+    # before the first update the model is dense; after the last it is at its target
+    g = GMP(0.0, every=100, stop=750)
+    assert g.sparsity_at(100, 0.75) == 0.0 and g.sparsity_at(101, 0.75) > 0.0 and g.sparsity_at(900, 0.75) == 0.75
+
+
+def test_training_flops_follow_the_masks_and_rigl_update_steps(make_gpt):
+    from spdf.flops import TrainingFlops
+    from spdf.sparsity import GMP, RigL
+
+    for algorithm in (GMP(0.0, every=1, stop=3), RigL(0.3, every=2)):
+        torch.manual_seed(0)
+        model = make_gpt()
+        sp = spdf.sparsify(model, sparsity=0.75, algorithm=algorithm)
+        opt = torch.optim.AdamW(model.parameters(), fused=True)
+        sp.attach(opt)
+        flops = TrainingFlops(model, 16, sp)
+        idx = torch.randint(0, 128, (2, 17))
+        spent = []
+        for _ in range(4):
+            dense, now = flops.per_token()
+            spent.append(now)
+            assert now == pytest.approx(model_flops(model, 16).dense_grad_train if algorithm.needs_dense_grad(
+                sp.step + 1) else model_flops(model, 16).sparse_train)
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        if isinstance(algorithm, GMP):
+            assert spent[0] == pytest.approx(dense) and spent[0] > spent[1] > spent[2] > spent[3]
+        else:
+            assert spent[1] > spent[0] == spent[2] and spent[3] == spent[1]  # steps 2 and 4 need the dense gradient
+
+
+def test_cli_flops_of_a_dynamic_recipe(capsys):
+    from spdf.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    assert main(["flops", str(root / "gpt3-small-pile-s75-rigl.yaml"), "--json"]) == 0
+    rigl = json.loads(capsys.readouterr().out)["schedule"]
+    assert main(["flops", str(root / "gpt3-small-pile-s75.yaml"), "--json"]) == 0
+    static = json.loads(capsys.readouterr().out)["schedule"]
+    assert main(["flops", str(root / "gpt3-small-pile-s75-gmp.yaml"), "--json"]) == 0
+    gmp = json.loads(capsys.readouterr().out)["schedule"]
+    assert rigl["algorithm"]["algorithm"] == "rigl" and rigl["steps"] == 4778
+    assert gmp["reduction"] < rigl["reduction"] < static["reduction"]

@@ -387,3 +387,35 @@ def test_recipe_error_is_a_value_error_and_schema_objects_are_frozen():
     with pytest.raises(AttributeError):
         recipe.seed = 3  # type: ignore[misc]
     assert copy.deepcopy(recipe) == recipe
+
+
+# ------------------------------------------------------------------------------------------- dynamic sparsity
+def test_demo_accepts_dynamic_methods_and_they_resolve_to_algorithms():
+    from spdf.sparsity import GMP, SET, RigL, Static
+    from spdf.train.sparsity_plan import algorithm
+
+    demo = ROOT / "recipes/demo.yaml"
+    assert isinstance(algorithm(load_recipe(demo)), Static)
+    rigl = algorithm(load_recipe(demo, ["sparsity.method=rigl"]))
+    assert isinstance(rigl, RigL) and rigl.updates.every == 100 and rigl.updates.stop == 600  # 3/4 of 800 steps
+    assert rigl.drop_fraction(0) == 0.3 and rigl.drop_fraction(300) == pytest.approx(0.15)
+    assert isinstance(algorithm(load_recipe(demo, ["sparsity.method=set"])), SET)
+    gmp = algorithm(load_recipe(demo, ["sparsity.method=gmp", "sparsity.update_stop=400"]))
+    assert isinstance(gmp, GMP) and gmp.schedule == "cubic" and gmp.end == 400
+    cerebras = algorithm(load_recipe(ROOT / "recipes/gpt3-small-pile-s75-rigl.yaml"))
+    assert (cerebras.updates.every, cerebras.updates.stop) == (100, 3584)
+    assert cerebras.drop_fraction(0) == 0.3 and cerebras.drop_fraction(3584) == 0.0
+
+
+@pytest.mark.parametrize("sets,fragment", [
+    (["sparsity.update_every=10"], "sparsity.update_every applies to sparsity.method gmp or set or rigl only"),
+    (["sparsity.method=gmp", "sparsity.drop_fraction=0.2"], "sparsity.drop_fraction applies to sparsity.method set"),
+    (["sparsity.method=rigl", "sparsity.initial_level=0.2"], "sparsity.initial_level applies to sparsity.method gmp"),
+    (["sparsity.method=rigl", "sparsity.backend=compressed"], "static masks only"),
+    (["sparsity.method=set", "sparsity.update_start=10", "sparsity.update_stop=5"], "must be after"),
+    (["sparsity.method=gmp", "sparsity.initial_level=0.9"], "must not exceed"),
+    (["sparsity.method=rigl", "sparsity.schedule=exp"], "sparsity.schedule"),
+])
+def test_dynamic_settings_errors(sets, fragment):
+    with pytest.raises(RecipeError, match=fragment.replace(".", r"\.")):
+        recipe_from_dict(apply_overrides(minimal(), sets))

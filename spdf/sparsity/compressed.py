@@ -19,12 +19,18 @@ import torch.nn as nn
 from spdf.kernels import TiledLayout, pack, tiled_linear, unpack
 from spdf.kernels.layout import FIELDS
 
+from .protocol import SparseLayer
 from .sparse_linear import SparseLinear
 
-PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ... (sparsifier.py recognises tile_bitmap)
+PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ...
 
 
-class CompressedSparseLinear(nn.Module):
+class CompressedSparseLinear(SparseLayer):
+    # A new mask means a new `values` parameter of another size: an optimizer holding the old one cannot follow.
+    # Dynamic algorithms are refused for this backend (Sparsifier), and set_mask refuses under an optimizer.
+    supports_dynamic = False
+    dense_compute = False  # only kept products are computed
+
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: nn.Parameter | None = None,
                  tile=(64, 64), transposed: bool = False, dense_shell: nn.Module | None = None,
                  target_sparsity: float | None = None):
@@ -72,6 +78,42 @@ class CompressedSparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The dense weight in nn.Linear orientation (a new tensor, zeros at masked positions)."""
         return unpack(self.layout, self.values.detach())
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [self.values]
+
+    def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
+        pass  # masked entries are not stored, so there is nothing to zero
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor, optimizers=()) -> torch.Tensor:
+        """Rebuild the layout for `mask` (kept entries keep their values, new ones start at zero). Refused while an
+        optimizer holds ``values``: its state would belong to the old layout."""
+        current = self.mask
+        if mask.shape != current.shape:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a layer of shape {tuple(current.shape)}")
+        mask = mask.to(current.device, torch.bool)
+        changed = mask != current
+        if not changed.any():
+            return changed
+        if any(self.values in opt.state or any(self.values is p for g in opt.param_groups for p in g["params"])
+               for opt in optimizers):
+            raise ValueError("the compressed backend keeps its masks static while an optimizer holds its values: "
+                             "load masks before building the optimizer, or use backend 'masked'")
+        layout, values = pack(self.dense_weight() * mask, mask, self.tile)
+        for name, tensor in layout.tensors().items():
+            self._buffers[PREFIX + name] = tensor.to(current.device)
+        self.values = nn.Parameter(values.to(self.values.device), requires_grad=self.values.requires_grad)
+        return changed
+
+    @torch.no_grad()
+    def load_dense_weight(self, weight: torch.Tensor) -> None:
+        weight = weight.t() if self.transposed else weight
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a weight of shape {tuple(weight.shape)} does not fit a "
+                             f"{(self.out_features, self.in_features)} layer")
+        _, values = pack(weight.to(self.values.device, self.values.dtype), self.mask, self.tile)
+        self.values.copy_(values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tiled_linear(x, self.values, self.layout, self.bias)
@@ -133,6 +175,22 @@ def _decode_extra(state) -> dict:
     out_features, in_features, tile_r, tile_c, transposed, target = state.tolist()
     return {"shape": (int(out_features), int(in_features)), "tile": (int(tile_r), int(tile_c)),
             "transposed": bool(transposed), "target_sparsity": target}
+
+
+def is_compressed_state(state_dict: dict) -> bool:
+    return any(k.endswith(PREFIX + "bitmap") for k in state_dict)
+
+
+def state_masks(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Module name -> bool mask (out, in) of every compressed layer in a state dict."""
+    masks = {}
+    for key in [k for k in state_dict if k.endswith(PREFIX + "bitmap")]:
+        prefix = key[: -len(PREFIX + "bitmap")]
+        extra = _decode_extra(state_dict[prefix + "_extra_state"])
+        layout = TiledLayout.from_tensors({f: state_dict[prefix + PREFIX + f] for f in FIELDS}, extra["shape"],
+                                          extra["tile"], nnz=state_dict[prefix + "values"].numel())
+        masks[prefix.rstrip(".")] = layout.mask()
+    return masks
 
 
 def dense_state_dict(state_dict: dict) -> dict:

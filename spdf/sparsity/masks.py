@@ -1,4 +1,6 @@
-"""Mask makers. Each mask is a pure function of (seed, parameter name, shape[, weight]).
+"""Mask makers, the functions behind the mask-method objects of methods.py.
+
+Each mask is a pure function of (seed, parameter name, shape[, weight]).
 
 Masks are made on the CPU from a generator seeded by a stable hash of (seed, name), so every data-parallel rank and
 every resumed run builds the same mask without communication. Shapes are in nn.Linear orientation (out, in); the
@@ -11,9 +13,6 @@ import math
 from typing import Mapping, Sequence
 
 import torch
-
-METHODS = ("random", "magnitude", "erk", "nm", "block")
-
 
 def check_sparsity(sparsity: float, name: str) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
@@ -98,26 +97,3 @@ def erk_sparsities(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict
             break
         dense |= over
     return {k: 0.0 if k in dense else min(max(1.0 - raw[k] * scale, 0.0), 0.999999) for k in shapes}
-
-
-def make_mask(
-    method: str,
-    name: str,
-    shape: Sequence[int],
-    sparsity: float,
-    seed: int,
-    weight: torch.Tensor | None = None,
-    n: int = 2,
-    m: int = 4,
-    block_size: int = 16,
-) -> torch.Tensor:
-    """One boolean mask (True = kept) for parameter `name`. `erk` layers arrive here with their per-layer sparsity."""
-    if method in ("random", "erk"):
-        return random_mask(shape, sparsity, seed, name)
-    if method == "magnitude":
-        return magnitude_mask(weight, sparsity, name)
-    if method == "nm":
-        return nm_mask(shape, n, m, seed, name)
-    if method == "block":
-        return block_mask(shape, sparsity, block_size, seed, name)
-    raise ValueError(f"unknown sparsity method {method!r} for {name!r}; allowed: {', '.join(METHODS)}")

@@ -1,8 +1,12 @@
 """Which weights get sparsified: linear-layer discovery and glob filters on parameter names.
 
 Candidates are the weights of `nn.Linear` modules and of Hugging Face GPT-2's `Conv1D` (recognised by its class name
-and shape, without importing transformers). The default filter is the paper's: every such weight except the LM head
-and any weight tied to an embedding — in a GPT that is exactly the attention projections and MLP weights.
+and shape, without importing transformers). The default filter is the paper's: every such weight except the output
+projection and task heads — in a GPT that is exactly the attention projections and MLP weights. The output
+projection is found by what the model says, not only by its name: any weight tied to an embedding (never a
+candidate), the model's `get_output_embeddings()` (Pythia's `embed_out`, BERT's `cls.predictions.decoder`), every
+module outside a Hugging Face model's `base_model` (task heads: `cls.*`, `classifier`, `score`), and the globs of
+DEFAULT_EXCLUDE (`lm_head`, poolers, classifiers by name).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Mapping, Sequence, Union
 import torch.nn as nn
 
 ParamFilter = Union[None, str, Sequence[str], Mapping[str, Union[float, None]]]
-DEFAULT_EXCLUDE = ("*lm_head*",)
+DEFAULT_EXCLUDE = ("*lm_head*", "*pooler*", "*classifier*")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,20 @@ def linear_candidates(model: nn.Module) -> list[Candidate]:
     return [c for c in linear.values() if id(c.module.weight) not in shared]
 
 
+def default_dense(model: nn.Module) -> set[str]:
+    """Parameter names the default filter leaves dense because the model says they are its output or task head."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Module) and getattr(head, "weight", None) is not None:
+        names.update(n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight)
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:  # Hugging Face: everything outside the base is a head
+        inside = {id(p) for p in base.parameters()}
+        names.update(n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in inside)
+    return names
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -96,10 +114,11 @@ def select(
                 f"param_filter pattern {pattern!r} matched no linear weight; candidates look like {names[0]!r}"
                 f" (glob patterns on parameter names, '!pattern' excludes)"
             )
+    protected = default_dense(model) if param_filter is None else set()
     chosen: dict[str, tuple[Candidate, float]] = {}
     for c in candidates:
         hits = [p for p in include if fnmatch.fnmatchcase(c.name, p)]
-        if not hits or any(fnmatch.fnmatchcase(c.name, p) for p in exclude):
+        if not hits or c.name in protected or any(fnmatch.fnmatchcase(c.name, p) for p in exclude):
             continue
         level = next((levels[p] for p in hits if levels.get(p) is not None), sparsity)
         level = next((v for p, v in (overrides or {}).items() if fnmatch.fnmatchcase(c.name, p)), level)

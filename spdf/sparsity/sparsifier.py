@@ -1,108 +1,181 @@
-"""sparsify() / densify() and the Sparsifier that keeps masked weights exactly zero while training.
+"""The Sparsifier: keeps masked weights exactly zero while training, runs the sparsity algorithm, reports, saves.
 
-    sp = spdf.sparsify(model, sparsity=0.75, init="random", seed=0)
+    sp = spdf.sparsify(model, sparsity=0.75, init="random", seed=0)      # or algorithm=RigL(...)
     opt = torch.optim.AdamW(model.parameters(), ...)
-    sp.attach(opt)          # after every opt.step(): masked weights and optimizer state re-zeroed
+    sp.attach(opt)          # after every real opt.step(): masked weights and optimizer state re-zeroed, masks updated
     ...
     spdf.densify(model)     # plain modules again, zeros in place, every weight trainable
+
+Everything is driven by the optimizer's own step hooks, so a user's loop needs no extra call, and a step that did not
+happen (skipped by an AMP grad scaler, or a micro-batch of gradient accumulation) changes nothing and counts nothing.
 """
 from __future__ import annotations
 
-import weakref
+import fnmatch
+import warnings
 
 import torch
 import torch.nn as nn
 
+from .algorithms import Algorithm, Static
 from .bitpack import pack_bits, unpack_bits
-from .masks import METHODS, check_sparsity, erk_sparsities, make_mask
-from .selection import ParamFilter, select
-from .sparse_linear import SparseLinear
+from .protocol import SparseLayer, sparse_layers
 
-STATE_VERSION = 1
-
-
-def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name → sparse layer (any backend) of a sparsified model."""
-    return {name: m for name, m in model.named_modules() if hasattr(m, "weight_mask") or hasattr(m, "to_dense")}
-
-
-def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
-    parent_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
+STATE_VERSION = 2
 
 # Optimizers whose update leaves a state entry and a weight at exactly zero when the gradient there is zero and the
 # state entry is zero (moments decay from 0 to 0; decoupled or L2 weight decay of a zero weight is zero).
 ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+TOTAL_ROW = "(all sparse layers)"
+
+
+def _unwrap(optimizer):
+    # accelerate's AcceleratedOptimizer (and similar wrappers) hold the real optimizer in `.optimizer`
+    while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "AcceleratedOptimizer":
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _slow_cpu_variant(optimizer) -> bool:
+    """A CPU Adam/AdamW that is not fused: its vectorised sqrt is slow on the exact zeros a sparse state holds."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    on_cpu = any(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+    return on_cpu and not any(g.get("fused") for g in optimizer.param_groups)
 
 
 class Sparsifier:
-    """Owns the masks of a sparsified model: keeps them enforced, reports on them, saves and restores them."""
+    """Owns the masks of a sparsified model: keeps them enforced, updates them, reports on them, saves them."""
 
-    def __init__(self, model: nn.Module, config: dict):
+    _hinted = False  # the fused-AdamW hint is shown once per process
+
+    def __init__(self, model: nn.Module, config: dict, algorithm: Algorithm | None = None):
         self.model = model
         self.config = config
-        self._optimizers: list[tuple[torch.optim.Optimizer, list]] = []
+        self.algorithm = algorithm or Static()
+        self.step = 0  # real optimizer steps seen while attached
+        self.last_update: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (dropped, grown) masks
+        self.mask_version = 0  # bumped whenever a mask changes (FLOP accounting caches on it)
+        if self.algorithm.dynamic:
+            static = [n for n, layer in self.layers.items() if not layer.supports_dynamic]
+            if static:
+                raise ValueError(f"sparsity algorithm {self.algorithm.name!r} changes masks during training, which "
+                                 f"the {type(self.layers[static[0]]).__name__} backend does not support (static "
+                                 f"masks only); use backend 'masked'")
+        self._optimizers: list[tuple[torch.optim.Optimizer, list, dict | None]] = []
 
     @property
-    def layers(self) -> dict[str, nn.Module]:
+    def layers(self) -> dict[str, SparseLayer]:
         return sparse_layers(self.model)
 
-    # ---- keeping the zeros -------------------------------------------------------------------------------------
+    # ---- keeping the zeros, updating the masks ---------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
-        """After every `optimizer.step()` re-zero masked weights and every optimizer-state tensor of their shape.
+        """Hook `optimizer`: after every real step re-zero masked weights and optimizer state, and run the algorithm.
 
         Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`."""
-        while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__ == "AcceleratedOptimizer":
-            optimizer = optimizer.optimizer
-        zeroed_state: dict[int, weakref.ref] = {}  # state tensors already zeroed, for zero-preserving optimizers
+        optimizer = _unwrap(optimizer)
+        if self.algorithm.dynamic and self._optimizers:
+            raise ValueError(f"sparsity algorithm {self.algorithm.name!r} counts the steps of one optimizer: "
+                             f"detach() the attached one first")
+        if _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
+            Sparsifier._hinted = True
+            warnings.warn("a non-fused Adam/AdamW on CPU is attached: its step is slower on the zeros of sparse "
+                          "weights (about 1.05-1.08x dense); torch.optim.AdamW(..., fused=True) costs about "
+                          "1.01x (benchmarks/results/step_overhead.md)", stacklevel=2)
+        zeroed = {} if type(optimizer) in ZERO_PRESERVING else None  # state tensors already zeroed once
         handles = [
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self.enforce(opt, zeroed_state)),
-            optimizer.register_load_state_dict_post_hook(lambda opt: self.enforce(opt)),
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt, zeroed)),
+            optimizer.register_load_state_dict_post_hook(lambda opt: self._rezero(opt)),
         ]
-        self._optimizers.append((optimizer, handles))
+        self._optimizers.append((optimizer, handles, zeroed))
         for layer in self.layers.values():
             layer.optimizer_attached = True
+        self._arm()
         self.enforce(optimizer)
         return self
 
     def detach(self) -> None:
-        for _, handles in self._optimizers:
+        for _, handles, _ in self._optimizers:
             for h in handles:
                 h.remove()
         self._optimizers.clear()
+        for layer in self.layers.values():
+            layer.keep_dense_grad = False
 
     @torch.no_grad()
     def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
-        """Zero masked entries of the weights and of `optimizer`'s state tensors of the weight's shape.
-
-        With `zeroed_state` (what attach() passes after each step) and an optimizer of ZERO_PRESERVING type, a state
-        tensor is zeroed once, when it first appears: with masked gradients these optimizers' updates keep a zero
-        state entry exactly zero, so zeroing it again every step would only cost two passes over memory
-        (benchmarks/step_overhead.py). Weights are re-zeroed every step whatever the optimizer.
-        """
-        # One in-place multiply per tensor by the uint8 view of the mask: faster on CPU than torch._foreach_mul_,
-        # which falls back to a slow per-tensor path for mixed dtypes.
-        once = zeroed_state is not None and optimizer is not None and type(optimizer) in ZERO_PRESERVING
+        """Zero masked entries of the weights and of `optimizer`'s state (once per state tensor with zeroed_state)."""
         for layer in self.layers.values():
-            if not isinstance(layer, SparseLinear):
-                continue  # the compressed backend stores no masked entries at all
-            layer.apply_mask_()
-            keep = layer.mask_multiplier
-            state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
-            for value in state.values():
-                if not (torch.is_tensor(value) and value.shape == layer.weight.shape):
-                    continue
-                if once:
-                    seen = zeroed_state.get(id(value))
-                    if seen is not None and seen() is value:
-                        continue
-                    zeroed_state[id(value)] = weakref.ref(value)
-                value.mul_(keep)
+            layer.enforce(optimizer, zeroed_state)
+
+    def _rezero(self, optimizer) -> None:
+        # A loaded optimizer state holds new tensors: zero them (and forget the "zeroed once" record).
+        for opt, _, zeroed in self._optimizers:
+            if opt is optimizer and zeroed is not None:
+                zeroed.clear()
+        self.enforce(optimizer)
+
+    def _arm(self) -> None:
+        """Let the next step's gradients stay dense where the algorithm needs them (RigL's update steps only)."""
+        dense = self.algorithm.needs_dense_grad(self.step + 1)
+        for layer in self.layers.values():
+            if layer.supports_dynamic:
+                layer.keep_dense_grad = dense
+
+    def _before_step(self) -> None:
+        # Gradients are final here (accumulated, all-reduced, unscaled, clipped): keep the dense copy, then mask.
+        if self.algorithm.needs_dense_grad(self.step + 1):
+            for layer in self.layers.values():
+                layer.take_dense_grad()
+
+    def _after_step(self, optimizer, zeroed) -> None:
+        self.enforce(optimizer, zeroed)
+        if optimizer is not self._optimizers[0][0]:
+            return  # only the first attached optimizer counts steps
+        # A fused optimizer under an AMP grad scaler is called even for a step the scaler skips (it skips inside,
+        # given `found_inf`): that step did not happen.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        self.step += 1
+        if self.algorithm.is_update_step(self.step):
+            self.update_masks()
+        self._arm()
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """One update of the algorithm after optimizer step `self.step`; optimizer state of changed entries reset."""
+        seed = self.config.get("seed", 0)
+        optimizers = [opt for opt, _, _ in self._optimizers]
+        self.last_update = {}
+        for name, layer in self.layers.items():
+            mask, dropped, grown = self.algorithm.new_mask(name, layer, self.step, seed)
+            layer.set_mask(mask, optimizers)
+            layer.dense_grad = None  # kept for this update only
+            self.last_update[name] = (dropped, grown)
+        for _, _, zeroed in self._optimizers:
+            if zeroed is not None:
+                zeroed.clear()  # the masks moved: every state tensor is zeroed afresh at the next step
+        self.mask_version += 1
 
     # ---- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> list[dict]:
         return layer_stats(self.model)
+
+    # ---- masks as plain tensors ----------------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{parameter name: bool mask shaped like that parameter of the dense model} (e.g. `weight * mask`)."""
+        return {f"{name}.weight": (layer.mask.t() if layer.transposed else layer.mask).clone()
+                for name, layer in self.layers.items()}
+
+    def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks)."""
+        set_masks(self.model, masks, [opt for opt, _, _ in self._optimizers])
+        for _, _, zeroed in self._optimizers:
+            if zeroed is not None:
+                zeroed.clear()  # changed entries had their state reset: zero every state tensor afresh once
+        self.mask_version += 1
 
     # ---- saving and restoring ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -110,146 +183,82 @@ class Sparsifier:
         for name, layer in self.layers.items():
             mask = layer.mask
             layers[name] = {"shape": list(mask.shape), "bits": pack_bits(mask), "target": layer.target_sparsity}
-        return {"version": STATE_VERSION, "config": dict(self.config), "layers": layers}
+        return {"version": STATE_VERSION, "config": dict(self.config), "layers": layers, "step": self.step,
+                "algorithm": self.algorithm.settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore masks saved by state_dict() into this (already sparsified) model; weights are re-zeroed."""
-        if state.get("version") != STATE_VERSION:
+        """Restore masks and the step count saved by state_dict() into this (already sparsified) model."""
+        if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"sparsifier state has version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state.get("algorithm", {"algorithm": "static"})["algorithm"] != self.algorithm.name:
+            raise ValueError(f"sparsifier state is of algorithm {state['algorithm']['algorithm']!r}, this sparsifier "
+                             f"runs {self.algorithm.name!r}")
         ours, theirs = self.layers, state["layers"]
         if set(ours) != set(theirs):
             missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-            raise ValueError(f"sparsifier state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(f"sparsifier state does not match the model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
         for name, layer in ours.items():
             shape = tuple(theirs[name]["shape"])
             if tuple(layer.mask.shape) != shape:
                 raise ValueError(f"mask of {name!r} has shape {shape}, the model's layer has {tuple(layer.mask.shape)}")
-            mask = unpack_bits(theirs[name]["bits"], shape)
-            layer.weight_mask.copy_(mask.t() if layer.transposed else mask)
+        self.load_masks({name: unpack_bits(theirs[name]["bits"], tuple(theirs[name]["shape"])) for name in ours})
+        for name, layer in ours.items():
             layer.target_sparsity = float(theirs[name]["target"])
         self.config = dict(state["config"])
+        self.step = int(state.get("step", 0))
         self.enforce()
-        for optimizer, _ in self._optimizers:
+        for optimizer, _, _ in self._optimizers:
             self.enforce(optimizer)
+        self._arm()
 
 
 def layer_stats(model: nn.Module) -> list[dict]:
-    """Per sparse layer: name, shape, target and actual sparsity, non-zeros (actual counts the weight's zeros too)."""
+    """Per sparse layer, then one total row (name TOTAL_ROW): shape, target and actual sparsity, non-zeros.
+
+    `mask_sparsity` is the mask's, `actual` counts the weight's own zeros too."""
     rows = []
     for name, layer in sparse_layers(model).items():
         mask = layer.mask
         numel = mask.numel()
-        kept = int(mask.sum())
-        weight = layer.dense_weight() if hasattr(layer, "dense_weight") else layer.weight
-        nonzero = int(torch.count_nonzero(weight))
-        rows.append(
-            dict(name=name, shape=tuple(mask.shape), target=layer.target_sparsity, mask_sparsity=1 - kept / numel,
-                 actual=1 - nonzero / numel, nnz=nonzero, numel=numel)
-        )
+        nonzero = int(torch.count_nonzero(layer.dense_weight()))
+        rows.append(dict(name=name, shape=tuple(mask.shape), target=layer.target_sparsity,
+                         mask_sparsity=1 - int(mask.sum()) / numel, actual=1 - nonzero / numel, nnz=nonzero,
+                         numel=numel))
+    if rows:
+        numel = sum(r["numel"] for r in rows)
+        rows.append(dict(name=TOTAL_ROW, shape=None, numel=numel, nnz=sum(r["nnz"] for r in rows),
+                         target=sum(r["target"] * r["numel"] for r in rows) / numel,
+                         mask_sparsity=sum(r["mask_sparsity"] * r["numel"] for r in rows) / numel,
+                         actual=1 - sum(r["nnz"] for r in rows) / numel))
     return rows
 
 
-def sparsify(
-    model: nn.Module,
-    sparsity: float = 0.75,
-    init: str = "random",
-    param_filter: ParamFilter = None,
-    seed: int = 0,
-    overrides: dict[str, float] | None = None,
-    n: int = 2,
-    m: int = 4,
-    block_size: int = 16,
-    backend: str = "masked",
-    tile: tuple[int, int] = (64, 64),
-) -> Sparsifier:
-    """Swap the selected linear layers of `model` (in place) for sparse ones and return their Sparsifier.
-
-    init: "random" (the paper's), "magnitude", "erk" (global `sparsity` spread by Erdős–Rényi-Kernel), "nm" (n:m along
-    the input dimension; `sparsity` is then 1 - n/m) or "block" (random block_size² blocks).
-    param_filter: None (the paper's layers), a glob, a list of globs ("!glob" excludes), or {glob: sparsity}.
-    overrides: {glob: sparsity} applied on top of the filter's levels. backend: "masked" or "compressed".
-    """
-    if init not in METHODS:
-        raise ValueError(f"unknown sparsity init {init!r}; allowed: {', '.join(METHODS)}")
-    if backend not in ("masked", "compressed"):
-        raise ValueError(f"unknown sparse backend {backend!r}; allowed: masked, compressed")
-    check_sparsity(sparsity, "sparsity")
-    for pattern, level in (overrides or {}).items():
-        check_sparsity(level, pattern)
-    if sparse_layers(model):
-        raise ValueError("the model is already sparsified; densify() it first")
-    chosen = select(model, sparsity, param_filter, overrides)
-    for name, (candidate, level) in chosen.items():
-        check_sparsity(level, name)
-        if not candidate.module_name:
-            raise ValueError("cannot sparsify a bare layer in place: wrap it in a module (e.g. nn.Sequential(layer))")
-    if init == "erk":
-        if overrides or isinstance(param_filter, dict):
-            raise ValueError("init='erk' allocates per-layer sparsity itself: per-pattern levels and overrides "
-                             "cannot be combined with it")
-        levels = erk_sparsities({name: c.shape for name, (c, _) in chosen.items()}, sparsity)
-        chosen = {name: (c, levels[name]) for name, (c, _) in chosen.items()}
-    if init == "nm":
-        chosen = {name: (c, 1 - n / m) for name, (c, _) in chosen.items()}
-    # Every mask first, then every swap: a bad layer (say N:M on an indivisible width) leaves the model untouched.
-    masks = {}
-    for name, (candidate, level) in chosen.items():
-        weight = candidate.module.weight
-        mask = make_mask(init, name, candidate.shape, level, seed, weight=(weight.t() if candidate.transposed else weight),
-                         n=n, m=m, block_size=block_size)
-        masks[name] = mask.t() if candidate.transposed else mask
-    for name, (candidate, level) in chosen.items():
-        layer = SparseLinear(candidate.module, masks[name], candidate.transposed, level)
-        if backend == "compressed":
-            from .compressed import CompressedSparseLinear
-
-            layer = CompressedSparseLinear.from_masked(layer, tile=tile)
-        _replace(model, candidate.module_name, layer)
-    config = dict(sparsity=sparsity, init=init, seed=seed, n=n, m=m, block_size=block_size, backend=backend,
-                  param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
-                  (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),
-                  overrides=dict(overrides or {}))
-    return Sparsifier(model, config)
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -> None:
+    """Install masks on every sparse layer of `model`: keyed by parameter name ("x.weight", mask shaped like that
+    parameter, as Sparsifier.masks() gives them) or by module name ("x", (out, in) orientation, as exports store
+    them). Entries that change start at zero, with their optimizer state reset."""
+    layers, new = sparse_layers(model), {}
+    for key, mask in masks.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") and key not in layers else key
+        if name not in layers:
+            raise ValueError(f"mask for {key!r}, which is not a sparse layer of the model")
+        new[name] = mask.t() if (key != name and layers[name].transposed) else mask
+    missing = sorted(set(layers) - set(new))
+    if missing:
+        raise ValueError(f"no mask given for sparse layers {missing[:3]}")
+    for name, mask in new.items():
+        layers[name].set_mask(mask.bool(), optimizers)
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every sparse layer by its original dense module type, zeros in place, no masks or hooks."""
+def matching_layers(model: nn.Module, names: str | list[str] | None) -> dict[str, SparseLayer]:
+    """Sparse layers whose module or parameter name matches one of the globs (all of them for None)."""
     layers = sparse_layers(model)
-    if not layers:
-        raise ValueError("the model has no sparse layer to densify")
-    for name, layer in layers.items():
-        _replace(model, name, layer.to_dense())
-    return model
-
-
-def is_sparse_state_dict(state_dict: dict) -> bool:
-    return any(k.endswith("weight_mask") or k.endswith("tile_bitmap") for k in state_dict)
-
-
-def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = False, strict: bool = True):
-    """Load a model state dict, refusing a sparse/dense mismatch with a clear message unless asked to densify.
-
-    With densify_model=True a sparse checkpoint loads into a dense model (its zeros come along), and a sparsified
-    model is densified before a dense checkpoint is loaded into it."""
-    sparse_ckpt, sparse_model = is_sparse_state_dict(state_dict), bool(sparse_layers(model))
-    if sparse_ckpt and not sparse_model:
-        if not densify_model:
-            raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
-                             "settings first, or load with densify_model=True to take its weights densely")
-        state_dict = to_dense_state_dict(state_dict)
-    elif sparse_model and not sparse_ckpt:
-        if not densify_model:
-            raise ValueError("the checkpoint is dense but the model is sparse: densify the model first, "
-                             "or load with densify_model=True")
-        densify(model)
-    return model.load_state_dict(state_dict, strict=strict)
-
-
-def to_dense_state_dict(state_dict: dict) -> dict:
-    """The state dict a dense model of the same shape loads: masks dropped, compressed layers expanded to dense
-    weights (zeros in place) by their backend."""
-    if any(k.endswith("tile_bitmap") for k in state_dict):
-        from .compressed import dense_state_dict
-
-        state_dict = dense_state_dict(state_dict)
-    return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
+    if names is None:
+        return layers
+    patterns = [names] if isinstance(names, str) else list(names)
+    chosen = {n: layer for n, layer in layers.items()
+              if any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(f"{n}.weight", p) for p in patterns)}
+    if not chosen:
+        raise ValueError(f"{patterns!r} matched no sparse layer; sparse layers look like {next(iter(layers), '')!r}")
+    return chosen

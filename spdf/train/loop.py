@@ -63,6 +63,7 @@ class TrainState:
     elapsed: float = 0.0
     data: dict = field(default_factory=dict)
     last_val_loss: float | None = None
+    sparsity: dict | None = None  # the sparsifier's state (masks, its step count for dynamic algorithms)
     # (loss sum, target count) of the steps since the last training log, summed over ranks: a resume between two
     # logs then logs the same mean loss as the uninterrupted run.
     window: tuple = (0.0, 0)
@@ -96,12 +97,14 @@ def evaluate(accelerator, model, batches) -> float:
 
 
 def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: TrainState, phase_dir: Path,
-              metrics: MetricsLog, flops_per_token: tuple[float, float], later_phases=(), meta_extra=None,
-              downstream=None):
+              metrics: MetricsLog, flops, later_phases=(), meta_extra=None, downstream=None):
     """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
 
     `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict).
-    `flops_per_token` is (dense-equivalent, actually needed) training FLOPs per token, from spdf.flops.
+    `flops.per_token()` is (dense-equivalent, actually needed) training FLOPs per token of the next step
+    (spdf.flops.TrainingFlops: it follows masks that a dynamic sparsity algorithm changes).
+    An attached sparsifier does its work in the optimizer's step hooks: masks re-zeroed, and for a dynamic
+    algorithm updated, after each real optimizer step (not after a step skipped by AMP, not mid-accumulation).
     `downstream(model, scope, step, tokens)`, if given, scores generations (spdf.train.downstream.DownstreamEval).
     """
     optimizer = build_adamw(model, plan.lr, plan.betas, plan.eps, plan.weight_decay)
@@ -116,12 +119,14 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     if existing:
         load_checkpoint(accelerator, existing[-1], expect=layout_meta(accelerator.unwrap_model(model)))
         source.load_state_dict(state.data)
+        if sparsifier is not None and state.sparsity is not None:
+            sparsifier.load_state_dict(state.sparsity)
         accelerator.print(f"[{plan.name}] resumed from {existing[-1]} (step {state.step}/{plan.total_steps})")
     # Records a killed run wrote after its last checkpoint (all of them, if it had none) are written again.
     metrics.rewind(plan.name, state.step if existing else -1, later_phases)
-    dense_per_token, spent_per_token = flops_per_token
     def checkpoint() -> None:
         state.data = source.state_dict()
+        state.sparsity = sparsifier.state_dict() if sparsifier is not None else None
         totals = accelerator.reduce(window_loss.clone(), reduction="sum")
         state.window = (totals[0].item(), int(totals[1].item()))
         save_checkpoint(accelerator, ckpt_root, state.step, {**meta, "step": state.step}, plan.keep_checkpoints)
@@ -150,6 +155,7 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
         for group in optimizer.param_groups:
             group["lr"] = plan.lr * lr_factor(state.step, plan.total_steps, plan.warmup_steps, plan.decay,
                                               plan.min_lr_ratio)
+        dense_per_token, spent_per_token = flops.per_token()  # before the step: a mask update follows it
         micro = source.next_step(plan.accum_steps, plan.micro_batch_size)
         n_targets = sum(int((t != -100).sum()) for _, t in micro)
         step_tokens = sum(idx.numel() for idx, _ in micro)

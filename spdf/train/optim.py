@@ -1,15 +1,21 @@
-"""AdamW with the usual decay/no-decay split: matrices decay; biases, norm gains and other vectors do not."""
+"""AdamW with the usual decay/no-decay split: matrices decay; biases, norm gains and other vectors do not.
+
+A sparse layer says which of its parameters carry its weight (the compressed backend's are 1-D non-zero values):
+those decay like the matrix they stand for."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ..sparsity import sparse_layers
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    weights = {id(p) for layer in sparse_layers(model).values() for p in layer.weight_parameters()}
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied weight once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 or id(p) in weights else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

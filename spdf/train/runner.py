@@ -21,14 +21,15 @@ from ..export import (CheckpointError, find_export, load_weights, read_json, spa
                       write_json_atomic)
 from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
                     load_or_train_tokenizer)
-from ..flops import model_flops
+from ..flops import TrainingFlops
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
-from ..sparsity import densify, sparse_layers, sparsify
+from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
 from .downstream import DownstreamEval, check_metrics_available
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .sparsity_plan import sparsify_recipe
 
 
 def data_cache_dir() -> Path:
@@ -199,10 +200,10 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
-        fb = model_flops(model, phase.seq_len)
         downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
-                                    (fb.dense_train, fb.sparse_train), later_phases=[p.name for p in recipe.phases[i + 1:]],
+                                    TrainingFlops(model, phase.seq_len, sparsifier),
+                                    later_phases=[p.name for p in recipe.phases[i + 1:]],
                                     meta_extra={"recipe": recipe.to_dict()}, downstream=downstream)
         if downstream is not None:
             downstream(model, "final", state.step, state.tokens)
@@ -234,13 +235,6 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
 def _initial_model(recipe: Recipe, config, init_from: Path | None):
     """A fresh GPT sparsified as the recipe says, or the weights (and masks) of the checkpoint to fine-tune."""
     model = GPT(config)
-    sp = recipe.sparsity
     if init_from is None:
-        if sp.method == "none":
-            return model, None
-        sparsifier = sparsify(model, sparsity=sp.level, init=sp.method, seed=recipe.sparsity_seed,
-                              param_filter=list(sp.filter) if sp.filter else None,
-                              overrides=dict(sp.overrides) or None, n=sp.n, m=sp.m, block_size=sp.block_size,
-                              backend=sp.backend)
-        return model, sparsifier
+        return model, sparsify_recipe(recipe, model)
     return sparse_model(find_export(init_from), model)

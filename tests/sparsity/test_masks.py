@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from spdf.sparsity import block_mask, erk_sparsities, magnitude_mask, make_mask, nm_mask, random_mask
-from spdf.sparsity.masks import METHODS
+from spdf.sparsity import block_mask, erk_sparsities, magnitude_mask, nm_mask, random_mask
+from spdf.sparsity.methods import MASK_METHODS, Block, Magnitude, Random, Target, mask_method
 
 SHAPES = [(1, 1), (1, 7), (3, 5), (7, 13), (31, 17), (96, 32), (64, 64), (257, 3)]
 LEVELS = [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.75, 0.9, 0.99]
@@ -64,7 +64,7 @@ def test_magnitude_mask_exact_count_with_ties():
 
 def test_magnitude_mask_needs_a_weight():
     with pytest.raises(ValueError, match="my.weight"):
-        make_mask("magnitude", "my.weight", (4, 4), 0.5, seed=0, weight=None)
+        magnitude_mask(None, 0.5, "my.weight")
 
 
 @pytest.mark.parametrize("n,m,shape", [(2, 4, (6, 16)), (1, 4, (5, 8)), (1, 2, (3, 10)), (3, 8, (4, 24))])
@@ -162,10 +162,10 @@ def test_erk_near_zero_sparsity_is_dense(sparsity):
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "a", True, None, float("nan")])
-@pytest.mark.parametrize("method", ["random", "magnitude", "block"])
+@pytest.mark.parametrize("method", [Random(), Magnitude(), Block(4)], ids=["random", "magnitude", "block"])
 def test_bad_sparsity_is_a_value_error_naming_the_parameter(bad, method):
     with pytest.raises(ValueError, match=r"'blocks\.1\.fc\.weight'"):
-        make_mask(method, "blocks.1.fc.weight", (16, 16), bad, seed=0, weight=torch.randn(16, 16), block_size=4)
+        method.masks({"blocks.1.fc.weight": Target((16, 16), bad, torch.randn(16, 16))}, seed=0)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "a", True])
@@ -176,6 +176,6 @@ def test_erk_rejects_bad_global_sparsity(bad):
 
 def test_unknown_method_lists_the_allowed():
     with pytest.raises(ValueError, match="lottery") as err:
-        make_mask("lottery", "w", (4, 4), 0.5, seed=0)
-    for method in METHODS:
+        mask_method("lottery")
+    for method in MASK_METHODS:
         assert method in str(err.value)

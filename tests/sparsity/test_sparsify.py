@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import spdf
-from spdf.sparsity import SparseLinear, sparse_layers
+from spdf.sparsity import NM, Block, SparseLinear, sparse_layers
 
 PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -133,13 +133,13 @@ def test_densify_dense_model_is_a_value_error(make_gpt):
         spdf.densify(make_gpt())
 
 
-@pytest.mark.parametrize("init,kw", [("nm", dict(n=2, m=4)), ("block", dict(block_size=4))])
-def test_structured_init_errors_name_the_parameter(make_gpt, init, kw):
+@pytest.mark.parametrize("init", [NM(2, 4), Block(4)], ids=["nm", "block"])
+def test_structured_init_errors_name_the_parameter(make_gpt, init):
     with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn\.weight"):
-        spdf.sparsify(make_gpt(n_layer=1, d_model=30, n_head=2, d_ff=120), sparsity=0.5, init=init, **kw)
+        spdf.sparsify(make_gpt(n_layer=1, d_model=30, n_head=2, d_ff=120), sparsity=0.5, init=init)
 
 
-@pytest.mark.parametrize("kwargs", [dict(init="nm", n=2, m=4), dict(param_filter={"0.*": 0.5, "1.*": 1.5})],
+@pytest.mark.parametrize("kwargs", [dict(init=NM(2, 4)), dict(param_filter={"0.*": 0.5, "1.*": 1.5})],
                          ids=["nm-indivisible-later-layer", "bad-level-in-dict-filter"])
 def test_failed_sparsify_leaves_the_model_untouched(kwargs):
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4))  # layer 1's input dim 6 is not a multiple of m=4
@@ -182,7 +182,7 @@ def test_plain_sequential_of_linears():
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 3, bias=False))
     sp = spdf.sparsify(model, sparsity=0.6, seed=1)
     assert set(sparse_layers(model)) == {"0", "2"}
-    assert [r["name"] for r in sp.stats()] == ["0", "2"]
+    assert [r["name"] for r in sp.stats()] == ["0", "2", spdf.sparsity.TOTAL_ROW]
     assert int((model[0].weight == 0).sum()) == 120 and int((model[2].weight == 0).sum()) == 36
     x = torch.randn(4, 10)
     with torch.no_grad():
@@ -242,7 +242,7 @@ def test_conv1d_is_sparsified_with_exact_count():
 def test_conv1d_nm_groups_run_along_weight_dim_0():
     torch.manual_seed(0)
     model = TinyHFBlock()
-    spdf.sparsify(model, init="nm", n=1, m=4, seed=0)
+    spdf.sparsify(model, init=NM(1, 4), seed=0)
     for layer in (model.c_fc, model.c_proj):
         nx, nf = layer.weight.shape
         groups = layer.weight_mask.view(nx // 4, 4, nf)  # 4 consecutive inputs of one output
@@ -254,7 +254,7 @@ def test_conv1d_nm_indivisible_input_dim_names_the_parameter():
     model = nn.Sequential()
     model.add_module("proj", Conv1D(8, 6))  # input dim nx=6
     with pytest.raises(ValueError, match=r"proj\.weight.*6"):
-        spdf.sparsify(model, init="nm", n=2, m=4)
+        spdf.sparsify(model, init=NM(2, 4))
 
 
 def test_conv1d_magnitude_mask_uses_the_right_entries():

@@ -201,7 +201,11 @@ def test_stats_rows(make_gpt):
     model = make_gpt()
     sp = spdf.sparsify(model, sparsity=0.75, overrides={"*mlp.c_fc*": 0.5})
     rows = {r["name"]: r for r in sp.stats()}
-    assert len(rows) == 8
+    assert len(rows) == 9
+    total = rows[spdf.sparsity.TOTAL_ROW]  # the global summary row, weighted by layer size
+    assert total["numel"] == sum(r["numel"] for n, r in rows.items() if n != spdf.sparsity.TOTAL_ROW)
+    assert total["nnz"] == 2 * (768 + 256 + 2048 + 1024)
+    assert total["actual"] == pytest.approx(1 - total["nnz"] / total["numel"])
     attn = rows["transformer.h.0.attn.c_attn"]
     assert attn["shape"] == (96, 32) and attn["numel"] == 3072
     assert attn["target"] == 0.75 and attn["nnz"] == 768 and attn["actual"] == pytest.approx(0.75)

@@ -1,0 +1,151 @@
+"""sparsify() / densify() and state-dict helpers: the verbs of the library surface."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .algorithms import ALGORITHMS, Algorithm
+from .masks import check_sparsity
+from .methods import MaskMethod, Target, mask_method
+from .protocol import sparse_layers
+from .selection import ParamFilter, select
+from .sparse_linear import SparseLinear
+from .sparsifier import Sparsifier, matching_layers
+
+BACKENDS = ("masked", "compressed")
+
+
+def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _algorithm(algorithm) -> Algorithm:
+    if algorithm is None:
+        return ALGORITHMS["static"]()
+    if isinstance(algorithm, Algorithm):
+        return algorithm
+    if isinstance(algorithm, str) and algorithm in ("static",):
+        return ALGORITHMS[algorithm]()
+    raise ValueError(f"algorithm must be an Algorithm object (Static(), GMP(...), SET(...), RigL(...)) or "
+                     f"'static', got {algorithm!r}")
+
+
+def sparsify(
+    model: nn.Module,
+    sparsity: float = 0.75,
+    init: str | MaskMethod | dict | object = "random",
+    param_filter: ParamFilter = None,
+    seed: int = 0,
+    overrides: dict[str, float] | None = None,
+    backend: str = "masked",
+    tile: tuple[int, int] = (64, 64),
+    algorithm: Algorithm | str | None = None,
+) -> Sparsifier:
+    """Swap the selected linear layers of `model` (in place) for sparse ones and return their Sparsifier.
+
+    init: a mask method -- Random() (the paper's), Magnitude(), ERK(), NM(n, m), Block(size), GlobalMagnitude(),
+    their registry names ("random", "nm", ...), a {name: bool mask} dict or a callable (name, shape, level) -> mask.
+    param_filter: None (the paper's layers), a glob, a list of globs ("!glob" excludes), or {glob: sparsity}.
+    overrides: {glob: sparsity} applied on top of the filter's levels. backend: "masked" or "compressed".
+    algorithm: Static() (default), GMP(...), SET(...) or RigL(...): how the masks change after optimizer steps.
+    """
+    method = mask_method(init)
+    algorithm = _algorithm(algorithm)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sparse backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    check_sparsity(sparsity, "sparsity")
+    for pattern, level in (overrides or {}).items():
+        check_sparsity(level, pattern)
+    if sparse_layers(model):
+        raise ValueError("the model is already sparsified; densify() it first")
+    chosen = select(model, sparsity, param_filter, overrides)
+    for name, (candidate, level) in chosen.items():
+        check_sparsity(level, name)
+        if not candidate.module_name:
+            raise ValueError("cannot sparsify a bare layer in place: wrap it in a module (e.g. nn.Sequential(layer))")
+    if method.allocates_levels and (overrides or isinstance(param_filter, dict)):
+        raise ValueError(f"init={method.name!r} chooses per-layer sparsity itself: per-pattern levels and overrides "
+                         f"cannot be combined with it")
+    targets = {}
+    for name, (c, level) in chosen.items():
+        weight = c.module.weight.t() if c.transposed else c.module.weight
+        targets[name] = Target(c.shape, algorithm.initial_sparsity(level), weight)
+    # Every mask first, then every swap: a bad layer (say N:M on an indivisible width) leaves the model untouched.
+    masks = method.masks(targets, seed)
+    for name, (candidate, level) in chosen.items():
+        mask, made_at = masks[name]
+        # A dynamic algorithm starts below its target (GMP); the layer's target stays the one asked for.
+        target = level if algorithm.initial_sparsity(level) != level else made_at
+        layer = SparseLinear(candidate.module, mask.t() if candidate.transposed else mask, candidate.transposed,
+                             target)
+        if backend == "compressed":
+            from .compressed import CompressedSparseLinear
+
+            layer = CompressedSparseLinear.from_masked(layer, tile=tile)
+        _replace(model, candidate.module_name, layer)
+    config = dict(sparsity=sparsity, **method.settings(), seed=seed, backend=backend, **algorithm.settings(),
+                  param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
+                  (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),
+                  overrides=dict(overrides or {}))
+    try:
+        return Sparsifier(model, config, algorithm)
+    except ValueError:
+        densify(model)  # refused (a dynamic algorithm on a static backend): leave the model dense as it came
+        raise
+
+
+def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
+    """Replace sparse layers by their original dense module type, zeros in place, no masks or hooks: all of them,
+    or those whose module or parameter name matches `names` (globs), like torch.nn.utils.prune.remove."""
+    if not sparse_layers(model):
+        raise ValueError("the model has no sparse layer to densify")
+    for name, layer in matching_layers(model, names).items():
+        _replace(model, name, layer.to_dense())
+    return model
+
+
+def is_sparse_state_dict(state_dict: dict) -> bool:
+    from .compressed import is_compressed_state
+
+    return any(k.endswith("weight_mask") for k in state_dict) or is_compressed_state(state_dict)
+
+
+def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = False, strict: bool = True):
+    """Load a model state dict, refusing a sparse/dense mismatch with a clear message unless asked to densify.
+
+    With densify_model=True a sparse checkpoint loads into a dense model (its zeros come along), and a sparsified
+    model is densified before a dense checkpoint is loaded into it."""
+    sparse_ckpt, sparse_model = is_sparse_state_dict(state_dict), bool(sparse_layers(model))
+    if sparse_ckpt and not sparse_model:
+        if not densify_model:
+            raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
+                             "settings first, or load with densify_model=True to take its weights densely")
+        state_dict = to_dense_state_dict(state_dict)
+    elif sparse_model and not sparse_ckpt:
+        if not densify_model:
+            raise ValueError("the checkpoint is dense but the model is sparse: densify the model first, "
+                             "or load with densify_model=True")
+        densify(model)
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def to_dense_state_dict(state_dict: dict) -> dict:
+    """The state dict a dense model of the same shape loads: masks dropped, compressed layers expanded to dense
+    weights (zeros in place) by their backend."""
+    from .compressed import dense_state_dict, is_compressed_state
+
+    if is_compressed_state(state_dict):
+        state_dict = dense_state_dict(state_dict)
+    return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
+
+
+def state_dict_masks(state_dict: dict) -> dict[str, "torch.Tensor"]:
+    """Module name -> bool mask read from a sparse model's state dict (any backend): in the stored weight's layout
+    for masked layers (`weight_mask`), in (out, in) orientation for compressed ones (they store no weight)."""
+    from .compressed import state_masks
+
+    masks = state_masks(state_dict)
+    for key, value in state_dict.items():
+        if key.endswith(".weight_mask"):
+            masks[key[: -len(".weight_mask")]] = value.bool()
+    return masks
