@@ -137,7 +137,8 @@ def write_markdown(records, meta, targets, path):
             "`step` = (fwd + dX + dW dense) / (fwd + dX + dW sparse). Peers, forward (Y = X W^T) vs dense: "
             "csr/bsr = torch.sparse with W as CSR / 64x64 BSR; torch_sparse = PyG's torch-sparse with W as a "
             "`SparseTensor`, computed as (W X^T)^T (the transposes are in its time, <1% of it). n/a = the peer "
-            "did not run that case (not installed, or the dtype/layout/device is unsupported).", "", "## Targets (H100/H200)", *targets, ""]
+            "did not run that case (not installed, or the dtype/layout/device is unsupported).", "",
+            "## Targets (H100/H200)", *targets, ""]
     out += peer_summary(records, tokens)
     for product in (*PRODUCTS, "step", *PEERS):
         if all(r.get(f"{product}_ratio") is None for r in records):

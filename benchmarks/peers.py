@@ -50,7 +50,10 @@ def torch_sparse_fn(weight, mask, x):
     """Zero-argument callable for ``X W^T`` through torch-sparse, or None when it is absent or cannot run this case."""
     if torch_sparse is None:
         return None
-    lin = TorchSparseLinear(weight, mask)
+    try:  # building on a device the extension was not compiled for already fails (e.g. a CPU-only build on CUDA)
+        lin = TorchSparseLinear(weight, mask)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
     return _runs(lambda: lin(x))
 
 

@@ -62,3 +62,22 @@ def test_without_torch_sparse_its_column_is_null_and_the_other_peers_still_run(m
         peers.TorchSparseLinear(w, mask)
     _assert_product(fns["csr"](), w, mask, x)
     _assert_product(fns["bsr"](), w, mask, x)  # 128 x 192: whole 64x64 blocks, which torch's BSR requires
+
+
+class _Unsupported:
+    """Stands in for a torch-sparse build that cannot run a case (e.g. compiled without CUDA)."""
+
+    def __init__(self, *args, fail_at_build):
+        if fail_at_build:
+            raise RuntimeError("Not compiled with CUDA support")
+
+    def __call__(self, x):
+        raise RuntimeError("spmm: unsupported dtype")
+
+
+@pytest.mark.parametrize("fail_at_build", [True, False])
+def test_a_case_torch_sparse_cannot_run_is_null_not_an_error(fail_at_build, monkeypatch, make_mask):
+    monkeypatch.setattr(peers, "torch_sparse", object())  # installed, whether or not it is here
+    monkeypatch.setattr(peers, "TorchSparseLinear", lambda w, m: _Unsupported(w, m, fail_at_build=fail_at_build))
+    w, mask, x = _case((64, 64), 5, 0.5, make_mask, "cpu")
+    assert peers.torch_sparse_fn(w, mask, x) is None
