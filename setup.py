@@ -37,6 +37,9 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
+        # Measured peers in benchmarks/kernels.py, never imported by spdf. No wheels for current torch: pip builds
+        # them from source against the installed torch (--no-build-isolation), ~20 min on 2 cores, so not in [dev].
+        "peers": ["torch-scatter>=2.1.2", "torch-sparse>=0.6.18"],
         "data": ["datasets>=2.19"],
         "plot": ["matplotlib>=3.7"],
         "eval": EVAL,

@@ -1,4 +1,4 @@
-"""Speed of the tiled sparse products vs dense GEMM (and torch.sparse CSR/BSR) on GPT-3 linear-layer shapes.
+"""Speed of the tiled sparse products vs dense GEMM and peers (torch.sparse CSR/BSR, torch-sparse) on GPT-3 shapes.
 
     python benchmarks/kernels.py --out benchmarks/results          # GPU: full grid, bf16, Triton kernels
     python benchmarks/kernels.py --out benchmarks/results --quick  # CPU: reduced grid, fp32, reference backend
@@ -6,19 +6,21 @@
 On CUDA it writes kernels.{json,md,png}; without a GPU it says so and writes kernels_cpu.{json,md,png} (the CPU
 reference backend vs dense torch.matmul). Ratios are dense time / sparse time (higher = faster than dense),
 measured side by side in one run with torch.utils.benchmark (warm-up, blocked autorange, CUDA synchronisation).
+The peers' forward products come from peers.py; torch-sparse is measured only when the `[peers]` extra is installed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
-import warnings
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
 
+from peers import TORCH_SPARSE_SKIP, peer_fns, torch_sparse  # benchmarks/peers.py: this script's folder is on sys.path
 from spdf.kernels import HAS_TRITON, pack, sddmm, spmm, spmm_t
 
 SHAPES = {  # (out, in) of each linear layer; nn.Linear orientation
@@ -27,9 +29,10 @@ SHAPES = {  # (out, in) of each linear layer; nn.Linear orientation
 }
 GPU_GRID = dict(models=("small", "xl"), tokens=(16, 64, 512, 4096, 16384), sparsity=(0.5, 0.75, 0.9),
                 patterns=("unstructured", "block64"), dtype=torch.bfloat16)
-CPU_GRID = dict(models=("small",), tokens=(16, 64, 512), sparsity=(0.5, 0.75, 0.9),
+CPU_GRID = dict(models=("small", "xl"), tokens=(64, 2048), sparsity=(0.5, 0.75, 0.9),
                 patterns=("unstructured", "block64"), dtype=torch.float32)
 PRODUCTS = ("spmm", "spmm_t", "sddmm")
+PEERS = ("csr", "bsr", "torch_sparse")  # forward products of other libraries (peers.py), vs the dense forward
 TARGETS = [  # (description, predicate over a record, product, threshold on the ratio)
     ("block-sparse 75%, tokens >= 4096: forward >= 2.5x cuBLAS",
      lambda r: r["pattern"] == "block64" and r["sparsity"] == 0.75 and r["tokens"] >= 4096, "spmm", 2.5),
@@ -51,23 +54,6 @@ def make_mask(shape, sparsity, pattern, gen):
 def time_ms(fn, min_run_time) -> float:
     fn()  # warm-up (and Triton compilation)
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def torch_sparse_fns(w, mask, x, device):
-    """Y = X W^T via torch.sparse (CSR, and 64x64 BSR): computed as (W_sparse @ X^T)^T."""
-    fns = {}
-    ws = (w * mask).contiguous()
-    xt = x.t().contiguous()
-    warnings.filterwarnings("ignore", message="Sparse .* support is in beta")
-    for name, convert in (("csr", lambda t: t.to_sparse_csr()), ("bsr", lambda t: t.to_sparse_bsr((64, 64)))):
-        try:
-            sp = convert(ws)
-            fn = lambda sp=sp: (sp @ xt).t()  # noqa: E731
-            fn()
-            fns[name] = fn
-        except (RuntimeError, NotImplementedError, ValueError):
-            fns[name] = None  # unsupported dtype/layout on this device: recorded as null
-    return fns
 
 
 def run(grid, device, min_run_time, log):
@@ -96,14 +82,14 @@ def run(grid, device, min_run_time, log):
                             rec[f"{p}_ratio"] = rec[f"{p}_dense_ms"] / rec[f"{p}_ms"]
                         rec["step_ratio"] = (sum(rec[f"{p}_dense_ms"] for p in PRODUCTS)
                                              / sum(rec[f"{p}_ms"] for p in PRODUCTS))
-                        for name, fn in torch_sparse_fns(w, mask, x, device).items():
+                        for name, fn in peer_fns(w, mask, x).items():
                             rec[f"{name}_ms"] = time_ms(fn, min_run_time) if fn else None
                             rec[f"{name}_ratio"] = rec["spmm_dense_ms"] / rec[f"{name}_ms"] if fn else None
                         records.append(rec)
                         log(f"{model:5s} {layer:4s} {pattern:12s} s={sparsity:.2f} tokens={tokens:5d}  "
                             + "  ".join(f"{p}={rec[f'{p}_ratio']:.2f}x" for p in PRODUCTS)
-                            + f"  step={rec['step_ratio']:.2f}x  csr={_fmt(rec.get('csr_ratio'))}"
-                            + f"  bsr={_fmt(rec.get('bsr_ratio'))}")
+                            + f"  step={rec['step_ratio']:.2f}x  "
+                            + "  ".join(f"{p}={_fmt(rec[f'{p}_ratio'])}" for p in PEERS))
     return records
 
 
@@ -135,16 +121,26 @@ def geomean(xs):
 def write_markdown(records, meta, targets, path):
     tokens = sorted({r["tokens"] for r in records})
     out = [f"# Kernel benchmark ({meta['backend']})", "", f"Device: {meta['device']}. Dtype: {meta['dtype']}. "
-           f"torch {meta['torch']}, triton available: {meta['has_triton']}.", ""]
+           f"torch {meta['torch']}, triton available: {meta['has_triton']}, torch-sparse: {meta['torch_sparse']}.", "",
+           f"Load average (1/5/15 min) on {meta['cpu_count']} CPUs: {_load(meta['load_before'])} before, "
+           f"{_load(meta['load_after'])} after."]
+    if max(meta["load_before"][0], meta["load_after"][0]) > meta["cpu_count"]:
+        out += ["**Busy machine:** other processes competed for the CPUs during this run, so absolute times are "
+                "inflated and noisy; the ratios, measured side by side in one run, are still meaningful."]
+    out += [""]
     if not meta["gpu"]:
         out += ["**No GPU in this run.** Measured: the CPU *reference* backend (`spdf.kernels.reference`, "
                 "unpack-then-dense) vs dense `torch.matmul`, fp32, reduced grid. These files are "
                 "`kernels_cpu.*`; the GPU run (`python benchmarks/kernels.py --out benchmarks/results` on a CUDA "
                 "machine) writes `kernels.*` with the Triton kernels in bf16.", ""]
     out += ["Ratio = dense time / sparse time (higher = faster than dense), both timed side by side in one run. "
-            "`step` = (fwd + dX + dW dense) / (fwd + dX + dW sparse). csr/bsr = torch.sparse forward (Y = X W^T) "
-            "vs dense.", "", "## Targets (H100/H200)", *targets, ""]
-    for product in ("spmm", "spmm_t", "sddmm", "step", "csr", "bsr"):
+            "`step` = (fwd + dX + dW dense) / (fwd + dX + dW sparse). Peers, forward (Y = X W^T) vs dense: "
+            "csr/bsr = torch.sparse with W as CSR / 64x64 BSR; torch_sparse = PyG's torch-sparse with W as a "
+            "`SparseTensor`, computed as (W X^T)^T (the transposes are in its time, <1% of it). n/a = the peer "
+            "did not run that case (not installed, or the dtype/layout/device is unsupported).", "",
+            "## Targets (H100/H200)", *targets, ""]
+    out += peer_summary(records, tokens)
+    for product in (*PRODUCTS, "step", *PEERS):
         if all(r.get(f"{product}_ratio") is None for r in records):
             continue
         out += [f"## {product} ratio", "", "| model | layer | pattern | sparsity | " + " | ".join(
@@ -159,6 +155,27 @@ def write_markdown(records, meta, targets, path):
     path.write_text("\n".join(out))
 
 
+def _load(avg):
+    return "/".join(f"{x:.2f}" for x in avg)
+
+
+def peer_summary(records, tokens):
+    """Forward ratios of spdf and every peer on unstructured masks, geomean over each model's layers."""
+    impls = ("spmm", *PEERS)
+    out = ["## Forward vs dense: spdf and its peers (unstructured, geomean over layers)", "",
+           "| model | sparsity | tokens | " + " | ".join(impls) + " |", "|---" * (3 + len(impls)) + "|"]
+    for model in sorted({r["model"] for r in records}):
+        for sparsity in sorted({r["sparsity"] for r in records}):
+            for t in tokens:
+                sel = [r for r in records if (r["model"], r["sparsity"], r["tokens"], r["pattern"])
+                       == (model, sparsity, t, "unstructured")]
+                if sel:
+                    out.append(f"| {model} | {sparsity} | {t} | " + " | ".join(
+                        _fmt(geomean([r[f"{i}_ratio"] for r in sel]) if any(r[f"{i}_ratio"] for r in sel) else None)
+                        for i in impls) + " |")
+    return out + [""]
+
+
 def write_plot(records, meta, path):
     import matplotlib
 
@@ -166,7 +183,7 @@ def write_plot(records, meta, path):
     import matplotlib.pyplot as plt
 
     tokens = sorted({r["tokens"] for r in records})
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2), sharey=True)
     for ax, product in zip(axes, ("spmm", "spmm_t", "sddmm", "step")):
         for pattern in sorted({r["pattern"] for r in records}):
             for sparsity in sorted({r["sparsity"] for r in records}):
@@ -178,8 +195,19 @@ def write_plot(records, meta, path):
         ax.set_xscale("log", base=2)
         ax.set_title(f"{product} (geomean over layers)")
         ax.set_xlabel("tokens")
+    peers_ax = axes[-1]  # the forward of spdf and of each peer that ran, on the paper's sparsity
+    for impl in ("spmm", *PEERS):
+        ys = [geomean([r[f"{impl}_ratio"] for r in records if r["tokens"] == t and r["pattern"] == "unstructured"
+                       and r["sparsity"] == 0.75]) for t in tokens]
+        if not all(math.isnan(y) for y in ys):
+            peers_ax.plot(tokens, ys, marker="s", label="spdf spmm" if impl == "spmm" else impl)
+    peers_ax.axhline(1.0, color="k", lw=0.8)
+    peers_ax.set_xscale("log", base=2)
+    peers_ax.set_title("forward: spdf vs peers (unstructured 75%)")
+    peers_ax.set_xlabel("tokens")
+    peers_ax.legend(fontsize=7)
     axes[0].set_ylabel("speed-up vs dense (higher is better)")
-    axes[-1].legend(fontsize=7)
+    axes[-2].legend(fontsize=7)
     fig.suptitle(f"spdf tiled sparse kernels, {meta['backend']}, {meta['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,6 +229,8 @@ def main(argv=None):
         print("NO GPU: measuring the CPU reference backend vs dense torch.matmul (fp32, reduced grid); "
               "the GPU targets are not evaluated.")
         torch.set_num_threads(max(1, torch.get_num_threads()))
+    if torch_sparse is None:
+        print(f"torch_sparse: {TORCH_SPARSE_SKIP}")
     grid = dict(GPU_GRID) if gpu else dict(CPU_GRID)
     if args.quick and gpu:
         grid.update(models=("small",), tokens=(16, 4096))
@@ -208,8 +238,11 @@ def main(argv=None):
     meta = dict(gpu=gpu, device=torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or 'cpu'}, "
                 f"{torch.get_num_threads()} threads)", dtype=str(grid["dtype"]).replace("torch.", ""),
                 backend="Triton kernels" if gpu and HAS_TRITON else "reference backend", torch=torch.__version__,
-                has_triton=HAS_TRITON, grid={k: list(v) if isinstance(v, tuple) else str(v) for k, v in grid.items()})
+                has_triton=HAS_TRITON, grid={k: list(v) if isinstance(v, tuple) else str(v) for k, v in grid.items()},
+                torch_sparse=torch_sparse.__version__ if torch_sparse else TORCH_SPARSE_SKIP,
+                cpu_count=os.cpu_count(), load_before=os.getloadavg())
     records = run(grid, device, min_run_time, print)
+    meta["load_after"] = os.getloadavg()
     targets = check_targets(records, gpu)
     print("\n".join(["Targets (H100/H200):", *targets]))
 
