@@ -1,6 +1,6 @@
 """Static vs SET vs RigL vs GMP at 75% on the offline demo: validation loss and FLOPs at the same step budget.
 
-    python benchmarks/sparse_methods.py                      # 400 pre-training steps each, ~6 min on 2 idle cores
+    python benchmarks/sparse_methods.py       # 400 steps each: about 6 min on 2 idle cores at demo.md's rate
     python benchmarks/sparse_methods.py --steps 800 --update-every 50
 
 Each method pre-trains recipes/demo.yaml (tiny GPT, standard-library corpus, 16 x 128 tokens per step, the demo's
@@ -110,8 +110,9 @@ def main() -> None:
                      f"{r['flops_dense_equivalent'] / r['flops_spent']:.2f}x |")
     lines += ["", "FLOPs are spdf's analytic training FLOPs as the loop logs them step by step (GMP's rising "
               "sparsity, RigL's dense-gradient update steps included); the masked backend on CPU runs dense matmuls, "
-              "so CPU time does not show these savings. One seed per method: differences of a few hundredths are "
-              "within run-to-run noise at this size."]
+              "so CPU time does not show these savings. One seed per method and a short budget (the loss is "
+              "still far from converged): read the losses as a check that every method trains at the FLOPs shown, "
+              "not as a ranking."]
     (args.out / "sparse_methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
