@@ -59,15 +59,18 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _is_flat(tensor) -> bool:
-    return bool(getattr(tensor, "_is_flat_param", False))  # FSDP1's FlatParameter marks itself so
+    # FSDP1 marks its FlatParameter, and every original parameter it flattened into one (use_orig_params)
+    return bool(getattr(tensor, "_is_flat_param", False) or getattr(tensor, "_fsdp_flattened", False))
 
 
 def tensor_problem(tensor, shape: tuple) -> str | None:
     """Why masks cannot be kept on `tensor` (a weight that should have global shape `shape`), or None."""
     if tensor is None:
-        return "its weight is gone (a wrapper took the parameter away)"
+        return "its weight is gone (a wrapper took the parameter away: FSDP1 without use_orig_params)"
     if _is_flat(tensor):
         return "its weight is a view of an FSDP1 flat parameter"
+    if not tensor.is_leaf:
+        return "its weight is a view made by a wrapper, not a parameter (FSDP1)"
     if hasattr(tensor, "ds_id") or hasattr(tensor, "ds_numel"):
         return "its weight is partitioned by DeepSpeed ZeRO-3"
     if tuple(tensor.shape) != tuple(shape):
@@ -109,8 +112,12 @@ def optimizer_problem(optimizer) -> str | None:
     return None
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def distributed_world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if distributed() else 1
 
 
 def check_masks_agree(masks: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .protocol import SparseLayer
-from .sharding import distributed_world, full, is_dtensor, local, shard_like, tensor_problem
+from .sharding import SUPPORTED, distributed, full, is_dtensor, local, shard_like, tensor_problem
 
 
 class SparseLinear(SparseLayer):
@@ -71,12 +71,14 @@ class SparseLinear(SparseLayer):
         """Called in a training forward whose weight is not the one hooked at sparsify(): FSDP2 (or FSDP1) swapped
         in its unsharded parameter. Hook that one, so gradients are masked as they accumulate, before any all-reduce
         or clipping, exactly as for a plain model."""
-        if not self.optimizer_attached and distributed_world() > 1:
+        if not self.optimizer_attached and distributed():
             raise RuntimeError("a SparseLinear trains under a sharding wrapper (its weight was replaced) but no "
                                "optimizer is attached: call sparsifier.attach(optimizer) after wrapping, or masked "
                                "weights train dense")
-        if self.weight.shape == self.weight_mask.shape:
-            self._hook(self.weight)
+        problem = tensor_problem(self.weight, tuple(self.weight_mask.shape))
+        if problem:  # attached before the wrapping: attach() could not see it
+            raise RuntimeError(f"a SparseLinear cannot keep its zeros: {problem}. {SUPPORTED}")
+        self._hook(self.weight)
 
     @property
     def mask_multiplier(self) -> torch.Tensor:
