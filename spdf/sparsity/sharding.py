@@ -16,6 +16,11 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+try:  # checked on every step of every layer: imported once, not per call
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded tensors
+    DTensor = ()
+
 # Module-name segments that wrappers insert: torch.compile (`_orig_mod`), FSDP1, activation checkpointing. DDP,
 # DataParallel and DeepSpeed's engine add a leading `module`.
 WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -32,8 +37,6 @@ def canonical_name(name: str) -> str:
 
 
 def is_dtensor(tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
