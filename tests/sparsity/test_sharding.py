@@ -3,6 +3,7 @@ and every wrapping or sharding that would train masked weights dense refused wit
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 from torch.distributed.fsdp import fully_shard
@@ -36,13 +37,17 @@ def test_canonical_names_drop_wrapper_segments():
     assert canonical_name("h.module.fc") == "h.module.fc"  # only a leading `module` is a wrapper's
 
 
-def test_compiled_and_ddp_wrapped_models_get_the_bare_models_masks(group_of_one):
+def test_compiled_ddp_and_checkpoint_wrapped_models_get_the_bare_models_masks(group_of_one):
     bare = spdf.sparsify(_model(), sparsity=0.75, seed=3)
     compiled = spdf.sparsify(torch.compile(_model()), sparsity=0.75, seed=3)
     ddp = spdf.sparsify(torch.nn.parallel.DistributedDataParallel(_model()), sparsity=0.75, seed=3)
     other_seed = spdf.sparsify(_model(), sparsity=0.75, seed=4)
+    checkpointed = _model()  # activation checkpointing wraps each Block: `_checkpoint_wrapped_module` in the names
+    for i, block in enumerate(checkpointed.transformer.h):
+        checkpointed.transformer.h[i] = checkpoint_wrapper(block)
+    checkpointed = spdf.sparsify(checkpointed, sparsity=0.75, seed=3)
     reference = bare.masks()
-    for sp in (compiled, ddp):
+    for sp in (compiled, ddp, checkpointed):
         masks = sp.masks()
         assert masks.keys() == reference.keys()
         assert all(torch.equal(masks[k], reference[k]) for k in reference)
