@@ -8,6 +8,7 @@ from .masks import check_sparsity
 from .methods import MaskMethod, Target, mask_method
 from .protocol import sparse_layers
 from .selection import ParamFilter, select
+from .sharding import SUPPORTED, model_problem
 from .sparse_linear import SparseLinear
 from .sparsifier import Sparsifier, matching_layers
 
@@ -58,6 +59,10 @@ def sparsify(
         check_sparsity(level, pattern)
     if sparse_layers(model):
         raise ValueError("the model is already sparsified; densify() it first")
+    problem = model_problem(model)
+    if problem:  # the sparse layers would take over parameters that the sharding wrapper manages
+        raise ValueError(f"cannot sparsify a sharded model: {problem}. Sparsify the bare model, then shard it "
+                         f"({SUPPORTED})")
     chosen = select(model, sparsity, param_filter, overrides)
     for name, (candidate, level) in chosen.items():
         check_sparsity(level, name)

@@ -20,6 +20,7 @@ from spdf.kernels import TiledLayout, pack, tiled_linear, unpack
 from spdf.kernels.layout import FIELDS
 
 from .protocol import SparseLayer
+from .sharding import is_dtensor, tensor_problem
 from .sparse_linear import SparseLinear
 
 PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ...
@@ -84,6 +85,13 @@ class CompressedSparseLinear(SparseLayer):
 
     def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
         pass  # masked entries are not stored, so there is nothing to zero
+
+    def sharding_problem(self, dynamic: bool) -> str | None:
+        values = self.__dict__.get("_parameters", {}).get("values")
+        if is_dtensor(values):  # its tiled kernels index the whole vector of non-zeros
+            return "the compressed backend does not run on sharded (FSDP2) weights; use backend 'masked'"
+        # the layout's own count: a flat shard of `values` (FSDP1, DeepSpeed) is shorter than that
+        return tensor_problem(values, (int(getattr(self, PREFIX + "offsets")[-1]),))
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, optimizers=()) -> torch.Tensor:

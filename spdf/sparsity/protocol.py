@@ -15,6 +15,8 @@ the CLI -- talks to a layer through these members only:
     set_mask(mask)       install another mask (a loaded state, a dynamic update)
     load_dense_weight(w) take the weight from a dense tensor in the dense module's layout (an export's weight)
     supports_dynamic     whether set_mask may change the mask while an optimizer holds this layer's state
+    sharding_problem(d)  why the zeros cannot be kept as the layer's weight is now wrapped or sharded (None: fine)
+    mask_grad_()         mask a gradient that no hook has masked (a sharded weight's), before the optimizer steps
     dense_compute        whether the forward computes a dense matmul (zeros included) or only kept products
 """
 from __future__ import annotations
@@ -69,10 +71,17 @@ class SparseLayer(nn.Module):
         changed entries."""
         raise NotImplementedError
 
-
     def load_dense_weight(self, weight: torch.Tensor) -> None:
         """Copy the kept entries of `weight` (the dense module's layout) into this layer."""
         raise NotImplementedError
+
+    def sharding_problem(self, dynamic: bool) -> str | None:
+        """Why this layer cannot keep its zeros under the sharding its weight is in now (with a dynamic algorithm
+        if `dynamic`), or None. Sparsifier.attach refuses to train on any answer."""
+        raise NotImplementedError
+
+    def mask_grad_(self) -> None:
+        """Zero masked gradient entries that no gradient hook reached (nothing to do for most layouts)."""
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:

@@ -16,13 +16,15 @@ from typing import Mapping, Sequence, Union
 
 import torch.nn as nn
 
+from .sharding import canonical_name
+
 ParamFilter = Union[None, str, Sequence[str], Mapping[str, Union[float, None]]]
 DEFAULT_EXCLUDE = ("*lm_head*", "*pooler*", "*classifier*")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str  # parameter name, e.g. "transformer.h.0.mlp.c_fc.weight"
+    name: str  # canonical parameter name (wrapper prefixes stripped), e.g. "transformer.h.0.mlp.c_fc.weight"
     module_name: str
     module: nn.Module
     transposed: bool  # weight stored (in, out), as Conv1D does
@@ -49,9 +51,9 @@ def linear_candidates(model: nn.Module) -> list[Candidate]:
     linear = {}
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            linear[module_name] = Candidate(f"{_join(module_name, 'weight')}", module_name, module, False)
+            linear[module_name] = Candidate(canonical_name(_join(module_name, "weight")), module_name, module, False)
         elif is_conv1d(module):
-            linear[module_name] = Candidate(f"{_join(module_name, 'weight')}", module_name, module, True)
+            linear[module_name] = Candidate(canonical_name(_join(module_name, "weight")), module_name, module, True)
     shared = {
         id(p)
         for name, module in model.named_modules()
@@ -64,14 +66,18 @@ def linear_candidates(model: nn.Module) -> list[Candidate]:
 def default_dense(model: nn.Module) -> set[str]:
     """Parameter names the default filter leaves dense because the model says they are its output or task head."""
     names: set[str] = set()
+    while type(model).__name__ in ("DistributedDataParallel", "DataParallel"):  # ask the model, not its wrapper
+        model = model.module
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
     if isinstance(head, nn.Module) and getattr(head, "weight", None) is not None:
-        names.update(n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight)
+        names.update(canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False)
+                     if p is head.weight)
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:  # Hugging Face: everything outside the base is a head
         inside = {id(p) for p in base.parameters()}
-        names.update(n for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in inside)
+        names.update(canonical_name(n) for n, p in model.named_parameters(remove_duplicate=False)
+                     if id(p) not in inside)
     return names
 
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .protocol import SparseLayer
+from .sharding import SUPPORTED, distributed, full, is_dtensor, local, shard_like, tensor_problem
 
 
 class SparseLinear(SparseLayer):
@@ -39,7 +40,7 @@ class SparseLinear(SparseLayer):
         shell = dense
         shell._parameters = {}
         self.__dict__["_dense_shell"] = shell
-        self.__dict__["_grad_hook"] = self.weight.register_post_accumulate_grad_hook(self._mask_grad)
+        self._hook(self.weight)
         self.optimizer_attached = False  # set by Sparsifier.attach(); an unattached training layer warns once
         self._warned_unattached = False
         # RigL's update steps: the gradient hook leaves the gradient dense until take_dense_grad() (an optimizer
@@ -51,7 +52,33 @@ class SparseLinear(SparseLayer):
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.
         super().__setstate__(state)
-        self.__dict__["_grad_hook"] = self.weight.register_post_accumulate_grad_hook(self._mask_grad)
+        self._hook(self.weight)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_hooked_weight", None)  # a weakref does not pickle; __setstate__ hooks the new weight
+        return state
+
+    def _hook(self, weight: torch.Tensor) -> None:
+        # A weak reference: under FSDP2 the original full weight must be freed once fully_shard replaces it.
+        self.__dict__["_grad_hook"] = weight.register_post_accumulate_grad_hook(self._mask_grad)
+        self.__dict__["_hooked_weight"] = weakref.ref(weight)
+
+    def _weight_hooked(self) -> bool:
+        return self.__dict__["_hooked_weight"]() is self.weight
+
+    def _follow_replaced_weight(self) -> None:
+        """Called in a training forward whose weight is not the one hooked at sparsify(): FSDP2 (or FSDP1) swapped
+        in its unsharded parameter. Hook that one, so gradients are masked as they accumulate, before any all-reduce
+        or clipping, exactly as for a plain model."""
+        if not self.optimizer_attached and distributed():
+            raise RuntimeError("a SparseLinear trains under a sharding wrapper (its weight was replaced) but no "
+                               "optimizer is attached: call sparsifier.attach(optimizer) after wrapping, or masked "
+                               "weights train dense")
+        problem = tensor_problem(self.weight, tuple(self.weight_mask.shape))
+        if problem:  # attached before the wrapping: attach() could not see it
+            raise RuntimeError(f"a SparseLinear cannot keep its zeros: {problem}. {SUPPORTED}")
+        self._hook(self.weight)
 
     @property
     def mask_multiplier(self) -> torch.Tensor:
@@ -62,6 +89,24 @@ class SparseLinear(SparseLayer):
     def _mask_grad(self, param: torch.Tensor) -> None:
         if not self.keep_dense_grad:
             param.grad.mul_(self.mask_multiplier)
+
+    def _local_mask(self) -> torch.Tensor:
+        """The uint8 mask of the part of the weight this rank holds (all of it unless the weight is a DTensor)."""
+        return shard_like(self.mask_multiplier, self.weight)
+
+    @torch.no_grad()
+    def mask_grad_(self) -> None:
+        # Gradients of a sharded weight (FSDP2 writes them to the DTensor parameter, past any hook) are masked
+        # here, before the optimizer steps; a hooked weight's gradient is masked already.
+        grad = self.weight.grad
+        if grad is not None and not self.keep_dense_grad and not self._weight_hooked():
+            local(grad).mul_(self._local_mask())
+
+    def sharding_problem(self, dynamic: bool) -> str | None:
+        problem = tensor_problem(self.__dict__.get("_parameters", {}).get("weight"), tuple(self.weight_mask.shape))
+        if problem is None and dynamic and is_dtensor(self.weight):
+            problem = "dynamic sparsity algorithms are not supported on sharded (FSDP2) weights; use DDP or 'static'"
+        return problem
 
     @torch.no_grad()
     def take_dense_grad(self) -> None:
@@ -82,11 +127,11 @@ class SparseLinear(SparseLayer):
 
     def apply_mask_(self) -> None:
         with torch.no_grad():
-            self.weight.mul_(self.mask_multiplier)
+            local(self.weight).mul_(self._local_mask())
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight in (out, in) orientation (a view: do not modify)."""
-        weight = self.weight.detach()
+        """The weight in (out, in) orientation (a view: do not modify). A sharded weight is gathered: a collective."""
+        weight = full(self.weight.detach())
         return weight.t() if self.transposed else weight
 
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -106,15 +151,15 @@ class SparseLinear(SparseLayer):
         re-zeroed every step whatever the optimizer."""
         # One in-place multiply by the uint8 view of the mask: faster on CPU than torch._foreach_mul_, which falls
         # back to a slow per-tensor path for mixed dtypes.
-        self.apply_mask_()
-        keep = self.mask_multiplier
+        keep = self._local_mask()
+        local(self.weight).mul_(keep)
         for value in self._state_tensors(optimizer):
             if zeroed_state is not None:
                 seen = zeroed_state.get(id(value))
                 if seen is not None and seen() is value:
                     continue
                 zeroed_state[id(value)] = weakref.ref(value)
-            value.mul_(keep)
+            local(value).mul_(keep)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, optimizers=()) -> torch.Tensor:
@@ -125,13 +170,17 @@ class SparseLinear(SparseLayer):
         changed = stored != self.weight_mask
         self.weight_mask.copy_(stored)
         # Dropped entries become zero; regrown ones were zero (masked) and start from there.
-        self.weight.masked_fill_(changed, 0.0)
+        changed_here = shard_like(changed, self.weight)
+        local(self.weight).masked_fill_(changed_here, 0.0)
         for optimizer in optimizers:
             for value in self._state_tensors(optimizer):
-                value.masked_fill_(changed, 0)
+                local(value).masked_fill_(changed_here, 0)
         return changed.t() if self.transposed else changed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not self._weight_hooked()):
+            self._follow_replaced_weight()
         if self.training and torch.is_grad_enabled() and not (self.optimizer_attached or self._warned_unattached):
             warnings.warn(
                 "a SparseLinear is training but no optimizer is attached: call sparsifier.attach(optimizer) "
@@ -147,7 +196,7 @@ class SparseLinear(SparseLayer):
 
     @torch.no_grad()
     def load_dense_weight(self, weight: torch.Tensor) -> None:
-        self.weight.copy_(weight)
+        local(self.weight).copy_(shard_like(weight.to(self.weight.dtype), self.weight))
         self.apply_mask_()
 
     def to_dense(self) -> nn.Module:

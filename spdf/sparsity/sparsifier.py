@@ -20,6 +20,7 @@ import torch.nn as nn
 from .algorithms import Algorithm, Static
 from .bitpack import pack_bits, unpack_bits
 from .protocol import SparseLayer, sparse_layers
+from .sharding import SUPPORTED, canonical_name, check_masks_agree, optimizer_problem
 
 STATE_VERSION = 2
 
@@ -66,13 +67,25 @@ class Sparsifier:
 
     @property
     def layers(self) -> dict[str, SparseLayer]:
-        return sparse_layers(self.model)
+        """Canonical module name (wrapper prefixes stripped: the same wrapped or not) → sparse layer."""
+        return {canonical_name(name): layer for name, layer in sparse_layers(self.model).items()}
 
     # ---- keeping the zeros, updating the masks ---------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
         """Hook `optimizer`: after every real step re-zero masked weights and optimizer state, and run the algorithm.
 
-        Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`."""
+        Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`.
+        Refuses (ValueError) a wrapping or sharding under which masked weights would train dense (FSDP1, DeepSpeed
+        ZeRO), and, under torch.distributed, masks that differ across ranks (a collective: call it on every rank)."""
+        problems = [f"{name}: {problem}" for name, layer in self.layers.items()
+                    if (problem := layer.sharding_problem(self.algorithm.dynamic))]
+        problem = optimizer_problem(optimizer)
+        if problem or problems:
+            shown = [problem] if problem else problems[:3] + ([f"... {len(problems) - 3} more"] if len(problems) > 3
+                                                              else [])
+            raise ValueError(f"masked weights would not stay zero: {'; '.join(shown)}. {SUPPORTED}; sparsify "
+                             f"the bare model first, then wrap it")
+        check_masks_agree({name: layer.mask for name, layer in self.layers.items()})
         optimizer = _unwrap(optimizer)
         if self.algorithm.dynamic and self._optimizers:
             raise ValueError(f"sparsity algorithm {self.algorithm.name!r} counts the steps of one optimizer: "
@@ -128,6 +141,8 @@ class Sparsifier:
         if self.algorithm.needs_dense_grad(self.step + 1):
             for layer in self.layers.values():
                 layer.take_dense_grad()
+        for layer in self.layers.values():
+            layer.mask_grad_()  # sharded weights' gradients, which no hook reaches
 
     def _after_step(self, optimizer, zeroed) -> None:
         self.enforce(optimizer, zeroed)
@@ -161,6 +176,7 @@ class Sparsifier:
 
     # ---- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> list[dict]:
+        """Per-layer sparsity (see layer_stats). Sharded (FSDP2) weights are gathered: call it on every rank."""
         return layer_stats(self.model)
 
     # ---- masks as plain tensors ----------------------------------------------------------------------------------
@@ -219,6 +235,7 @@ def layer_stats(model: nn.Module) -> list[dict]:
     `mask_sparsity` is the mask's, `actual` counts the weight's own zeros too."""
     rows = []
     for name, layer in sparse_layers(model).items():
+        name = canonical_name(name)
         mask = layer.mask
         numel = mask.numel()
         nonzero = int(torch.count_nonzero(layer.dense_weight()))
@@ -238,8 +255,9 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -
     """Install masks on every sparse layer of `model`: keyed by parameter name ("x.weight", mask shaped like that
     parameter, as Sparsifier.masks() gives them) or by module name ("x", (out, in) orientation, as exports store
     them). Entries that change start at zero, with their optimizer state reset."""
-    layers, new = sparse_layers(model), {}
+    layers, new = {canonical_name(n): layer for n, layer in sparse_layers(model).items()}, {}
     for key, mask in masks.items():
+        key = canonical_name(key)
         name = key[: -len(".weight")] if key.endswith(".weight") and key not in layers else key
         if name not in layers:
             raise ValueError(f"mask for {key!r}, which is not a sparse layer of the model")
