@@ -79,9 +79,7 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     save_file(state, str(tmp / WEIGHTS_FILE))
     layers = sparse_layers(model)
     if layers:
-        masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
-        shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
-        save_file(masks, str(tmp / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
+        write_masks({name: layer.mask for name, layer in layers.items()}, tmp / MASKS_FILE)
     write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -89,6 +87,13 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def write_masks(masks: dict[str, torch.Tensor], masks_file: Path) -> None:
+    """{module name: bool mask (out, in)} -> masks.safetensors, packed 8 per byte, shapes in the metadata."""
+    packed = {f"{name}.mask_bits": pack_bits(mask) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file(packed, str(masks_file), metadata={"shapes": json.dumps(shapes)})
 
 
 # ---- find and read -----------------------------------------------------------------------------------------------
