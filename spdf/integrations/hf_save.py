@@ -40,6 +40,12 @@ def save_pretrained(model: nn.Module, save_directory, sparsifier: Sparsifier | N
     type(model).save_pretrained(model, directory, state_dict=state, **kwargs)
     if not kwargs.get("is_main_process", True):
         return
+    write_sparsity(model, directory, sparsifier)
+
+
+def write_sparsity(model: nn.Module, directory, sparsifier: Sparsifier | None = None) -> None:
+    """sparsity.json + masks.safetensors of `model`'s sparse layers into `directory` (stale ones removed)."""
+    directory = Path(directory)
     layers = sparse_layers(model)
     for name in (SPARSITY_FILE, MASKS_FILE):
         (directory / name).unlink(missing_ok=True)
