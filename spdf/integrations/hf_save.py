@@ -52,7 +52,7 @@ def write_sparsity(model: nn.Module, directory, sparsifier: Sparsifier | None = 
     if not layers:
         return
     write_masks({name: layer.mask for name, layer in layers.items()}, directory / MASKS_FILE)
-    tiles = {tuple(getattr(layer, "tile")) for layer in layers.values() if hasattr(layer, "tile")}
+    tiles = {tuple(layer.tile) for layer in layers.values() if layer.tile is not None}
     meta = {"format": "spdf-sparsity", "version": FORMAT_VERSION,
             "layers": {name: {"target": layer.target_sparsity} for name, layer in layers.items()},
             "tile": list(tiles.pop()) if tiles else None}
@@ -169,6 +169,8 @@ def restore(model: nn.Module, sparsifier: Sparsifier, directory) -> None:
         if key is None:
             raise CheckpointError(f"{directory} holds no weight for the sparse layer {name!r}")
         layer.load_dense_weight(weights[key])
+        if int(torch.count_nonzero(layer.dense_weight())) != int(torch.count_nonzero(weights[key])):
+            raise CheckpointError(f"{directory}: the weights of {name!r} are not zero outside its saved mask")
     targets = rename_to_model(model, meta["layers"])
     for name, layer in sparse_layers(model).items():
         layer.target_sparsity = float(targets[name]["target"])

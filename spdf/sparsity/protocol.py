@@ -16,6 +16,8 @@ the CLI -- talks to a layer through these members only:
     load_dense_weight(w) take the weight from a dense tensor in the dense module's layout (an export's weight)
     supports_dynamic     whether set_mask may change the mask while an optimizer holds this layer's state
     dense_compute        whether the forward computes a dense matmul (zeros included) or only kept products
+    tile                 the (rows, cols) tile of a tiled storage layout, None for a dense weight (what a saved model
+                         needs to rebuild the same layout)
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class SparseLayer(nn.Module):
     transposed: bool
     supports_dynamic: bool = False
     dense_compute: bool = True
+    tile: tuple[int, int] | None = None
     keep_dense_grad: bool = False  # RigL's update steps (backends with supports_dynamic only)
     dense_grad: torch.Tensor | None = None
 
