@@ -12,6 +12,8 @@ saved layers sparse with exactly the saved masks. Nothing here imports transform
 """
 from __future__ import annotations
 
+import ast
+import re
 import types
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from safetensors import safe_open
 
 from ..export import MASKS_FILE, CheckpointError, read_json, read_masks, write_json_atomic, write_masks
 from ..sparsity import ALGORITHMS, Sparsifier, sparse_layers, sparsify, to_dense_state_dict
+from ..sparsity.schedules import SCHEDULES
 
 SPARSITY_FILE = "sparsity.json"
 FORMAT_VERSION = 1
@@ -108,13 +111,23 @@ def rename_to_model(model: nn.Module, saved: dict) -> dict:
     return out
 
 
+def _schedule(value):
+    """A schedule as Algorithm.settings() records it (its repr, e.g. "Cosine(initial=0.3, final=0.0, begin=0, end=9)")
+    back into the object; any other value unchanged."""
+    match = re.fullmatch(r"(\w+)\((.*)\)", value) if isinstance(value, str) else None
+    if match is None or match[1].lower() not in SCHEDULES:
+        return value
+    fields = dict(item.split("=", 1) for item in match[2].split(", "))
+    return SCHEDULES[match[1].lower()](**{k: ast.literal_eval(v) for k, v in fields.items()})
+
+
 def _algorithm(meta: dict, algorithm):
     if algorithm is not None:
         return algorithm
     settings = dict(meta.get("algorithm") or {"algorithm": "static"})
     name = settings.pop("algorithm")
     try:
-        return ALGORITHMS[name](**settings)
+        return ALGORITHMS[name](**{k: _schedule(v) for k, v in settings.items()})
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"the saved sparsity algorithm {name!r} ({settings}) cannot be rebuilt ({e}); pass "
                               f"algorithm=... to from_pretrained") from None

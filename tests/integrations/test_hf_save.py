@@ -116,3 +116,18 @@ def test_incomplete_sparsity_state_is_refused(tmp_path, offline):
     with pytest.raises(CheckpointError, match="incomplete"):
         spdf.from_pretrained(auto, tmp_path)
     assert json.loads((tmp_path / "sparsity.json").read_text())["layers"]
+
+
+@pytest.mark.parametrize("algorithm", [
+    lambda: spdf.sparsity.SET(drop_fraction=spdf.sparsity.Cosine(0.3, 0.0, begin=0, end=9), every=3),
+    lambda: spdf.sparsity.GMP(initial=0.5, every=2, stop=8),
+])
+def test_a_dynamic_algorithm_comes_back_with_its_settings_and_step(algorithm, tmp_path, offline):
+    torch.manual_seed(0)
+    model, auto = ARCHS["gpt2"](transformers)
+    sp = spdf.sparsify(model, sparsity=0.75, algorithm=algorithm())
+    sp.step = 4
+    spdf.save_pretrained(model, tmp_path, sparsifier=sp)
+    _, sp2 = spdf.from_pretrained(auto, tmp_path)
+    assert sp2.algorithm.settings() == sp.algorithm.settings() and sp2.step == 4
+    assert [r["target"] for r in sp2.stats()] == [r["target"] for r in sp.stats()]
