@@ -41,11 +41,12 @@ def test_compiled_sparse_model_compiles_like_the_dense_one(make_gpt, batch):
     assert 1 <= sum("attach" in str(w.message) for w in record) <= 8
 
 
-def test_compiled_attached_training_keeps_the_zeros_and_does_not_warn(make_gpt, batch):
+@pytest.mark.parametrize("backend", ["masked", "compressed"])
+def test_compiled_attached_training_keeps_the_zeros_and_does_not_warn(make_gpt, batch, backend):
     model = make_gpt()
-    sp = spdf.sparsify(model, sparsity=0.5)
+    sp = spdf.sparsify(model, sparsity=0.5, backend=backend, tile=(8, 8))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _compiled_steps(model, batch, steps=2, attach_at=0, sp=sp)
+        assert _compiled_steps(model, batch, steps=2, attach_at=0, sp=sp) == (1, 0)  # one graph, no break
     for row in sp.stats()[:-1]:
         assert row["actual"] == row["mask_sparsity"] == 0.5, row
