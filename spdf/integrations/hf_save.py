@@ -139,6 +139,9 @@ def from_pretrained(cls, directory, backend: str | None = None, algorithm=None, 
 
     backend: "masked" or "compressed" (default: the saved one). The loaded weights must already be zero outside
     the masks: masks that do not belong to the weights are refused, never applied silently."""
+    if kwargs.get("output_loading_info"):
+        raise ValueError("spdf.from_pretrained returns (model, sparsifier); load with cls.from_pretrained(..., "
+                         "output_loading_info=True) to see transformers' loading report")
     model = cls.from_pretrained(directory, **kwargs)
     saved = read_sparsity(directory)
     if saved is None:
