@@ -17,6 +17,7 @@ count back from the checkpoint before training continues.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -37,13 +38,18 @@ class SparsityCallback(TrainerCallback):
         self.resume_from = resume_from
 
     def _checkpoint(self, args, state) -> Path:
+        # Trainer.train(resume_from_checkpoint=...) does not tell its callbacks where it resumed from: take the
+        # checkpoint whose trainer state is the one just loaded, so another run's checkpoint-N is never used.
         for candidate in (self.resume_from, args.resume_from_checkpoint,
                           Path(args.output_dir) / f"checkpoint-{state.global_step}"):
-            if isinstance(candidate, (str, Path)) and (Path(candidate) / "trainer_state.json").is_file():
+            if not isinstance(candidate, (str, Path)) or not (Path(candidate) / "trainer_state.json").is_file():
+                continue
+            saved = json.loads((Path(candidate) / "trainer_state.json").read_text(encoding="utf-8"))
+            if saved.get("global_step") == state.global_step and saved.get("log_history") == state.log_history:
                 return Path(candidate)
-        raise CheckpointError(f"resuming at step {state.global_step}, but no checkpoint-{state.global_step} in "
-                              f"{args.output_dir}: pass SparsityCallback(..., resume_from=CHECKPOINT) so the masks "
-                              f"are restored from it")
+        raise CheckpointError(f"resuming at step {state.global_step}, but the checkpoint resumed from is not "
+                              f"checkpoint-{state.global_step} in {args.output_dir}: pass "
+                              f"SparsityCallback(..., resume_from=CHECKPOINT) so the masks are restored from it")
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         sp = self.sparsifier

@@ -31,13 +31,13 @@ def _model(backend="masked", algorithm=None):
     return model, spdf.sparsify(model, sparsity=0.75, seed=1, backend=backend, tile=(8, 8), algorithm=algorithm)
 
 
-def _trainer(model, sp, out):
+def _trainer(model, sp, out, resume_from=None):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps", per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5, logging_steps=1,
         report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens())
-    add_sparsity(trainer, sp)
+    add_sparsity(trainer, sp, resume_from)
     return trainer
 
 
@@ -91,3 +91,17 @@ def test_resume_from_a_checkpoint_without_masks_is_refused(tmp_path, offline):
     model, sp = _model()
     with pytest.raises(spdf.export.CheckpointError, match="masks are unknown"):
         _trainer(model, sp, tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_resume_from_a_checkpoint_outside_output_dir_needs_resume_from(tmp_path, offline):
+    model, sp = _model()
+    _trainer(model, sp, tmp_path / "a").train()
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    model, sp = _model()
+    trainer = _trainer(model, sp, tmp_path / "b")
+    with pytest.raises(spdf.export.CheckpointError, match="resume_from"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    model, sp = _model()
+    trainer = _trainer(model, sp, tmp_path / "b", resume_from=tmp_path / "a" / "checkpoint-3")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
