@@ -43,7 +43,10 @@ setup(
         "data": ["datasets>=2.19"],
         "plot": ["matplotlib>=3.7"],
         "eval": EVAL,
-        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.50", *EVAL],
+        "hf": ["transformers>=4.50"],
+        "lm-eval": ["transformers>=4.50", "lm-eval>=0.4"],
+        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.50", "lm-eval>=0.4",
+                *EVAL],
     },
     entry_points={"console_scripts": ["spdf=spdf.cli:main"]},
 )

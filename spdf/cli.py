@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut the middle of prompts that leave no room for the new tokens, instead of refusing them")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="report folder (default: PATH/eval)")
 
+    p = sub.add_parser("export", help="write a run's model in another ecosystem's format (Hugging Face GPT-2)",
+                       description="Write the model of an export, phase or run directory (its last finished phase) as "
+                                   "a Hugging Face transformers GPT-2 directory (config, dense weights, tokenizer; "
+                                   "masks beside them for a sparse model) that AutoModelForCausalLM and "
+                                   "AutoTokenizer load offline.")
+    p.add_argument("path", type=Path, help="export, phase or run directory")
+    p.add_argument("out", type=Path, help="directory to write (replaced if it exists)")
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (GPT-2)")
+
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -241,6 +250,11 @@ def main(argv=None) -> int:
             return _cmd_evaluate(args)
         if args.command == "inspect":
             return _cmd_inspect(args)
+        if args.command == "export":
+            from .integrations.hf_gpt2 import export_hf
+
+            print(export_hf(args.path, args.out))
+            return 0
         return _cmd_flops(args)
     except (RecipeError, DataError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError,
             PermissionError, ImportError) as e:  # ImportError: an optional extra (e.g. spdf[eval]) is missing

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .model import GPT, GPTConfig
+from .model.gpt import HF_CONV1D_WEIGHTS
 from .sparsity import set_masks, sparse_layers, sparsify, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
 
@@ -79,9 +80,7 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     save_file(state, str(tmp / WEIGHTS_FILE))
     layers = sparse_layers(model)
     if layers:
-        masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
-        shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
-        save_file(masks, str(tmp / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
+        write_masks({name: layer.mask for name, layer in layers.items()}, tmp / MASKS_FILE)
     write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -89,6 +88,13 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def write_masks(masks: dict[str, torch.Tensor], masks_file: Path) -> None:
+    """{module name: bool mask (out, in)} -> masks.safetensors, packed 8 per byte, shapes in the metadata."""
+    packed = {f"{name}.mask_bits": pack_bits(mask) for name, mask in masks.items()}
+    shapes = {name: list(mask.shape) for name, mask in masks.items()}
+    save_file(packed, str(masks_file), metadata={"shapes": json.dumps(shapes)})
 
 
 # ---- find and read -----------------------------------------------------------------------------------------------
@@ -138,9 +144,12 @@ class Export:
 
 
 def read_export(path: Path) -> Export:
-    """Load the export at `path` (an export directory; see find_export for run and phase directories)."""
+    """Load the export at `path` (an export directory, or a Hugging Face GPT-2 directory; see find_export for run
+    and phase directories)."""
     path = Path(path)
     config = read_json(path / CONFIG_FILE, "export")
+    if "model_type" in config:
+        return read_hf_gpt2(path, config)
     try:
         model = GPT(GPTConfig(**config["model"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -160,6 +169,68 @@ def read_export(path: Path) -> Export:
     return Export(path, model, read_masks(path / MASKS_FILE), config, tokenizer if tokenizer.is_file() else None)
 
 
+# ---- Hugging Face GPT-2 directories ---------------------------------------------------------------------------------
+def gpt_config_from_hf_gpt2(hf: dict, path: Path) -> GPTConfig:
+    """The GPTConfig of a transformers GPT2Config (as a dict); what spdf's GPT cannot compute the same way is refused."""
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"{path} holds a Hugging Face {hf.get('model_type')!r} model; spdf.GPT maps onto GPT-2 "
+                              f"only")
+    unmapped = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+                "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+                "reorder_and_upcast_attn": (False,), "tie_word_embeddings": (True,)}
+    defaults = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True}
+    for key, allowed in unmapped.items():
+        if hf.get(key, defaults[key]) not in allowed:
+            raise CheckpointError(f"{path}: GPT-2 {key}={hf[key]!r} has no equivalent in spdf.GPT (allowed: {allowed})")
+    dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(dropouts) != 1:
+        raise CheckpointError(f"{path}: spdf.GPT has one dropout rate, this GPT-2 has {sorted(dropouts)}")
+    try:
+        return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
+                         d_ff=hf.get("n_inner") or 4 * hf["n_embd"], n_ctx=hf["n_positions"],
+                         vocab_size=hf["vocab_size"], dropout=dropouts.pop(), name="hf-gpt2")
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: config.json does not describe a GPT-2 model ({e})") from None
+
+
+def read_hf_gpt2(path: Path, hf: dict) -> Export:
+    """A Hugging Face GPT-2 directory (`model.safetensors`, as save_pretrained writes it, of GPT2LMHeadModel or
+    GPT2Model) as an Export: an spdf.GPT with the same weights (Conv1D weights transposed), the masks of a directory
+    written by spdf.save_pretrained, its tokenizer.json if any."""
+    model = GPT(gpt_config_from_hf_gpt2(hf, path))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"{path}: {WEIGHTS_FILE} could not be read (a sharded or .bin checkpoint? re-save it "
+                              f"with save_pretrained as one safetensors file) ({e})") from None
+    if not any(k.startswith("transformer.") for k in state):  # saved from GPT2Model: no head, no prefix
+        state = {f"transformer.{k}": v for k, v in state.items()}
+    head = state.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, state.get("transformer.wte.weight", head)):
+        raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; spdf.GPT ties them")
+    state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in state.items()
+             if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older GPT-2 code
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise CheckpointError(f"{path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    masks = {(n if n.startswith("transformer.") else f"transformer.{n}"): m
+             for n, m in read_masks(path / MASKS_FILE).items()}
+    weights = dict(model.named_parameters())
+    for name, mask in masks.items():
+        weight = weights.get(f"{name}.weight")
+        if weight is None or tuple(weight.shape) != tuple(mask.shape) or (weight.detach()[~mask] != 0).any():
+            raise CheckpointError(f"{path}: the mask of {name!r} does not fit its weight (or the weight is not zero "
+                                  f"outside it)")
+    targets = {name: 1 - int(mask.sum()) / mask.numel() for name, mask in masks.items()}
+    config = {"model": model.config.to_dict(), "targets": targets, "sparse": bool(masks), "source": "hf-gpt2"}
+    tokenizer = path / TOKENIZER_FILE
+    return Export(path, model, masks, config, tokenizer if tokenizer.is_file() else None)
+
+
 def model_fingerprint(path: Path) -> str:
     """sha256 of an export's weights and masks: which model an evaluation report is about."""
     digest = hashlib.sha256()
@@ -177,7 +248,8 @@ def load_weights(model, export: Path | Export) -> None:
     """Load an export into `model` (sparse or dense): shapes, and masks where the model is sparse, must match."""
     exported = export if isinstance(export, Export) else read_export(export)
     export, masks = exported.path, exported.masks
-    if exported.model.config.to_dict() != model.config.to_dict():
+    shape = lambda config: {k: v for k, v in config.to_dict().items() if k != "name"}  # a name is only a label
+    if shape(exported.model.config) != shape(model.config):
         raise CheckpointError(f"{export} holds a model of shape {exported.model.config.to_dict()}, but the recipe "
                               f"asks for {model.config.to_dict()}")
     layers = sparse_layers(model)

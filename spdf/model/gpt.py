@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from .config import GPTConfig
 
 
+# GPT-2's Conv1D layers store these weights (in, out); everything else has the same name and layout as here.
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
 class KVCache:
     """Keys and values of the positions already seen, for every layer, preallocated for `max_len` positions.
 
@@ -164,8 +168,7 @@ class GPT(nn.Module):
     def hf_gpt2_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under Hugging Face `GPT2LMHeadModel` names and layout (same names; its Conv1D layers
         store (in, out), so those weights are transposed). Needs a dense model (densify a sparse one first)."""
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        out = {k: (v.t() if k.endswith(conv1d) else v) for k, v in self.state_dict().items()}
+        out = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in self.state_dict().items()}
         out["lm_head.weight"] = out["transformer.wte.weight"]
         return out
 

@@ -92,11 +92,21 @@ def sparsify(
                   param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
                   (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),
                   overrides=dict(overrides or {}))
+    if backend == "compressed" and callable(getattr(type(model), "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = _refuse_plain_save
     try:
         return Sparsifier(model, config, algorithm)
     except ValueError:
         densify(model)  # refused (a dynamic algorithm on a static backend): leave the model dense as it came
         raise
+
+
+def _refuse_plain_save(*args, **kwargs):
+    # Hugging Face's save_pretrained would write a compressed layer's values and tile buffers, which its
+    # from_pretrained does not know: the layer would load back randomly initialised, with only a log line saying so.
+    raise ValueError("save_pretrained on a model with compressed sparse layers would save weights that "
+                     "from_pretrained loads as random layers: use spdf.save_pretrained(model, directory) (dense "
+                     "weights, masks beside them) or spdf.densify(model) first")
 
 
 def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
@@ -106,6 +116,8 @@ def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module
         raise ValueError("the model has no sparse layer to densify")
     for name, layer in matching_layers(model, names).items():
         _replace(model, name, layer.to_dense())
+    if not sparse_layers(model) and model.__dict__.get("save_pretrained") is _refuse_plain_save:
+        del model.__dict__["save_pretrained"]
     return model
 
 

@@ -18,6 +18,8 @@ the CLI -- talks to a layer through these members only:
     sharding_problem(d)  why the zeros cannot be kept as the layer's weight is now wrapped or sharded (None: fine)
     mask_grad_()         mask a gradient that no hook has masked (a sharded weight's), before the optimizer steps
     dense_compute        whether the forward computes a dense matmul (zeros included) or only kept products
+    tile                 the (rows, cols) tile of a tiled storage layout, None for a dense weight (what a saved model
+                         needs to rebuild the same layout)
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class SparseLayer(nn.Module):
     transposed: bool
     supports_dynamic: bool = False
     dense_compute: bool = True
+    tile: tuple[int, int] | None = None
     keep_dense_grad: bool = False  # RigL's update steps (backends with supports_dynamic only)
     dense_grad: torch.Tensor | None = None
 

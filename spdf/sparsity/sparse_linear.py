@@ -86,7 +86,19 @@ class SparseLinear(SparseLayer):
         tensor, which makes PyTorch promote the mask to the weight's dtype on every call."""
         return self.weight_mask.view(torch.uint8)
 
+    def _warn_unattached(self) -> None:
+        warnings.warn(
+            "a SparseLinear is training but no optimizer is attached: call sparsifier.attach(optimizer) "
+            "so masked weights stay exactly zero",
+            stacklevel=3,
+        )
+        self._warned_unattached = True
+
     def _mask_grad(self, param: torch.Tensor) -> None:
+        # Gradient hooks run in the eager autograd engine, outside any torch.compile trace: a compiled model that
+        # trains unattached is warned here (its forward skips the check, see forward).
+        if not (self.optimizer_attached or self._warned_unattached):
+            self._warn_unattached()
         if not self.keep_dense_grad:
             param.grad.mul_(self.mask_multiplier)
 
@@ -178,16 +190,13 @@ class SparseLinear(SparseLayer):
         return changed.t() if self.transposed else changed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and not self._weight_hooked()):
-            self._follow_replaced_weight()
-        if self.training and torch.is_grad_enabled() and not (self.optimizer_attached or self._warned_unattached):
-            warnings.warn(
-                "a SparseLinear is training but no optimizer is attached: call sparsifier.attach(optimizer) "
-                "so masked weights stay exactly zero",
-                stacklevel=2,
-            )
-            self._warned_unattached = True
+        # Under torch.compile both checks are left out of the trace: a warning there is a graph break, and the flags
+        # they read are guards that recompile the graph when they flip. The gradient hook warns compiled training.
+        if not torch.compiler.is_compiling() and self.training and torch.is_grad_enabled():
+            if not self._weight_hooked():
+                self._follow_replaced_weight()
+            if not (self.optimizer_attached or self._warned_unattached):
+                self._warn_unattached()
         if self.transposed:  # the same arithmetic as Hugging Face's Conv1D, so densify() is bit-exact
             out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight) if self.bias is not None else (
                 x.view(-1, x.size(-1)) @ self.weight)
