@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .fswrite import writing_dir
+from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 from .model import GPT, GPTConfig
 from .sparsity import set_masks, sparse_layers, sparsify, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
@@ -37,10 +40,21 @@ class CheckpointError(ValueError):
     """A checkpoint or export that is missing, corrupt, truncated or does not fit what it is loaded into."""
 
 
+def finite_json(value):
+    """`value` with every NaN/inf float replaced by None: JSON has no NaN, and strict readers refuse a bare `NaN`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(finite_json(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -67,24 +81,26 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
                  extra: dict | None = None) -> Path:
     """Write model.safetensors + config.json (+ masks.safetensors) (+ a copy of tokenizer_file) into out_dir.
 
-    Everything is written into a temporary sibling first and renamed into place, so a crash never leaves a
-    half export where a reader would look.
+    Everything is written into a temporary sibling first, hashed into manifest.json last and renamed into place, so
+    a crash never leaves a half export where a reader would look, and a later damaged byte is detected on reading.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
              if k != "lm_head.weight"}
-    save_file(state, str(tmp / WEIGHTS_FILE))
-    layers = sparse_layers(model)
-    if layers:
-        masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
-        shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
-        save_file(masks, str(tmp / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
-    write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    with writing_dir(tmp, "the export", sum(t.numel() * t.element_size() for t in state.values())):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        layers = sparse_layers(model)
+        if layers:
+            masks = {f"{name}.mask_bits": pack_bits(layer.mask) for name, layer in layers.items()}
+            shapes = {name: list(layer.mask.shape) for name, layer in layers.items()}
+            save_file(masks, str(tmp / MASKS_FILE), metadata={"shapes": json.dumps(shapes)})
+        write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        write_manifest(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -137,9 +153,23 @@ class Export:
     tokenizer_path: Path | None  # None: an export written without one (a user's own, or an old spdf)
 
 
+def verify_export(path: Path) -> bool:
+    """Check an export against its manifest: True if verified, False if it has none (a user's own export or one of an
+    older spdf, accepted as it is); a damaged one raises CheckpointError."""
+    if not has_manifest(path):
+        return False
+    try:
+        verify_manifest(path)
+    except ManifestError as e:
+        raise CheckpointError(f"export {path} is damaged: {e}; export it again or use another checkpoint") from None
+    return True
+
+
 def read_export(path: Path) -> Export:
-    """Load the export at `path` (an export directory; see find_export for run and phase directories)."""
+    """Load the export at `path` (an export directory; see find_export for run and phase directories), verified
+    against its manifest when it has one."""
     path = Path(path)
+    verify_export(path)
     config = read_json(path / CONFIG_FILE, "export")
     try:
         model = GPT(GPTConfig(**config["model"]))

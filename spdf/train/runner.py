@@ -27,8 +27,10 @@ from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, 
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
 from .downstream import DownstreamEval, check_metrics_available
+from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .preemption import StopRequest
 from .sparsity_plan import sparsify_recipe
 
 
@@ -37,6 +39,10 @@ def data_cache_dir() -> Path:
 
 
 def _mixed_precision(precision: str) -> str:
+    if precision == "fp16" and not torch.cuda.is_available():
+        # refused rather than silently trained in fp32: the user asked for something this machine cannot do
+        raise RecipeError("precision: fp16 needs a CUDA GPU (accelerate has no fp16 training on CPU); use "
+                          "precision: fp32, bf16 or auto on this machine")
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no"}.get(precision, precision)
@@ -47,16 +53,28 @@ def claim_run_dir(recipe: Recipe) -> Path:
     run_dir = recipe.run_path
     saved = run_dir / "recipe.yaml"
     fingerprint = recipe_fingerprint(recipe)
-    if saved.exists():
+    if saved.is_file():
         previous = read_json(run_dir / "fingerprint.json", "run directory").get("fingerprint")
         if previous != fingerprint:
             raise RecipeError(
                 f"run directory {run_dir} was made by a different recipe (model, sparsity, tokenizer or data differ); "
                 f"choose another run_dir (--set run_dir=...) or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, saved)
     write_json_atomic(run_dir / "fingerprint.json", {"fingerprint": fingerprint})
     return run_dir
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say in one line why it cannot be (a file, under a file, not writable)."""
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RecipeError(f"run_dir {run_dir}: {parent} is a file, not a directory; choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"run_dir {run_dir} cannot be created: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RecipeError(f"run_dir {run_dir} is not writable; choose another run_dir (--set run_dir=...)")
 
 
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
@@ -115,7 +133,8 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
     return PhasePlan(
         name=phase.name, kind=phase.kind, total_steps=steps, micro_batch_size=micro,
         accum_steps=phase.batch_size // (micro * world), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-        weight_decay=o.weight_decay, grad_clip=o.grad_clip, warmup_steps=min(warmup, steps),
+        weight_decay=o.weight_decay, grad_clip=o.grad_clip, max_nonfinite_steps=o.max_nonfinite_steps,
+        warmup_steps=min(warmup, steps),
         decay=s.decay, min_lr_ratio=s.min_lr_ratio, eval_every=phase.eval.every_steps,
         eval_batches=phase.eval.batches, checkpoint_every=phase.checkpoint.every_steps,
         keep_checkpoints=phase.checkpoint.keep, log_every=recipe.logging.every_steps,
@@ -141,7 +160,6 @@ def _datasets(phase: PhaseSpec, tokenizer, accelerator):
 def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path | None = None) -> dict:
     """Run the recipe's phases of the given kinds (resuming whatever a previous run left); return a summary."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     log_with = "tensorboard" if recipe.logging.tensorboard else None
     if log_with:
@@ -157,11 +175,26 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
-    # One rank makes the run directory and the tokenizer; the others then find them complete (read, not written
-    # half-way: a rank that saw recipe.yaml before fingerprint.json existed used to fail).
-    with accelerator.main_process_first():
-        claim_run_dir(recipe)
-        tokenizer = _tokenizer(recipe, run_dir, init_from)
+    lock = RunLock(run_dir)
+    try:
+        with StopRequest() as stop:
+            # One rank makes the run directory and takes its lock (the other ranks are the same run); it writes the
+            # tokenizer, and the others then find everything complete.
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    make_run_dir(run_dir)
+                    lock.acquire()
+                claim_run_dir(recipe)
+                tokenizer = _tokenizer(recipe, run_dir, init_from)
+            return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop)
+    finally:
+        lock.release()
+
+
+def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop) -> dict:
+    from accelerate.utils import set_seed
+
+    run_dir = recipe.run_path
     if log_with:
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
@@ -204,7 +237,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
                                     TrainingFlops(model, phase.seq_len, sparsifier),
                                     later_phases=[p.name for p in recipe.phases[i + 1:]],
-                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream)
+                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream, stop=stop)
         if downstream is not None:
             downstream(model, "final", state.step, state.tokens)
         if sparsifier is not None:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from spdf.cli import main
+from spdf.train.lock import LOCK_FILE
 from spdf.recipe import apply_overrides, dump_recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,10 +75,11 @@ def loss_trace(run_dir: Path, phase: str | None = None) -> list[tuple]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root: "nothing on disk changed" is equality of two digests."""
+    """{relative path: sha256} of every file under root: "nothing on disk changed" is equality of two digests.
+    The run lock file is left out: each run writes its own pid there (it is not run data)."""
     root = Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
