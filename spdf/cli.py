@@ -16,6 +16,14 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in spdf's form: one `spdf: error:` line and exit 2 (no usage block before it)."""
+
+    def error(self, message: str):
+        print(f"spdf: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", type=Path, help="YAML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -23,7 +31,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spdf", description="Sparse Pre-training and Dense Fine-tuning of GPT models.",
         epilog="A run resumes automatically from its run directory's last checkpoint. "
                "Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp-8gpu.yaml -m spdf run RECIPE")
@@ -69,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint and export under PATH against its manifest (exit 2 if any is damaged)")
 
     p = sub.add_parser("flops", help="analytic training FLOPs, dense vs sparse, per component",
                        description="Training FLOPs per token (and in total) of a named model at a sparsity, or of a "
@@ -175,8 +185,17 @@ def _format_downstream(phases: list[dict]) -> list[str]:
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import checkpoint_stats, format_stats
+    from .export import CheckpointError
+    from .inspect import checkpoint_stats, format_stats, verify_saved
 
+    if args.verify:
+        results = verify_saved(args.path)
+        for status, path, detail in results:
+            print(f"{status:10s} {path}: {detail}")
+        damaged = [str(path) for status, path, _ in results if status == "DAMAGED"]
+        if damaged:
+            raise CheckpointError(f"{len(damaged)} of {len(results)} damaged: {', '.join(damaged)}")
+        return 0
     stats = checkpoint_stats(args.path)
     print(json.dumps(stats, indent=2, default=str) if args.json else format_stats(stats))
     return 0

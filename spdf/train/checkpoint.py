@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..export import CheckpointError, read_json, write_json_atomic
 from ..fswrite import writing_dir
-from ..manifest import ManifestError, has_manifest, verify_manifest, write_manifest
+from ..manifest import MANIFEST_FILE, ManifestError, has_manifest, verify_manifest, write_manifest
 
 CHECKPOINT_PREFIX = "step-"
 META_FILE = "spdf.json"
@@ -134,11 +134,15 @@ def resume_checkpoint(accelerator, root: Path, expect: dict, warn) -> Path | Non
     damaged one is named through `warn`. If checkpoints exist but none is usable the run stops: starting over would
     let rotation delete them."""
     existing = list_checkpoints(root)
+    # Without a manifest a checkpoint is an older spdf's, unless a sibling has one: then its manifest was lost.
+    legacy = not any(has_manifest(p) for p in existing)
     problems = []
     for path in reversed(existing):
         try:
             if not verify_checkpoint(path):
-                warn(f"checkpoint {path} has no manifest (written by an older spdf): loaded unverified")
+                if not legacy:
+                    raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
+                warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
             load_checkpoint(accelerator, path, expect)
             return path
         except DamagedCheckpoint as e:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..export import (CheckpointError, find_export, load_weights, read_json, sparse_model, write_export,
-                      write_json_atomic)
+from ..export import (CheckpointError, find_export, load_weights, read_json, sparse_model, verify_export,
+                      write_export, write_json_atomic)
 from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
                     load_or_train_tokenizer)
 from ..flops import TrainingFlops
@@ -169,7 +169,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install tensorboard), or set logging.tensorboard: false") from None
     if init_from is not None:
-        find_export(init_from)  # a bad --from is refused before the run directory is made
+        verify_export(find_export(init_from))  # a bad --from is refused before the run directory is made
     run_dir = recipe.run_path
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.

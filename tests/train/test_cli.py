@@ -65,7 +65,7 @@ def test_python_dash_m_spdf(cache_dir, tmp_path):
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
-    assert exit_info.value.code == 2 and "usage: spdf" in capsys.readouterr().err
+    assert_user_error(exit_info.value.code, capsys.readouterr().err, "required: COMMAND", "spdf --help")
 
 
 # ---- flops ---------------------------------------------------------------------------------------------------------
