@@ -35,7 +35,7 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{file} could not be read as a checkpoint (corrupt, truncated or not a weights file?): "
+        raise ValueError(f"{file} could not be read (corrupt or truncated, or not a weights file?): "
                          f"{first}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict")

@@ -46,19 +46,14 @@ def _damage(file, how: str) -> None:
 
 
 @pytest.fixture
-def verified_run(finished_copy, capsys):
-    """A copy of the finished run re-made with manifests: its pre-training re-run from step 6 (so step-6 and step-8
-    are checkpoints this spdf wrote), then cut back to a kill right after step 8's checkpoint."""
+def verified_run(finished_copy):
+    """A copy of the finished run cut back to a kill right after step 8's checkpoint: step-6 and step-8 remain, each
+    with its manifest."""
     run_dir, recipe = finished_copy
-    truncate_to_kill(run_dir, "pretrain", last_step=6, keep_checkpoints_upto=6)
-    ckpts = run_dir / "phases/pretrain/checkpoints"
-    rc, _, err = run_cli(["pretrain", recipe], capsys)
-    assert rc == 0, err
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000006", "step-00000008"]
-    # step-6 was written by the run that this copy comes from: give it a manifest as this spdf would
-    from spdf.manifest import write_manifest
-    write_manifest(ckpts / "step-00000006")
     truncate_to_kill(run_dir, "pretrain", last_step=PRETRAIN_STEPS, keep_checkpoints_upto=PRETRAIN_STEPS)
+    ckpts = run_dir / "phases/pretrain/checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000006", "step-00000008"]
+    assert all((p / "manifest.json").is_file() for p in ckpts.iterdir())
     return run_dir, recipe
 
 
