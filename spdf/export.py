@@ -29,11 +29,14 @@ from safetensors.torch import load_file, save_file
 from .fswrite import writing_dir
 from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 from .model import GPT, GPTConfig
-from .sparsity import set_masks, sparse_layers, sparsify, to_dense_state_dict
+from .sparsity import set_masks, sparse_layers, sparsify, state_dict_masks, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
 
 WEIGHTS_FILE, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE = ("model.safetensors", "config.json", "masks.safetensors",
                                                          "tokenizer.json")
+# A training checkpoint (spdf.train.checkpoint) holds the model's own state dict (masks included) in WEIGHTS_FILE and
+# its description in CHECKPOINT_META; `--from` and the other readers accept one in place of an export.
+CHECKPOINT_META = "spdf.json"
 
 
 class CheckpointError(ValueError):
@@ -112,12 +115,17 @@ def is_export(path: Path) -> bool:
     return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 
 
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CHECKPOINT_META).is_file()
+
+
 def find_export(path: Path) -> Path:
-    """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
+    """An export directory from a run directory (its last finished phase), a phase directory or an export itself;
+    a training checkpoint directory (step-XXXXXXXX) is returned as it is (read_export reads both)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
-    if is_export(path):
+    if is_export(path) or is_checkpoint(path):
         return path
     if (path / "export").is_dir():
         return path / "export"
@@ -126,7 +134,16 @@ def find_export(path: Path) -> Path:
                       key=lambda p: (p / "done.json").stat().st_mtime)
         if done:
             return done[-1] / "export"
-    raise CheckpointError(f"{path} is not an spdf export, phase or run directory with a finished phase")
+    raise CheckpointError(f"{path} is not an spdf export, checkpoint, phase or run directory with a finished phase")
+
+
+def find_tokenizer(path: Path) -> Path | None:
+    """The tokenizer.json of an export, or of a checkpoint's run (<run>/phases/<phase>/checkpoints/step-X)."""
+    path = Path(path)
+    if not is_export(path) and is_checkpoint(path) and len(path.parents) > 3:
+        path = path.parents[3]
+    tokenizer = path / TOKENIZER_FILE
+    return tokenizer if tokenizer.is_file() else None
 
 
 def read_masks(masks_file: Path) -> dict[str, torch.Tensor]:
@@ -161,33 +178,39 @@ def verify_export(path: Path) -> bool:
     try:
         verify_manifest(path)
     except ManifestError as e:
-        raise CheckpointError(f"export {path} is damaged: {e}; export it again or use another checkpoint") from None
+        raise CheckpointError(f"{path} is damaged: {e}; use another checkpoint") from None
     return True
 
 
 def read_export(path: Path) -> Export:
-    """Load the export at `path` (an export directory; see find_export for run and phase directories), verified
-    against its manifest when it has one."""
+    """Load the export at `path` (an export or a training checkpoint directory; see find_export for run and phase
+    directories), verified against its manifest when it has one."""
     path = Path(path)
     verify_export(path)
-    config = read_json(path / CONFIG_FILE, "export")
+    checkpoint = not is_export(path) and is_checkpoint(path)
+    what = "checkpoint" if checkpoint else "export"
+    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
     try:
         model = GPT(GPTConfig(**config["model"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"export {path}: config.json does not describe a model ({e})") from None
+        raise CheckpointError(f"{what} {path}: {CHECKPOINT_META if checkpoint else CONFIG_FILE} does not describe "
+                              f"a model ({e})") from None
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"export {path}: {WEIGHTS_FILE} could not be read ({e})") from None
+        raise CheckpointError(f"{what} {path}: {WEIGHTS_FILE} could not be read ({e})") from None
+    if checkpoint:  # the sparse layers' own state: masks out of it, compressed weights expanded
+        masks, state = state_dict_masks(state), to_dense_state_dict(state)
+    else:
+        masks = read_masks(path / MASKS_FILE)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
-        raise CheckpointError(f"export {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
+        raise CheckpointError(f"{what} {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, "
+        raise CheckpointError(f"{what} {path} does not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    tokenizer = path / TOKENIZER_FILE
-    return Export(path, model, read_masks(path / MASKS_FILE), config, tokenizer if tokenizer.is_file() else None)
+    return Export(path, model, masks, config, find_tokenizer(path))
 
 
 def model_fingerprint(path: Path) -> str:

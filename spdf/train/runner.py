@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..export import (CheckpointError, find_export, load_weights, read_json, sparse_model, verify_export,
+from ..export import (CheckpointError, find_export, find_tokenizer, load_weights, read_json, sparse_model, verify_export,
                       write_export, write_json_atomic)
 from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
                     load_or_train_tokenizer)
@@ -79,9 +79,9 @@ def make_run_dir(run_dir: Path) -> None:
 
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
     if init_from is not None:  # fine-tuning a checkpoint: its tokenizer, never a new one
-        path = find_export(init_from) / "tokenizer.json"
-        if not path.exists():
-            raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
+        path = find_tokenizer(find_export(init_from))
+        if path is None:
+            raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights (or in its run directory)")
         return load_or_train_tokenizer(TokenizerSpec(kind="file", path=str(_keep_copy(path, run_dir))), None, run_dir)
     t = recipe.tokenizer
     if t.kind == "file":
