@@ -40,6 +40,7 @@ setup(
         "data": ["datasets>=2.19"],
         "plot": ["matplotlib>=3.7"],
         "eval": EVAL,
+        "tensorboard": ["tensorboard>=2.14"],  # logging.tensorboard: true
         "dev": ["pytest>=7", "hypothesis>=6", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.50", *EVAL],
     },
     entry_points={"console_scripts": ["spdf=spdf.cli:main"]},

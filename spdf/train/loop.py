@@ -154,8 +154,11 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
         return loss
 
     finished_before_resume = state.step >= plan.total_steps
+    # On a terminal a redrawn bar; otherwise (a log file) one plain line per logging interval.
+    terminal = sys.stderr.isatty()
     bar = tqdm(total=plan.total_steps, initial=state.step, desc=plan.name, unit="step", dynamic_ncols=True,
-               disable=not (plan.progress and accelerator.is_main_process))
+               disable=not (plan.progress and accelerator.is_main_process and terminal))
+    log_lines = plan.progress and not terminal
     if state.step == 0:
         validate()  # the loss before any training, to compare with the end of the phase
         if downstream is not None and plan.downstream_before:
@@ -218,6 +221,9 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
                 record["grad_norm"] = float(grad_norm)
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if log_lines and accelerator.is_main_process:
+                print(f"[{plan.name}] step {state.step}/{plan.total_steps} loss {loss:.4f} lr {lr:.3e} "
+                      f"{tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
             window_loss.zero_()
             window_tokens, window_start = 0, time.perf_counter()
         if state.step % plan.eval_every == 0 and state.step < plan.total_steps:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -143,11 +144,13 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
         downstream_every=phase.eval.generate.every_steps if phase.eval.generate else None)
 
 
-def _datasets(phase: PhaseSpec, tokenizer, accelerator):
+def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     if phase.kind == "pretrain":
         with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
+            # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
             train, val, _ = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
-                                                progress=accelerator.is_main_process)
+                                                progress=progress and accelerator.is_main_process
+                                                and sys.stderr.isatty())
     else:
         train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
         val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)
@@ -167,7 +170,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             import tensorboard  # noqa: F401  (accelerate's tracker needs it)
         except ImportError:
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
-                              "(pip install tensorboard), or set logging.tensorboard: false") from None
+                              "(pip install 'spdf[tensorboard]'), or set logging.tensorboard: false") from None
     if init_from is not None:
         verify_export(find_export(init_from))  # a bad --from is refused before the run directory is made
     run_dir = recipe.run_path
@@ -229,7 +232,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             summaries.append(read_json(phase_dir / "done.json", "phase summary"))
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
-        train, val = _datasets(phase, tokenizer, accelerator)
+        train, val = _datasets(phase, tokenizer, accelerator, recipe.logging.progress)
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
