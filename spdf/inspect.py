@@ -117,7 +117,7 @@ def verify_saved(path: str | Path) -> list[tuple[str, Path, str]]:
             results.append(("unverified", d, "no manifest.json"))
             continue
         try:
-            results.append(("ok", d, f"{verify_manifest(d)} files match their sha256"))
+            results.append(("ok", d, f"{verify_manifest(d)} files match their checksums"))
         except ManifestError as e:
             results.append(("DAMAGED", d, str(e)))
     return results

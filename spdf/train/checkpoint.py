@@ -1,7 +1,8 @@
 """Training checkpoints: exact resume (exports, the plain safetensors a user loads, are spdf.export's).
 
 A checkpoint is a directory `step-00000100/` written by `accelerate.save_state` (model with its masks, optimizer,
-scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity, and last `manifest.json` with every file's sha256 (spdf.manifest).
+scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity, and
+last `manifest.json` with every file's size and CRC-32 (spdf.manifest).
 It is written under a temporary name and renamed when complete, so a crash mid-write never leaves a half checkpoint
 where resume would look; the manifest catches damage after that (a flipped byte loads without any error otherwise).
 Resume takes the newest checkpoint that verifies and says which newer ones it skipped. Checkpoints of an older spdf
@@ -37,12 +38,13 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint whose files do not match its manifest, or (without one) do not load: resume skips it."""
 
 
-def verify_checkpoint(path: Path) -> bool:
-    """True if `path` matches its manifest, False if it has none (an older spdf's); DamagedCheckpoint otherwise."""
+def verify_checkpoint(path: Path, content: bool = True) -> bool:
+    """True if `path` matches its manifest (sizes, and with `content` the checksum of every file), False if it has none
+    (an older spdf's); DamagedCheckpoint otherwise."""
     if not has_manifest(path):
         return False
     try:
-        verify_manifest(path)
+        verify_manifest(path, content)
     except ManifestError as e:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
     return True
@@ -85,7 +87,8 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        verify_checkpoint(final)  # read back from where resume will read it, before anything older is deleted
+        # complete where resume will look (every file there, at its size) before anything older is deleted
+        verify_checkpoint(final, content=False)
         for old in list_checkpoints(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
