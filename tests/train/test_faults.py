@@ -225,3 +225,35 @@ def test_real_sigterm_and_a_concurrent_run(finished_run, cache_dir, tmp_path, ca
     assert rc == 0, err
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, 41))
+
+
+def test_a_single_non_finite_step_is_skipped_and_training_goes_on(finished_copy, capsys, monkeypatch):
+    """One NaN loss at the 4th training step: that step makes no update (weights, masks, optimizer state, LR step
+    count untouched), the next batch takes its place, and the phase still ends at step 8 with finite exports."""
+    import spdf.train.loop as loop
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir, recipe = finished_copy
+    truncate_to_kill(run_dir, "pretrain", last_step=0, keep_checkpoints_upto=None)
+    real, calls = loop._loss_sum, []
+
+    def loss_with_one_nan(model, idx, targets):
+        loss = real(model, idx, targets)
+        calls.append(model.training)
+        training_calls = sum(calls)
+        return loss * float("nan") if model.training and training_calls == 4 else loss
+
+    monkeypatch.setattr(loop, "_loss_sum", loss_with_one_nan)
+    rc, _, err = run_cli(["pretrain", recipe], capsys)
+    assert rc == 0, err
+    assert "[pretrain] step 4: non-finite loss or gradient norm; step skipped (1 of at most 3 in a row)" in err
+    logged = [r for r in read_metrics(run_dir) if r["phase"] == "pretrain" and "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, PRETRAIN_STEPS + 1))
+    assert all(isinstance(r["loss"], float) for r in logged)
+    weights = load_file(str(run_dir / "phases/pretrain/export/model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    from spdf.export import read_export
+    sparse = read_export(run_dir / "phases/pretrain/export")
+    for name, mask in sparse.masks.items():  # masked weights still exactly zero: no update escaped the masks
+        assert not sparse.model.get_submodule(name).weight[~mask].any()
