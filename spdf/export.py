@@ -88,7 +88,10 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     a crash never leaves a half export where a reader would look, and a later damaged byte is detected on reading.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")  # per process: two writers never share it
+    for stale in out_dir.parent.glob(f".tmp-{out_dir.name}.*"):  # left by a killed writer (its pid is gone)
+        if stale != tmp and not _alive(stale.name.rpartition(".")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
              if k != "lm_head.weight"}
     with writing_dir(tmp, "the export", sum(t.numel() * t.element_size() for t in state.values())):
@@ -108,6 +111,16 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 # ---- find and read -----------------------------------------------------------------------------------------------

@@ -187,14 +187,19 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
             step_loss += loss_sum.detach().double()
         # The norm is needed for the guard even without clipping (an infinite max_norm clips nothing).
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), plan.grad_clip or float("inf"))
+        # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step in optimizer.step()
+        # and lowers its scale, so only a non-finite loss counts then.
+        scaler = getattr(accelerator, "scaler", None)
+        bad = not bool(torch.isfinite(step_loss)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
         # [this step is non-finite, a stop was requested]: one all-reduce gives every rank the same decisions
-        flags = torch.tensor([float(not (torch.isfinite(step_loss) and torch.isfinite(grad_norm))),
-                              float(stop is not None and stop.requested)], device=accelerator.device)
+        flags = torch.tensor([float(bad), float(stop is not None and stop.requested)], device=accelerator.device)
         flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
         bad, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
         if guard.skip(bad, state.step + 1):
             # no optimizer.step(): the sparsifier's step hooks do not run either, so the masks stay as they are
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:  # close the scaler's step (clip unscaled the grads) and lower its scale
+                scaler.update()
             if stopping:
                 _stop(stop, plan, state, checkpoint, saved=saved_at["step"] == state.step)
             continue
