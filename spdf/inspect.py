@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, is_export, read_masks

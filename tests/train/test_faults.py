@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -22,7 +21,7 @@ from spdf.export import CheckpointError
 from spdf.train.lock import LOCK_FILE, RunLock
 from spdf.train.metrics import MetricsLog
 from tiny_runs import (PRETRAIN_STEPS, assert_user_error, copy_run, loss_trace, read_metrics, run_cli,
-                       subprocess_env, tree_digest, truncate_to_kill)
+                       subprocess_env, tree_digest, truncate_to_kill, wait_for)
 
 CKPT_FILES = ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "spdf.json",
               "manifest.json"]
@@ -182,17 +181,6 @@ def test_second_run_on_a_directory_in_use_exits_2(finished_copy, capsys):
     assert tree_digest(run_dir) == before
 
 
-def _wait_for(condition, proc, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def test_real_sigterm_and_a_concurrent_run(finished_run, cache_dir, tmp_path, capsys):
     """A real `spdf pretrain` process: a second run on its directory is refused at once naming its pid; SIGTERM
     stops it with a checkpoint at the last step it logged (exit 143); resumed, every step is logged exactly once."""
@@ -206,7 +194,7 @@ def test_real_sigterm_and_a_concurrent_run(finished_run, cache_dir, tmp_path, ca
         try:
             logged = lambda: [r["step"] for r in read_metrics(run_dir) if "loss" in r] if (
                 run_dir / "metrics.jsonl").exists() else []
-            _wait_for(lambda: len(logged()) >= 2, proc, 240, "two steps were logged")
+            wait_for(lambda: len(logged()) >= 2, proc, 240, "two steps were logged")
             assert f"pid {proc.pid}" in (run_dir / LOCK_FILE).read_text()
             rc, _, second = run_cli(["pretrain", recipe], capsys)
             assert_user_error(rc, second, f"pid {proc.pid}")

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,18 @@ def assert_user_error(rc: int, err: str, *fragments: str) -> str:
     return lines[0]
 
 
+
+def wait_for(condition, proc, timeout: float, what: str):
+    """Poll `condition` until it holds; fail if the subprocess `proc` ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def copy_run(src: Path, dst: Path, recipe_file: Path, *extra_sets: str) -> tuple[Path, Path]:
