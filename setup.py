@@ -45,8 +45,9 @@ setup(
         "eval": EVAL,
         "hf": ["transformers>=4.50"],
         "lm-eval": ["transformers>=4.50", "lm-eval>=0.4"],
-        "dev": ["pytest>=7", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.50", "lm-eval>=0.4",
-                *EVAL],
+        "tensorboard": ["tensorboard>=2.14"],  # logging.tensorboard: true
+        "dev": ["pytest>=7", "hypothesis>=6", "triton>=3.0", "matplotlib>=3.7", "datasets>=2.19", "transformers>=4.50",
+                "lm-eval>=0.4", *EVAL],
     },
     entry_points={"console_scripts": ["spdf=spdf.cli:main"]},
 )

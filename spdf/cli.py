@@ -1,7 +1,9 @@
 """The `spdf` command: run, pretrain, finetune, evaluate, inspect, flops.
 
-User errors (a bad recipe key, a missing file, an unknown model name, a damaged checkpoint) print one line and
-exit with status 2; nothing already on disk is touched by a failed start.
+User errors (a bad recipe key, a missing file, an unknown model name, a damaged checkpoint, a full disk, a run
+directory in use) print one line and exit with status 2; nothing already on disk is touched by a failed start.
+Training that diverges (non-finite loss or gradients too many steps in a row) exits 3; a run stopped by SIGINT or
+SIGTERM writes a checkpoint and exits 130 or 143 (README, "Failures and recovery").
 """
 from __future__ import annotations
 
@@ -11,6 +13,15 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in spdf's form: one `spdf: error:` line and exit 2 (no usage block before it)."""
+
+    def error(self, message: str):
+        print(f"spdf: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +31,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spdf", description="Sparse Pre-training and Dense Fine-tuning of GPT models.",
         epilog="A run resumes automatically from its run directory's last checkpoint. "
                "Multi-GPU: accelerate launch --config_file recipes/accelerate/ddp-8gpu.yaml -m spdf run RECIPE")
@@ -75,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint and export under PATH against its manifest (exit 2 if any is damaged)")
 
     p = sub.add_parser("flops", help="analytic training FLOPs, dense vs sparse, per component",
                        description="Training FLOPs per token (and in total) of a named model at a sparsity, or of a "
@@ -92,16 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args, kinds) -> int:
     from .recipe import load_recipe
     from .train import run_recipe
+    from .train.nonfinite import NonFiniteTraining
+    from .train.preemption import Preempted
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = run_recipe(recipe, kinds=kinds, init_from=getattr(args, "init_from", None))
+    try:
+        summary = run_recipe(recipe, kinds=kinds, init_from=getattr(args, "init_from", None))
+    except NonFiniteTraining as e:
+        print(f"spdf: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Preempted as e:
+        print(f"spdf: {e}", file=sys.stderr)
+        return e.exit_code
     if summary["main_process"]:
-        print(_format_summary(summary))
+        print(_format_summary(summary, args.command))
     return 0
 
 
-def _format_summary(summary: dict) -> str:
-    lines = ["", "spdf run finished"]
+def _format_summary(summary: dict, command: str = "run") -> str:
+    lines = ["", f"spdf {command} finished"]
     for p in summary["phases"]:
         before, after = p.get("val_loss_before"), p.get("val_loss_after")
         loss = f"val loss {before:.3f} -> {after:.3f}" if before is not None and after is not None else ""
@@ -172,8 +194,17 @@ def _format_downstream(phases: list[dict]) -> list[str]:
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import checkpoint_stats, format_stats
+    from .export import CheckpointError
+    from .inspect import checkpoint_stats, format_stats, verify_saved
 
+    if args.verify:
+        results = verify_saved(args.path)
+        for status, path, detail in results:
+            print(f"{status:10s} {path}: {detail}")
+        damaged = [str(path) for status, path, _ in results if status == "DAMAGED"]
+        if damaged:
+            raise CheckpointError(f"{len(damaged)} of {len(results)} damaged: {', '.join(damaged)}")
+        return 0
     stats = checkpoint_stats(args.path)
     print(json.dumps(stats, indent=2, default=str) if args.json else format_stats(stats))
     return 0
@@ -183,6 +214,7 @@ def _cmd_flops(args) -> int:
     from .flops import analytic_flops, format_table, model_flops
     from .model.config import CONFIGS, GPTConfig
 
+    _check_flops_flags(args)
     if args.list:
         for name, cfg in CONFIGS.items():
             print(f"{name:20s} {cfg.n_layer:3d} layers  d_model {cfg.d_model:5d}  heads {cfg.n_head:3d}  "
@@ -204,6 +236,17 @@ def _cmd_flops(args) -> int:
     else:
         print(format_table(name, fb, label, args.tokens))
     return 0
+
+
+def _check_flops_flags(args) -> None:
+    import math
+
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
+    if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
+        raise ValueError(f"--tokens must be a positive finite number of tokens, got {args.tokens}")
+    if not (math.isfinite(args.sparsity) and 0.0 <= args.sparsity < 1.0):
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
 
 def _recipe_flops(args, path: Path) -> int:
@@ -256,12 +299,13 @@ def main(argv=None) -> int:
             print(export_hf(args.path, args.out))
             return 0
         return _cmd_flops(args)
-    except (RecipeError, DataError, CheckpointError, ValueError, FileNotFoundError, IsADirectoryError,
-            PermissionError, ImportError) as e:  # ImportError: an optional extra (e.g. spdf[eval]) is missing
-        print(f"spdf: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except BrokenPipeError:  # `spdf inspect … | head`
         return 0
+    except (RecipeError, DataError, CheckpointError, ValueError, OSError, ImportError) as e:
+        # ImportError: an optional extra (e.g. spdf[eval]) is missing; OSError: a path the user gave cannot be
+        # read or written (the messages of spdf's own writes say which and why)
+        print(f"spdf: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("spdf: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130

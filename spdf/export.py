@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,23 +26,39 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .fswrite import writing_dir
+from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 from .model import GPT, GPTConfig
 from .model.gpt import HF_CONV1D_WEIGHTS
-from .sparsity import set_masks, sparse_layers, sparsify, to_dense_state_dict
+from .sparsity import set_masks, sparse_layers, sparsify, state_dict_masks, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
 
 WEIGHTS_FILE, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE = ("model.safetensors", "config.json", "masks.safetensors",
                                                          "tokenizer.json")
+# A training checkpoint (spdf.train.checkpoint) holds the model's own state dict (masks included) in WEIGHTS_FILE and
+# its description in CHECKPOINT_META; `--from` and the other readers accept one in place of an export.
+CHECKPOINT_META = "spdf.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint or export that is missing, corrupt, truncated or does not fit what it is loaded into."""
 
 
+def finite_json(value):
+    """`value` with every NaN/inf float replaced by None: JSON has no NaN, and strict readers refuse a bare `NaN`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(finite_json(data), f, indent=2, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -68,22 +85,27 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
                  extra: dict | None = None) -> Path:
     """Write model.safetensors + config.json (+ masks.safetensors) (+ a copy of tokenizer_file) into out_dir.
 
-    Everything is written into a temporary sibling first and renamed into place, so a crash never leaves a
-    half export where a reader would look.
+    Everything is written into a temporary sibling first, hashed into manifest.json last and renamed into place, so
+    a crash never leaves a half export where a reader would look, and a later damaged byte is detected on reading.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")  # per process: two writers never share it
+    for stale in out_dir.parent.glob(f".tmp-{out_dir.name}.*"):  # left by a killed writer (its pid is gone)
+        if stale != tmp and not _alive(stale.name.rpartition(".")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
              if k != "lm_head.weight"}
-    save_file(state, str(tmp / WEIGHTS_FILE))
-    layers = sparse_layers(model)
-    if layers:
-        write_masks({name: layer.mask for name, layer in layers.items()}, tmp / MASKS_FILE)
-    write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+    with writing_dir(tmp, "the export", sum(t.numel() * t.element_size() for t in state.values())):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        layers = sparse_layers(model)
+        if layers:
+            write_masks({name: layer.mask for name, layer in layers.items()}, tmp / MASKS_FILE)
+        write_json_atomic(tmp / CONFIG_FILE, {**layout_meta(model), "sparse": bool(layers), **(extra or {})})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        write_manifest(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -97,17 +119,32 @@ def write_masks(masks: dict[str, torch.Tensor], masks_file: Path) -> None:
     save_file(packed, str(masks_file), metadata={"shapes": json.dumps(shapes)})
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 # ---- find and read -----------------------------------------------------------------------------------------------
 def is_export(path: Path) -> bool:
     return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 
 
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CHECKPOINT_META).is_file()
+
+
 def find_export(path: Path) -> Path:
-    """An export directory from a run directory (its last finished phase), a phase directory or an export itself."""
+    """An export directory from a run directory (its last finished phase), a phase directory or an export itself;
+    a training checkpoint directory (step-XXXXXXXX) is returned as it is (read_export reads both)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
-    if is_export(path):
+    if is_export(path) or is_checkpoint(path):
         return path
     if (path / "export").is_dir():
         return path / "export"
@@ -116,7 +153,16 @@ def find_export(path: Path) -> Path:
                       key=lambda p: (p / "done.json").stat().st_mtime)
         if done:
             return done[-1] / "export"
-    raise CheckpointError(f"{path} is not an spdf export, phase or run directory with a finished phase")
+    raise CheckpointError(f"{path} is not an spdf export, checkpoint, phase or run directory with a finished phase")
+
+
+def find_tokenizer(path: Path) -> Path | None:
+    """The tokenizer.json of an export, or of a checkpoint's run (<run>/phases/<phase>/checkpoints/step-X)."""
+    path = Path(path)
+    if not is_export(path) and is_checkpoint(path) and len(path.parents) > 3:
+        path = path.parents[3]
+    tokenizer = path / TOKENIZER_FILE
+    return tokenizer if tokenizer.is_file() else None
 
 
 def read_masks(masks_file: Path) -> dict[str, torch.Tensor]:
@@ -143,30 +189,49 @@ class Export:
     tokenizer_path: Path | None  # None: an export written without one (a user's own, or an old spdf)
 
 
+def verify_export(path: Path) -> bool:
+    """Check an export against its manifest: True if verified, False if it has none (a user's own export or one of an
+    older spdf, accepted as it is); a damaged one raises CheckpointError."""
+    if not has_manifest(path):
+        return False
+    try:
+        verify_manifest(path)
+    except ManifestError as e:
+        raise CheckpointError(f"{path} is damaged: {e}; use another checkpoint") from None
+    return True
+
+
 def read_export(path: Path) -> Export:
-    """Load the export at `path` (an export directory, or a Hugging Face GPT-2 directory; see find_export for run
-    and phase directories)."""
+    """Load the export at `path` (an export, a training checkpoint directory or a Hugging Face GPT-2 directory; see
+    find_export for run and phase directories), verified against its manifest when it has one."""
     path = Path(path)
-    config = read_json(path / CONFIG_FILE, "export")
-    if "model_type" in config:
+    verify_export(path)
+    checkpoint = not is_export(path) and is_checkpoint(path)
+    what = "checkpoint" if checkpoint else "export"
+    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
+    if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
         return read_hf_gpt2(path, config)
     try:
         model = GPT(GPTConfig(**config["model"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"export {path}: config.json does not describe a model ({e})") from None
+        raise CheckpointError(f"{what} {path}: {CHECKPOINT_META if checkpoint else CONFIG_FILE} does not describe "
+                              f"a model ({e})") from None
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
-        raise CheckpointError(f"export {path}: {WEIGHTS_FILE} could not be read ({e})") from None
+        raise CheckpointError(f"{what} {path}: {WEIGHTS_FILE} could not be read ({e})") from None
+    if checkpoint:  # the sparse layers' own state: masks out of it, compressed weights expanded
+        masks, state = state_dict_masks(state), to_dense_state_dict(state)
+    else:
+        masks = read_masks(path / MASKS_FILE)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
-        raise CheckpointError(f"export {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
+        raise CheckpointError(f"{what} {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
     if unexpected or set(missing) - {"lm_head.weight"}:
-        raise CheckpointError(f"export {path} does not fit its config: missing {missing[:3]}, "
+        raise CheckpointError(f"{what} {path} does not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
-    tokenizer = path / TOKENIZER_FILE
-    return Export(path, model, read_masks(path / MASKS_FILE), config, tokenizer if tokenizer.is_file() else None)
+    return Export(path, model, masks, config, find_tokenizer(path))
 
 
 # ---- Hugging Face GPT-2 directories ---------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
-"""`spdf inspect`: per-layer sparsity of a checkpoint, export or run directory, read from files alone."""
+"""`spdf inspect`: per-layer sparsity of a checkpoint, export or run directory, read from files alone; with --verify,
+a check of every checkpoint and export under a path against its manifest."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, read_masks
+from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, is_export, read_masks
+from .manifest import ManifestError, has_manifest, verify_manifest
 from .sparsity import state_dict_masks, to_dense_state_dict
 
 
@@ -30,8 +31,11 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{file} could not be read (corrupt or truncated?): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - the (weights-only) unpickler fails on arbitrary bytes in arbitrary
+        # ways (KeyError, IndexError, UnpicklingError…); whatever it raised, the file is not a readable checkpoint
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{file} could not be read (corrupt or truncated, or not a weights file?): "
+                         f"{first}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict")
     return state
@@ -87,3 +91,32 @@ def format_stats(stats: dict) -> str:
     lines.append(f"{'linear weights in blocks':44s} {'':>14s} {'':>7s} {'':>9s} "
                  f"{1 - stats['total_nnz'] / stats['total_numel']:7.2%} {stats['total_nnz']:11,d}")
     return "\n".join(lines)
+
+
+def _saved_dirs(path: Path) -> list[Path]:
+    """Every checkpoint (step-*) and export directory at or under `path`."""
+    if path.is_dir() and (has_manifest(path) or is_export(path) or path.name.startswith("step-")):
+        return [path]
+    found = {p.parent for p in path.rglob(WEIGHTS_FILE)} | {p.parent for p in path.rglob("manifest.json")}
+    return sorted(p for p in found if not any(part.startswith(".tmp-") for part in p.parts))
+
+
+def verify_saved(path: str | Path) -> list[tuple[str, Path, str]]:
+    """[(status, directory, detail)] for each checkpoint/export under `path`: "ok", "unverified" (no manifest: an
+    older spdf's or a user's own) or "DAMAGED"."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (give a run, phase, checkpoint or export directory)")
+    dirs = _saved_dirs(path)
+    if not dirs:
+        raise CheckpointError(f"no checkpoint or export found under {path}")
+    results = []
+    for d in dirs:
+        if not has_manifest(d):
+            results.append(("unverified", d, "no manifest.json"))
+            continue
+        try:
+            results.append(("ok", d, f"{verify_manifest(d)} files match their checksums"))
+        except ManifestError as e:
+            results.append(("DAMAGED", d, str(e)))
+    return results

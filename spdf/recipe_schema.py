@@ -112,6 +112,8 @@ class OptimizerSpec(Spec):
     eps: float = num(1e-8, gt=0.0)
     weight_decay: float = num(0.1, ge=0.0)
     grad_clip: Optional[float] = num(1.0, gt=0.0)  # None: no clipping
+    # steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run (exit code 3)
+    max_nonfinite_steps: int = num(3, ge=1)
 
     def _check(self):
         for i, beta in enumerate(self.betas):

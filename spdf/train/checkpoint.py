@@ -1,9 +1,12 @@
 """Training checkpoints: exact resume (exports, the plain safetensors a user loads, are spdf.export's).
 
 A checkpoint is a directory `step-00000100/` written by `accelerate.save_state` (model with its masks, optimizer,
-scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity. It is
-written under a temporary name and renamed when complete, so a crash mid-write never leaves a half checkpoint
-where resume would look.
+scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity, and
+last `manifest.json` with every file's size and CRC-32 (spdf.manifest).
+It is written under a temporary name and renamed when complete, so a crash mid-write never leaves a half checkpoint
+where resume would look; the manifest catches damage after that (a flipped byte loads without any error otherwise).
+Resume takes the newest checkpoint that verifies and says which newer ones it skipped. Checkpoints of an older spdf
+have no manifest: they are loaded with a warning (nothing to verify them against).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..export import CheckpointError, read_json, write_json_atomic
+from ..fswrite import writing_dir
+from ..manifest import MANIFEST_FILE, ManifestError, has_manifest, verify_manifest, write_manifest
 
 CHECKPOINT_PREFIX = "step-"
 META_FILE = "spdf.json"
@@ -29,39 +34,75 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
-def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -> Path:
-    """Every rank calls this; the main process renames the finished directory into place and prunes old ones."""
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # accelerate warns that it drops the tied lm_head.weight from model.safetensors; loading re-ties it, so the
-    # warning is noise here.
-    quiet = logging.getLogger("accelerate.utils.other")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files do not match its manifest, or (without one) do not load: resume skips it."""
+
+
+def verify_checkpoint(path: Path, content: bool = True) -> bool:
+    """True if `path` matches its manifest (sizes, and with `content` the checksum of every file), False if it has none
+    (an older spdf's); DamagedCheckpoint otherwise."""
+    if not has_manifest(path):
+        return False
     try:
-        accelerator.save_state(str(tmp))
-    finally:
-        quiet.setLevel(level)
-    accelerator.wait_for_everyone()
+        verify_manifest(path, content)
+    except ManifestError as e:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
+    return True
+
+
+def _state_bytes(accelerator) -> int:
+    """About what a checkpoint needs on disk: every tensor of the prepared models and optimizers."""
+    total = sum(t.numel() * t.element_size() for m in accelerator._models for t in m.state_dict().values())
+    for opt in accelerator._optimizers:
+        for state in opt.state_dict()["state"].values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return total
+
+
+def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -> Path:
+    """Every rank calls this; the main process renames the finished directory into place, verifies it there and only
+    then prunes old ones (never the one just written, which is the newest verified)."""
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}"  # one name for every rank of this run (they all write into it); the run lock
+    # keeps other runs out
+    with writing_dir(tmp, "a checkpoint", _state_bytes(accelerator) if accelerator.is_main_process else 0):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # accelerate warns that it drops the tied lm_head.weight from model.safetensors; loading re-ties it, so the
+        # warning is noise here.
+        quiet = logging.getLogger("accelerate.utils.other")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            quiet.setLevel(level)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / META_FILE, meta)
+            write_manifest(tmp)
     if accelerator.is_main_process:
-        write_json_atomic(tmp / META_FILE, meta)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        # complete where resume will look (every file there, at its size) before anything older is deleted
+        verify_checkpoint(final, content=False)
         for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
     """Restore everything `save_checkpoint` saved; returns its spdf.json. A checkpoint of another shape or sparsity,
-    or a damaged one, gives a CheckpointError and changes nothing."""
-    meta = read_json(path / META_FILE, "checkpoint")
+    gives a CheckpointError and changes nothing; a damaged one a DamagedCheckpoint."""
+    try:
+        meta = read_json(path / META_FILE, "checkpoint")
+    except CheckpointError as e:
+        raise DamagedCheckpoint(str(e)) from None
     for key, what in (("model", "model shape"), ("targets", "sparse layers")):
         if meta.get(key) != expect[key]:
             raise CheckpointError(f"checkpoint {path} has another {what} than the recipe: {meta.get(key)} vs "
@@ -73,7 +114,7 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
     except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         bad = _damaged_file(path)  # accelerate's errors rarely say which file they were reading
-        raise CheckpointError(f"checkpoint {path / bad if bad else path} could not be loaded (corrupt or "
+        raise DamagedCheckpoint(f"checkpoint {path / bad if bad else path} could not be loaded (corrupt or "
                               f"truncated?): {first}") from None
     return meta
 
@@ -89,3 +130,28 @@ def _damaged_file(path: Path) -> str:
         except Exception:  # only to name the file; the error reported is the one load_state raised
             return file.name
     return ""
+
+
+def resume_checkpoint(accelerator, root: Path, expect: dict, warn) -> Path | None:
+    """Load the newest checkpoint under `root` that verifies (and loads); None if there is none at all. Each newer
+    damaged one is named through `warn`. If checkpoints exist but none is usable the run stops: starting over would
+    let rotation delete them."""
+    existing = list_checkpoints(root)
+    # Without a manifest a checkpoint is an older spdf's, unless a sibling has one: then its manifest was lost.
+    legacy = not any(has_manifest(p) for p in existing)
+    problems = []
+    for path in reversed(existing):
+        try:
+            if not verify_checkpoint(path):
+                if not legacy:
+                    raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
+                warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
+            load_checkpoint(accelerator, path, expect)
+            return path
+        except DamagedCheckpoint as e:
+            warn(f"{e}; skipped, trying an older checkpoint")
+            problems.append(str(e))
+    if existing:
+        raise CheckpointError(f"no checkpoint under {root} is usable ({len(existing)} damaged; the newest: "
+                              f"{problems[0]}); move the checkpoints directory away to start the phase over")
+    return None

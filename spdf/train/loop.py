@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +20,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..export import layout_meta
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsLog
+from .nonfinite import NonFiniteGuard
+from .preemption import Preempted
 from .optim import build_adamw
 from .schedule import lr_factor
 
@@ -46,6 +50,7 @@ class PhasePlan:
     checkpoint_every: int
     keep_checkpoints: int
     log_every: int
+    max_nonfinite_steps: int = 3  # consecutive non-finite steps skipped before the run stops
     progress: bool = True
     downstream_before: bool = False  # score generations on the task before the first step (eval.generate.before)
     downstream_every: int | None = None  # ... and every N steps on a sample (eval.generate.every_steps)
@@ -97,7 +102,7 @@ def evaluate(accelerator, model, batches) -> float:
 
 
 def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: TrainState, phase_dir: Path,
-              metrics: MetricsLog, flops, later_phases=(), meta_extra=None, downstream=None):
+              metrics: MetricsLog, flops, later_phases=(), meta_extra=None, downstream=None, stop=None):
     """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
 
     `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict).
@@ -106,6 +111,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     An attached sparsifier does its work in the optimizer's step hooks: masks re-zeroed, and for a dynamic
     algorithm updated, after each real optimizer step (not after a step skipped by AMP, not mid-accumulation).
     `downstream(model, scope, step, tokens)`, if given, scores generations (spdf.train.downstream.DownstreamEval).
+    `stop` (spdf.train.preemption.StopRequest), if given and signalled, ends the phase after the current step with a
+    checkpoint and raises Preempted. A step with a non-finite loss or gradient norm is skipped (NonFiniteGuard).
     """
     optimizer = build_adamw(model, plan.lr, plan.betas, plan.eps, plan.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -115,32 +122,43 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     meta = {"phase": plan.name, "kind": plan.kind, **layout_meta(accelerator.unwrap_model(model)),
             "sparsity": sparsifier.config if sparsifier is not None else None, **(meta_extra or {})}
     state.load_state_dict(TrainState(phase=plan.name).state_dict())
-    existing = list_checkpoints(ckpt_root)
-    if existing:
-        load_checkpoint(accelerator, existing[-1], expect=layout_meta(accelerator.unwrap_model(model)))
+    def warn(message: str) -> None:
+        if accelerator.is_main_process:
+            print(f"spdf: warning: {message}", file=sys.stderr, flush=True)
+
+    resumed = resume_checkpoint(accelerator, ckpt_root, layout_meta(accelerator.unwrap_model(model)), warn)
+    if resumed is not None:
         source.load_state_dict(state.data)
         if sparsifier is not None and state.sparsity is not None:
             sparsifier.load_state_dict(state.sparsity)
-        accelerator.print(f"[{plan.name}] resumed from {existing[-1]} (step {state.step}/{plan.total_steps})")
+        accelerator.print(f"[{plan.name}] resumed from {resumed} (step {state.step}/{plan.total_steps})")
     # Records a killed run wrote after its last checkpoint (all of them, if it had none) are written again.
-    metrics.rewind(plan.name, state.step if existing else -1, later_phases)
+    metrics.rewind(plan.name, state.step if resumed is not None else -1, later_phases)
+    guard = NonFiniteGuard(plan.name, plan.max_nonfinite_steps)
+    saved_at = {"step": state.step if resumed is not None else None}  # the step of the newest checkpoint on disk
     def checkpoint() -> None:
         state.data = source.state_dict()
         state.sparsity = sparsifier.state_dict() if sparsifier is not None else None
         totals = accelerator.reduce(window_loss.clone(), reduction="sum")
         state.window = (totals[0].item(), int(totals[1].item()))
         save_checkpoint(accelerator, ckpt_root, state.step, {**meta, "step": state.step}, plan.keep_checkpoints)
+        saved_at["step"] = state.step
 
     def validate() -> float:
         loss = evaluate(accelerator, model, source.val_batches(plan.eval_batches, plan.micro_batch_size))
         state.last_val_loss = loss
+        if not math.isfinite(loss):
+            warn(f"[{plan.name}] validation loss at step {state.step} is {loss} (recorded as null)")
         metrics.write({"phase": plan.name, "step": state.step, "tokens": state.tokens, "val_loss": loss,
                        "val_ppl": math.exp(min(loss, 50.0))})
         return loss
 
     finished_before_resume = state.step >= plan.total_steps
+    # On a terminal a redrawn bar; otherwise (a log file) one plain line per logging interval.
+    terminal = sys.stderr.isatty()
     bar = tqdm(total=plan.total_steps, initial=state.step, desc=plan.name, unit="step", dynamic_ncols=True,
-               disable=not (plan.progress and accelerator.is_main_process))
+               disable=not (plan.progress and accelerator.is_main_process and terminal))
+    log_lines = plan.progress and not terminal
     if state.step == 0:
         validate()  # the loss before any training, to compare with the end of the phase
         if downstream is not None and plan.downstream_before:
@@ -159,15 +177,34 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
         micro = source.next_step(plan.accum_steps, plan.micro_batch_size)
         n_targets = sum(int((t != -100).sum()) for _, t in micro)
         step_tokens = sum(idx.numel() for idx, _ in micro)
+        step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         for i, (idx, targets) in enumerate(micro):
             idx, targets = idx.to(accelerator.device), targets.to(accelerator.device)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 loss_sum = _loss_sum(model, idx, targets)
                 accelerator.backward(loss_sum / max(n_targets, 1))
-            window_loss[0] += loss_sum.detach().double()
+            step_loss += loss_sum.detach().double()
+        # The norm is needed for the guard even without clipping (an infinite max_norm clips nothing).
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), plan.grad_clip or float("inf"))
+        # Under fp16 loss scaling an overflowing gradient is routine: the scaler skips that step in optimizer.step()
+        # and lowers its scale, so only a non-finite loss counts then.
+        scaler = getattr(accelerator, "scaler", None)
+        bad = not bool(torch.isfinite(step_loss)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
+        # [this step is non-finite, a stop was requested]: one all-reduce gives every rank the same decisions
+        flags = torch.tensor([float(bad), float(stop is not None and stop.requested)], device=accelerator.device)
+        flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
+        bad, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
+        if guard.skip(bad, state.step + 1):
+            # no optimizer.step(): the sparsifier's step hooks do not run either, so the masks stay as they are
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:  # close the scaler's step (clip unscaled the grads) and lower its scale
+                scaler.update()
+            if stopping:
+                _stop(stop, plan, state, checkpoint, saved=saved_at["step"] == state.step)
+            continue
+        window_loss[0] += step_loss
         window_loss[1] += n_targets
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), plan.grad_clip) if plan.grad_clip else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         global_tokens = step_tokens * accelerator.num_processes
@@ -185,10 +222,13 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
             lr = optimizer.param_groups[0]["lr"]
             record = {"phase": plan.name, "step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr,
                       "tokens_per_s": tok_s, "flops_dense": state.flops_dense, "flops_spent": state.flops_spent}
-            if grad_norm is not None:
+            if plan.grad_clip:
                 record["grad_norm"] = float(grad_norm)
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if log_lines and accelerator.is_main_process:
+                print(f"[{plan.name}] step {state.step}/{plan.total_steps} loss {loss:.4f} lr {lr:.3e} "
+                      f"{tok_s:,.0f} tok/s", file=sys.stderr, flush=True)
             window_loss.zero_()
             window_tokens, window_start = 0, time.perf_counter()
         if state.step % plan.eval_every == 0 and state.step < plan.total_steps:
@@ -198,9 +238,21 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
             downstream(accelerator.unwrap_model(model), "sample", state.step, state.tokens)
         if state.step % plan.checkpoint_every == 0 and state.step < plan.total_steps:
             checkpoint()
+        if stopping and state.step < plan.total_steps:
+            bar.close()
+            _stop(stop, plan, state, checkpoint, saved=saved_at["step"] == state.step)
     bar.close()
     if finished_before_resume:  # killed after its final checkpoint: nothing left to do
         return accelerator.unwrap_model(model), state.last_val_loss
     val_loss = validate()
     checkpoint()
     return accelerator.unwrap_model(model), val_loss
+
+
+def _stop(stop, plan: PhasePlan, state: TrainState, checkpoint, saved: bool) -> None:
+    """End the phase on a stop request: checkpoint the current step (unless just done) and raise Preempted."""
+    if not saved:
+        checkpoint()
+    signum = stop.signum if stop.signum is not None else signal.SIGTERM  # another rank was signalled
+    raise Preempted(signum, f"{signal.Signals(signum).name}: stopped at step {state.step} of phase '{plan.name}' "
+                            f"with a checkpoint; run the same command again to resume")

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from ..export import finite_json
+
 
 class MetricsLog:
     def __init__(self, path: Path, accelerator=None, enabled: bool = True):
@@ -29,7 +31,7 @@ class MetricsLog:
             if (record.get("phase") == phase and record.get("step", 0) > step) or record.get("phase") in later_phases:
                 continue
             kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
@@ -38,7 +40,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n")  # NaN -> null
         if self.accelerator is not None and self.accelerator.trackers:
             numbers = {f"{record['phase']}/{k}": v for k, v in record.items()
                        if isinstance(v, (int, float)) and k not in ("step",)}

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from ..export import (CheckpointError, find_export, load_weights, read_json, sparse_model, write_export,
-                      write_json_atomic)
+from ..export import (CheckpointError, find_export, find_tokenizer, load_weights, read_json, sparse_model, verify_export,
+                      write_export, write_json_atomic)
 from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
                     load_or_train_tokenizer)
 from ..flops import TrainingFlops
@@ -27,8 +28,10 @@ from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, 
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
 from .downstream import DownstreamEval, check_metrics_available
+from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .preemption import StopRequest
 from .sparsity_plan import sparsify_recipe
 
 
@@ -37,6 +40,10 @@ def data_cache_dir() -> Path:
 
 
 def _mixed_precision(precision: str) -> str:
+    if precision == "fp16" and not torch.cuda.is_available():
+        # refused rather than silently trained in fp32: the user asked for something this machine cannot do
+        raise RecipeError("precision: fp16 needs a CUDA GPU (accelerate has no fp16 training on CPU); use "
+                          "precision: fp32, bf16 or auto on this machine")
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no"}.get(precision, precision)
@@ -47,23 +54,35 @@ def claim_run_dir(recipe: Recipe) -> Path:
     run_dir = recipe.run_path
     saved = run_dir / "recipe.yaml"
     fingerprint = recipe_fingerprint(recipe)
-    if saved.exists():
+    if saved.is_file():
         previous = read_json(run_dir / "fingerprint.json", "run directory").get("fingerprint")
         if previous != fingerprint:
             raise RecipeError(
                 f"run directory {run_dir} was made by a different recipe (model, sparsity, tokenizer or data differ); "
                 f"choose another run_dir (--set run_dir=...) or delete it")
-    run_dir.mkdir(parents=True, exist_ok=True)
     dump_recipe(recipe, saved)
     write_json_atomic(run_dir / "fingerprint.json", {"fingerprint": fingerprint})
     return run_dir
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say in one line why it cannot be (a file, under a file, not writable)."""
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RecipeError(f"run_dir {run_dir}: {parent} is a file, not a directory; choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"run_dir {run_dir} cannot be created: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RecipeError(f"run_dir {run_dir} is not writable; choose another run_dir (--set run_dir=...)")
+
+
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
     if init_from is not None:  # fine-tuning a checkpoint: its tokenizer, never a new one
-        path = find_export(init_from) / "tokenizer.json"
-        if not path.exists():
-            raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights")
+        path = find_tokenizer(find_export(init_from))
+        if path is None:
+            raise CheckpointError(f"{init_from} has no tokenizer.json next to its weights (or in its run directory)")
         return load_or_train_tokenizer(TokenizerSpec(kind="file", path=str(_keep_copy(path, run_dir))), None, run_dir)
     t = recipe.tokenizer
     if t.kind == "file":
@@ -115,7 +134,8 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
     return PhasePlan(
         name=phase.name, kind=phase.kind, total_steps=steps, micro_batch_size=micro,
         accum_steps=phase.batch_size // (micro * world), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-        weight_decay=o.weight_decay, grad_clip=o.grad_clip, warmup_steps=min(warmup, steps),
+        weight_decay=o.weight_decay, grad_clip=o.grad_clip, max_nonfinite_steps=o.max_nonfinite_steps,
+        warmup_steps=min(warmup, steps),
         decay=s.decay, min_lr_ratio=s.min_lr_ratio, eval_every=phase.eval.every_steps,
         eval_batches=phase.eval.batches, checkpoint_every=phase.checkpoint.every_steps,
         keep_checkpoints=phase.checkpoint.keep, log_every=recipe.logging.every_steps,
@@ -124,11 +144,13 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
         downstream_every=phase.eval.generate.every_steps if phase.eval.generate else None)
 
 
-def _datasets(phase: PhaseSpec, tokenizer, accelerator):
+def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     if phase.kind == "pretrain":
         with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
+            # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
             train, val, _ = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
-                                                progress=accelerator.is_main_process)
+                                                progress=progress and accelerator.is_main_process
+                                                and sys.stderr.isatty())
     else:
         train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
         val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)
@@ -141,7 +163,6 @@ def _datasets(phase: PhaseSpec, tokenizer, accelerator):
 def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path | None = None) -> dict:
     """Run the recipe's phases of the given kinds (resuming whatever a previous run left); return a summary."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     log_with = "tensorboard" if recipe.logging.tensorboard else None
     if log_with:
@@ -149,19 +170,34 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             import tensorboard  # noqa: F401  (accelerate's tracker needs it)
         except ImportError:
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
-                              "(pip install tensorboard), or set logging.tensorboard: false") from None
+                              "(pip install 'spdf[tensorboard]'), or set logging.tensorboard: false") from None
     if init_from is not None:
-        find_export(init_from)  # a bad --from is refused before the run directory is made
+        verify_export(find_export(init_from))  # a bad --from is refused before the run directory is made
     run_dir = recipe.run_path
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
-    # One rank makes the run directory and the tokenizer; the others then find them complete (read, not written
-    # half-way: a rank that saw recipe.yaml before fingerprint.json existed used to fail).
-    with accelerator.main_process_first():
-        claim_run_dir(recipe)
-        tokenizer = _tokenizer(recipe, run_dir, init_from)
+    lock = RunLock(run_dir)
+    try:
+        with StopRequest() as stop:
+            # One rank makes the run directory and takes its lock (the other ranks are the same run); it writes the
+            # tokenizer, and the others then find everything complete.
+            with accelerator.main_process_first():
+                if accelerator.is_main_process:
+                    make_run_dir(run_dir)
+                    lock.acquire()
+                claim_run_dir(recipe)
+                tokenizer = _tokenizer(recipe, run_dir, init_from)
+            return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop)
+    finally:
+        lock.release()
+
+
+def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop) -> dict:
+    from accelerate.utils import set_seed
+
+    run_dir = recipe.run_path
     if log_with:
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
@@ -198,7 +234,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             summaries.append(read_json(phase_dir / "done.json", "phase summary"))
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
-        train, val = _datasets(phase, tokenizer, accelerator)
+        train, val = _datasets(phase, tokenizer, accelerator, recipe.logging.progress)
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
@@ -206,7 +242,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
                                     TrainingFlops(model, phase.seq_len, sparsifier),
                                     later_phases=[p.name for p in recipe.phases[i + 1:]],
-                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream)
+                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream, stop=stop)
         if downstream is not None:
             downstream(model, "final", state.step, state.tokens)
         if sparsifier is not None:

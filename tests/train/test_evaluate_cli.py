@@ -79,6 +79,7 @@ def bad_inputs(finished_run, tmp_path):
     bare = tmp_path / "bare-export"
     shutil.copytree(export, bare)
     (bare / "tokenizer.json").unlink()
+    (bare / "manifest.json").unlink()  # a user's own export: with spdf's manifest a missing file would be damage
     empty = tmp_path / "norefs.jsonl"
     empty.write_text(json.dumps({"prompt": "a:", "completion": "fine"}) + "\n" +
                      json.dumps({"prompt": "b:", "completion": ""}) + "\n")

@@ -11,26 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tiny_runs import (copy_run, loss_trace, read_metrics, run_cli, spdf_subprocess, subprocess_env,
-                       truncate_to_kill, write_recipe)
-
-
-def _wait_for(condition, proc, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
-        time.sleep(0.01)
-    pytest.fail(f"timed out waiting for {what}")
+                       truncate_to_kill, wait_for, write_recipe)
 
 
 def _train_steps_logged(run_dir, phase: str) -> list[int]:
@@ -67,10 +54,10 @@ def killed_and_resumed(tmp_path_factory, cache_dir):
         proc = subprocess.Popen([sys.executable, "-m", "spdf", "run", str(recipe)], cwd=root, stdout=out,
                                 stderr=err, env=subprocess_env(cache_dir))
         try:
-            first = _wait_for(lambda: sorted(ckpt_root.glob("step-*")), proc, 240, "a checkpoint appeared")
+            first = wait_for(lambda: sorted(ckpt_root.glob("step-*")), proc, 240, "a checkpoint appeared")
             ckpt_step = int(first[0].name.split("-")[1])
             # let it log past the checkpoint, so the resumed run must also drop what the killed one wrote after it
-            _wait_for(lambda: any(s > ckpt_step for s in _train_steps_logged(run_dir, "pretrain")), proc, 120,
+            wait_for(lambda: any(s > ckpt_step for s in _train_steps_logged(run_dir, "pretrain")), proc, 120,
                       "a step after the checkpoint was logged")
             os.kill(proc.pid, signal.SIGKILL)
         finally:

@@ -13,7 +13,7 @@ from spdf.flops import analytic_flops
 from spdf.inspect import checkpoint_stats
 from spdf.model.config import GPTConfig
 from spdf.recipe import load_recipe
-from spdf.export import read_export
+from spdf.export import find_tokenizer, read_export
 from spdf.train.schedule import lr_factor
 from spdf.cli import main
 from tiny_runs import (session_cache_dir as cache_dir_of, FINETUNE_STEPS, PRETRAIN_STEPS, loss_trace, read_metrics, run_cli, spdf_subprocess,
@@ -182,10 +182,11 @@ def test_pretrain_then_finetune_equals_run(finished_run, tmp_path, capsys):
             assert ours[key] == ref[key], (phase, key)
 
 
-@pytest.fixture(scope="module")
-def finetuned_from_export(finished_run, tmp_path_factory):
-    """`spdf finetune RECIPE --from <the reference's pre-training export>` into a new run directory."""
-    export = finished_run["run_dir"] / "phases/pretrain/export"
+@pytest.fixture(scope="module", params=["export", "checkpoints/step-00000008"])
+def finetuned_from_export(finished_run, tmp_path_factory, request):
+    """`spdf finetune RECIPE --from <the reference's pre-training export>` into a new run directory; and the same
+    from the pre-training's last checkpoint directory (its weights and masks are the export's)."""
+    export = finished_run["run_dir"] / "phases/pretrain" / request.param
     root = tmp_path_factory.mktemp("from-export")
     run_dir = root / "new-run"
     recipe = write_recipe(root / "tiny.yaml", run_dir)
@@ -201,11 +202,11 @@ def test_finetune_from_an_export_into_a_new_run_dir(finetuned_from_export, finis
     assert not (run_dir / "phases/pretrain").exists()
     fine_export = run_dir / "phases/finetune/export"
     assert (fine_export / "model.safetensors").is_file() and not (fine_export / "masks.safetensors").exists()
-    assert (fine_export / "tokenizer.json").read_bytes() == (export / "tokenizer.json").read_bytes()
+    assert (fine_export / "tokenizer.json").read_bytes() == find_tokenizer(export).read_bytes()
     # the same weights, masks and data as the reference's own fine-tuning: the same losses, bit for bit
     assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"], "finetune")
 
 
 def test_finetune_from_keeps_a_copy_of_the_tokenizer_in_the_run_dir(finetuned_from_export):
     run_dir, export = finetuned_from_export
-    assert (run_dir / "tokenizer.json").read_bytes() == (export / "tokenizer.json").read_bytes()
+    assert (run_dir / "tokenizer.json").read_bytes() == find_tokenizer(export).read_bytes()

@@ -14,12 +14,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from spdf.cli import main
+from spdf.train.lock import LOCK_FILE
 from spdf.recipe import apply_overrides, dump_recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,10 +76,11 @@ def loss_trace(run_dir: Path, phase: str | None = None) -> list[tuple]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under root: "nothing on disk changed" is equality of two digests."""
+    """{relative path: sha256} of every file under root: "nothing on disk changed" is equality of two digests.
+    The run lock file is left out: each run writes its own pid there (it is not run data)."""
     root = Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -110,6 +113,18 @@ def assert_user_error(rc: int, err: str, *fragments: str) -> str:
     return lines[0]
 
 
+
+def wait_for(condition, proc, timeout: float, what: str):
+    """Poll `condition` until it holds; fail if the subprocess `proc` ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}")
+        time.sleep(0.01)
+    pytest.fail(f"timed out waiting for {what}")
 
 
 def copy_run(src: Path, dst: Path, recipe_file: Path, *extra_sets: str) -> tuple[Path, Path]:

@@ -1,0 +1,43 @@
+"""One writer per run directory: an advisory flock on `<run_dir>/.lock`, held for the life of the run.
+
+The kernel drops a flock when its holder exits in any way (SIGKILL included), so a lock is never stale; the pid
+and host written into the file only serve the message a second run prints. Under a multi-process launch only the
+main process takes it: the other ranks are the same run.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+
+
+class RunDirLocked(ValueError):
+    """Another spdf process is writing this run directory."""
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunDirLocked(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or "
+                               f"stop it, or choose another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
