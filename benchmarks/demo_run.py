@@ -26,18 +26,10 @@ import torch
 from spdf.eval.evaluate import METRIC_LABELS
 from spdf.eval.metrics import TASK_METRICS
 
+from machine import cpu_name  # benchmarks/machine.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,20 +23,12 @@ from pathlib import Path
 
 import torch
 
+from machine import cpu_name  # benchmarks/machine.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 METHODS = ("random", "set", "rigl", "gmp")
 LABELS = {"random": "static (random masks)", "set": "SET", "rigl": "RigL", "gmp": "GMP (0 -> 75%)"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -93,11 +84,12 @@ def main() -> None:
         "# Sparse training methods at 75% on the demo (sparse_methods.py)",
         "",
         f"`{result['command']}`: recipes/demo.yaml pre-training only, **{args.steps} steps** of 16 x 128 tokens each "
-        f"({rows[0]['tokens']:,} tokens; the demo's full budget is 800 steps -- reduced to fit a shared 2-core "
-        f"machine), LR warm-up {warmup} steps then cosine, every method on the same tokenizer and token stream. "
+        f"({rows[0]['tokens']:,} tokens; the demo's full budget is 800 steps: half of it keeps the "
+        f"four runs within minutes), LR warm-up {warmup} steps then cosine, every method on the same tokenizer and "
+        f"token stream. "
         f"Dynamic methods update masks every {args.update_every} steps up to step {int(args.steps * 0.75)} "
         f"(3/4 of the budget); SET/RigL drop fraction 0.3 with cosine decay; GMP cubic from 0 to 75%.",
-        f"{result['machine']['cpu']}, {result['machine']['cpus']} CPUs shared with other jobs (load average "
+        f"{result['machine']['cpu']}, {result['machine']['cpus']} CPUs (load average "
         f"{load_before[0]:.2f} before, {result['machine']['load_after']:.2f} after), torch {torch.__version__}; "
         f"{wall / 60:.1f} min wall in all.",
         "",

@@ -1,6 +1,7 @@
 """sparsify() / densify() and state-dict helpers: the verbs of the library surface."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .algorithms import ALGORITHMS, Algorithm
@@ -156,7 +157,7 @@ def to_dense_state_dict(state_dict: dict) -> dict:
     return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
 
 
-def state_dict_masks(state_dict: dict) -> dict[str, "torch.Tensor"]:
+def state_dict_masks(state_dict: dict) -> dict[str, torch.Tensor]:
     """Module name -> bool mask read from a sparse model's state dict (any backend): in the stored weight's layout
     for masked layers (`weight_mask`), in (out, in) orientation for compressed ones (they store no weight)."""
     from .compressed import state_masks
