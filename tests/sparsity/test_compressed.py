@@ -9,6 +9,7 @@ import spdf
 from spdf.kernels import pack
 from spdf.sparsity import SparseLinear
 from spdf.sparsity.compressed import CompressedSparseLinear, dense_state_dict
+from tiny_training import train_tiny_gpt
 
 TILE = (16, 16)  # shape 40 x 56 is not a multiple: partial edge tiles
 
@@ -131,31 +132,9 @@ def test_sparsify_with_compressed_backend_trains_a_gpt():
     assert all(layer.values.grad is not None for layer in layers)
 
 
-def _train_tiny_gpt(backend: str, steps: int = 20) -> tuple[list[float], nn.Module]:
-    """`steps` AdamW steps (weight decay, grad clipping) of tiny-test GPT at 75%, the same data for both backends."""
-    torch.manual_seed(0)
-    model = spdf.GPT.from_name("tiny-test")
-    sp = spdf.sparsify(model, sparsity=0.75, seed=0, backend=backend, tile=TILE)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    sp.attach(opt)
-    # two fixed batches in turn: learnable, so the losses fall and the comparison means something
-    data = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, model.config.vocab_size, (4, 17), generator=data) for _ in range(2)]
-    losses = []
-    for step in range(steps):
-        idx = batches[step % 2]
-        _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses, model
-
-
 def test_twenty_steps_train_like_the_masked_backend():
-    masked_losses, masked = _train_tiny_gpt("masked")
-    comp_losses, comp = _train_tiny_gpt("compressed")
+    masked_losses, masked = train_tiny_gpt("masked")
+    comp_losses, comp = train_tiny_gpt("compressed")
     assert masked_losses[-1] < masked_losses[0] - 0.5
     torch.testing.assert_close(comp_losses, masked_losses, atol=1e-4, rtol=1e-4)
     # the same weights too: masked's dense weights against the compressed layers expanded

@@ -10,6 +10,7 @@ import spdf
 from spdf.sparsity import SparseLayer, sparse_layers
 from spdf.sparsity.compressed import CompressedSparseLinear
 from spdf.train.optim import build_adamw, param_groups
+from tiny_training import train_tiny_gpt
 
 REPO = Path(__file__).resolve().parents[2]
 TILE = (16, 16)
@@ -30,27 +31,13 @@ def test_both_backends_are_sparse_layers_and_their_weights_decay(make_gpt, backe
     assert len(decay["params"]) == 8 + 2  # + token and position embeddings (the LM head is tied)
 
 
-def _train(backend: str, steps: int = 20):
-    torch.manual_seed(0)
-    model = spdf.GPT.from_name("tiny-test")
-    sp = spdf.sparsify(model, sparsity=0.75, seed=0, backend=backend, tile=TILE)
-    opt = build_adamw(model, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # the loop's builder
-    sp.attach(opt)
-    data = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, model.config.vocab_size, (4, 17), generator=data) for _ in range(2)]
-    for step in range(steps):
-        idx = batches[step % 2]
-        _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model
+def _loop_adamw(model):  # the training loop's own builder: its decay rule asks the layers
+    return build_adamw(model, lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
 def test_compressed_and_masked_agree_through_the_real_optimizer_builder_with_weight_decay():
-    masked = spdf.sparsity.to_dense_state_dict(_train("masked").state_dict())
-    comp = spdf.sparsity.to_dense_state_dict(_train("compressed").state_dict())
+    masked = spdf.sparsity.to_dense_state_dict(train_tiny_gpt("masked", make_optimizer=_loop_adamw)[1].state_dict())
+    comp = spdf.sparsity.to_dense_state_dict(train_tiny_gpt("compressed", make_optimizer=_loop_adamw)[1].state_dict())
     assert masked.keys() == comp.keys()
     for key in masked:
         torch.testing.assert_close(comp[key], masked[key], atol=1e-5, rtol=0, msg=key)
