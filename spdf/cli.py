@@ -1,4 +1,4 @@
-"""The `spdf` command: run, pretrain, finetune, evaluate, inspect, flops.
+"""The `spdf` command: run, pretrain, finetune, prepare, evaluate, inspect, flops.
 
 User errors (a bad recipe key, a missing file, an unknown model name, a damaged checkpoint, a full disk, a run
 directory in use) print one line and exit with status 2; nothing already on disk is touched by a failed start.
@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--from", dest="init_from", type=Path, default=None, metavar="CHECKPOINT",
                    help="export, phase or run directory whose weights (and masks) to fine-tune")
+
+    p = sub.add_parser("prepare", help="train the tokenizer and tokenize every pre-training corpus into the cache",
+                       description="Do a run's data work ahead of it, in parallel (data.workers processes, default "
+                                   "one per core): the tokenizer into the run directory and each pre-training "
+                                   "phase's packed tokens into the data cache (SPDF_CACHE_DIR). Interrupted, it "
+                                   "resumes from its last committed chunk; a later `spdf run` reuses the cache.")
+    _add_recipe_args(p)
 
     p = sub.add_parser("evaluate", help="generate on a downstream task and score it (BLEU, ROUGE, ...), offline",
                        description="Generate for every input of a task split with an export (or a phase's or run's "
@@ -119,6 +126,17 @@ def _cmd_train(args, kinds) -> int:
         return e.exit_code
     if summary["main_process"]:
         print(_format_summary(summary, args.command))
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .recipe import load_recipe
+    from .train import prepare_recipe
+
+    for entry in prepare_recipe(load_recipe(args.recipe, args.overrides)):
+        tokens = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in entry["splits"].items())
+        state = "already prepared" if entry["cache_hit"] else "prepared"
+        print(f"phase {entry['phase']}: {state} in {entry['dir']} ({tokens})")
     return 0
 
 
@@ -289,6 +307,8 @@ def main(argv=None) -> int:
         if args.command in ("run", "pretrain", "finetune"):
             kinds = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
             return _cmd_train(args, kinds[args.command])
+        if args.command == "prepare":
+            return _cmd_prepare(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
         if args.command == "inspect":

@@ -169,6 +169,8 @@ def _list_index(node, part: str, path: str) -> int:
 
 # Data keys that only cap how much is read, so raising them to extend a run keeps the run directory compatible.
 _BUDGET_DATA_KEYS = ("max_tokens",)
+# How the data is made, not what it is: never part of the fingerprint (the packed tokens are the same for any value)
+_HOW_DATA_KEYS = ("workers",)
 _FINGERPRINT_PHASE_KEYS = ("name", "kind", "init", "data", "task", "seq_len", "batch_size")
 # Settings added after run directories already existed: left out while unset, so that those directories resume.
 _ADDED_LATER = {
@@ -198,7 +200,7 @@ def recipe_fingerprint(recipe: Recipe) -> str:
     phases = []
     for phase in recipe.phases:
         entry = {k: to_plain(getattr(phase, k)) for k in _FINGERPRINT_PHASE_KEYS}
-        entry["data"] = _fingerprint_part(phase.data, "data", drop=_BUDGET_DATA_KEYS)
+        entry["data"] = _fingerprint_part(phase.data, "data", drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
         entry["task"] = _fingerprint_part(phase.task, "task")
         phases.append(entry)
     payload = {

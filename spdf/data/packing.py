@@ -5,29 +5,28 @@ has fewer than 65536 tokens, else uint32; every document is followed by EOS) and
 atomically, so an entry with a meta.json is complete. Sequence i of a split is tokens[i*seq_len : i*seq_len+seq_len+1]:
 seq_len+1 tokens (inputs = row[:-1], targets = row[1:]); consecutive rows share one boundary token, so every token
 after the first is a target exactly once. The tail that does not fill a row is dropped (meta "dropped_tokens").
+While an entry is being built it holds `.train.bin.partial`, `.val.bin.partial` and `.progress.json` (spdf.data.prepare:
+parallel, resumable tokenization) and a `.build.lock` held by the building process.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
-
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import DataError
 from ..typed_spec import to_plain
-from .sources import iter_documents, source_fingerprint, stable_fraction
+from .prepare import SPLITS, default_workers, tokenize_splits
+from .sources import iter_documents, source_fingerprint
 from .specs import DataSpec
 from .tokenizer import TextTokenizer
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-_FLUSH_TOKENS = 1 << 20
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -62,9 +61,15 @@ class PackedDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
+def _keyed_source(source: DataSpec) -> dict:
+    """The source's settings that decide its tokens: `workers` does not (the output is the same for any count), and
+    leaving it out keeps the keys of entries built before it existed."""
+    return {k: v for k, v in to_plain(source).items() if k != "workers"}
+
+
 def cache_key(source: DataSpec, tokenizer: TextTokenizer, seq_len: int) -> str:
     """sha256 over what decides the packed tokens: source spec (+ file stats), tokenizer file, seq_len, val split."""
-    payload = {"version": FORMAT_VERSION, "source": to_plain(source), "fingerprint": source_fingerprint(source),
+    payload = {"version": FORMAT_VERSION, "source": _keyed_source(source), "fingerprint": source_fingerprint(source),
                "tokenizer": tokenizer.file_hash, "seq_len": seq_len}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -91,49 +96,6 @@ def _load_cached(entry: Path, key: str) -> dict | None:
     return meta if intact else None
 
 
-def _tokenize_into(files: dict, docs: Iterator[str], tokenizer: TextTokenizer, val_fraction: float,
-                   max_tokens: int | None, dtype: str, batch_docs: int, progress: bool) -> dict:
-    """Stream documents → token ids + EOS → the split's open file; returns per-split counts."""
-    counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
-    buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    buffered = {s: 0 for s in SPLITS}
-    total, truncated = 0, False
-
-    def flush(split: str) -> None:
-        if buffers[split]:
-            np.concatenate(buffers[split]).tofile(files[split])
-            buffers[split].clear()
-            buffered[split] = 0
-
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenize+pack", disable=not progress)
-    while not truncated:
-        batch = [d for _, d in zip(range(batch_docs), docs)]
-        if not batch:
-            break
-        before = total
-        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-            ids.append(tokenizer.eos_id)
-            if max_tokens is not None and total + len(ids) >= max_tokens:
-                ids, truncated = ids[:max_tokens - total], True
-            # by document content: duplicates land in the same split, and order does not matter
-            split = "val" if stable_fraction(text) < val_fraction else "train"
-            arr = np.asarray(ids, dtype=dtype)
-            buffers[split].append(arr)
-            buffered[split] += len(arr)
-            counts[split]["tokens"] += len(arr)
-            counts[split]["documents"] += 1
-            total += len(arr)
-            if buffered[split] >= _FLUSH_TOKENS:
-                flush(split)
-            if truncated:
-                break
-        bar.update(total - before)
-    bar.close()
-    for split in SPLITS:
-        flush(split)
-    return {"counts": counts, "truncated": truncated}
-
-
 def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
                         batch_docs: int = 256, progress: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
     """(train, val, meta): packed splits of `source`, built once into `cache_dir/<key>/` and reused afterwards.
@@ -141,7 +103,9 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     `source.max_tokens` stops tokenizing after that many tokens (EOS included), so a streaming corpus yields shards
     of the wanted size. Documents go to "val" when stable_fraction(text) < source.val_fraction. meta is the saved
     meta.json plus "cache_hit" (True when nothing was tokenized) and "dir" (the cache entry). A cache hit reads
-    nothing of the source itself (an offline resume of a Pile run works).
+    nothing of the source itself (an offline resume of a Pile run works). `source.workers` processes tokenize (None:
+    one per available core); the output is the same for any count, and an interrupted build resumes from its last
+    committed chunk.
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -161,39 +125,51 @@ def _build(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, se
            max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
     docs = iter_documents(source)  # first: a missing file or unreachable dataset fails before anything is written
     entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".build.lock", "a") as lock:
+        # two processes building one entry would interleave their writes to the same partial files: the second
+        # waits, then finds the entry complete
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _load_cached(entry, key)
+        return meta if meta is not None else _build_locked(entry, key, source, docs, tokenizer, seq_len,
+                                                           val_fraction, max_tokens, batch_docs, progress)
+
+
+def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: TextTokenizer, seq_len: int,
+                  val_fraction: float, max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
     (entry / "meta.json").unlink(missing_ok=True)  # a stale entry stops counting as complete before files change
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = {s: entry / f".{s}.bin.{os.getpid()}.tmp" for s in SPLITS}
+    # fixed names, not per-process ones: a killed preparation resumes from these files and the progress file
+    partial = {s: entry / f".{s}.bin.partial" for s in SPLITS}
+    progress_path = entry / ".progress.json"
     start = time.perf_counter()
+    workers = source.workers or default_workers()
+    result = tokenize_splits(partial, progress_path, key, docs, tokenizer, val_fraction, max_tokens, dtype,
+                             batch_docs=batch_docs, workers=workers, progress=progress)
+    counts = result["counts"]
     try:
-        files = {s: open(tmp[s], "wb") for s in SPLITS}
-        try:
-            result = _tokenize_into(files, docs, tokenizer, val_fraction, max_tokens, dtype, batch_docs, progress)
-        finally:
-            for f in files.values():
-                f.close()
-        counts = result["counts"]
         if counts["train"]["tokens"] <= seq_len:
             raise DataError(f"source {source.source!r} gave {counts['train']['tokens']} training tokens, "
                             f"not one sequence of seq_len+1 = {seq_len + 1}; add data or lower seq_len")
         if val_fraction > 0 and counts["val"]["tokens"] <= seq_len:
             raise DataError(f"val_fraction={val_fraction} held out {counts['val']['documents']} documents, "
                             f"{counts['val']['tokens']} tokens: not one sequence of {seq_len + 1}; raise val_fraction")
-    except BaseException:
-        for path in tmp.values():
+    except DataError:  # complete but unusable: nothing to resume
+        for path in (*partial.values(), progress_path):
             path.unlink(missing_ok=True)
         raise
     splits = {}
     for s in SPLITS:
-        os.replace(tmp[s], entry / f"{s}.bin")
+        os.replace(partial[s], entry / f"{s}.bin")
         n = counts[s]["tokens"]
         rows = max(0, (n - 1) // seq_len)
         splits[s] = {"file": f"{s}.bin", "tokens": n, "documents": counts[s]["documents"], "sequences": rows,
                      "dropped_tokens": n - rows * seq_len - 1 if rows else n}
-    meta = {"version": FORMAT_VERSION, "key": key, "source": to_plain(source), "tokenizer_hash": tokenizer.file_hash,
+    meta = {"version": FORMAT_VERSION, "key": key, "source": _keyed_source(source),
+            "tokenizer_hash": tokenizer.file_hash,
             "tokenizer_path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "seq_len": seq_len, "val_fraction": val_fraction, "dtype": dtype, "max_tokens": max_tokens,
             "truncated": result["truncated"], "splits": splits,
             "build_seconds": round(time.perf_counter() - start, 3)}
     _write_json_atomic(entry / "meta.json", meta)
+    progress_path.unlink(missing_ok=True)
     return meta

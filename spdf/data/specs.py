@@ -67,6 +67,7 @@ class DataSpec(_KindOptions, Spec):
     streaming: bool = False
     max_tokens: Optional[int] = num(None, ge=1)  # cap on tokens packed (streaming corpora)
     val_fraction: float = num(0.02, gt=0.0, lt=0.5)  # documents held out for validation loss
+    workers: Optional[int] = num(None, ge=1)  # tokenizing processes (None: one per available core); same output
 
     selector: ClassVar[str] = "source"
     OPTIONS: ClassVar = {"heldout_fraction": {"stdlib": 0.1}, "max_bytes": {"stdlib": None}}

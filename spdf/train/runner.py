@@ -160,6 +160,27 @@ def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     return train, val
 
 
+def prepare_recipe(recipe: Recipe) -> list[dict]:
+    """Do a run's data work up front (`spdf prepare`): the tokenizer into the run directory, as `run_recipe` makes it,
+    then every pre-training phase's packed cache entry; return [{"phase", "dir", "cache_hit", "splits"}]."""
+    run_dir = recipe.run_path
+    make_run_dir(run_dir)
+    lock = RunLock(run_dir).acquire()  # the tokenizer file is the run directory's: no run may write it meanwhile
+    try:
+        claim_run_dir(recipe)
+        tokenizer = _tokenizer(recipe, run_dir, None)
+        out = []
+        for phase in recipe.phases:
+            if phase.kind == "pretrain":
+                _, _, meta = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
+                                                 progress=recipe.logging.progress and sys.stderr.isatty())
+                out.append({"phase": phase.name, "dir": meta["dir"], "cache_hit": meta["cache_hit"],
+                            "splits": meta["splits"]})
+        return out
+    finally:
+        lock.release()
+
+
 def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path | None = None) -> dict:
     """Run the recipe's phases of the given kinds (resuming whatever a previous run left); return a summary."""
     from accelerate import Accelerator

@@ -76,23 +76,26 @@ def test_cache_key_changes_with_seq_len_and_split(packed, tmp_path, small_source
 
 
 def test_meta_is_written_last_and_a_crash_leaves_no_entry(tmp_path, small_source, small_tokenizer, monkeypatch):
-    real = packing._tokenize_into
+    real = packing.tokenize_splits
 
-    def crash(files, *args, **kwargs):
-        files["train"].write(b"\x01\x00" * 10)
+    def crash(paths, *args, **kwargs):
+        paths["train"].write_bytes(b"\x01\x00" * 10)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(packing, "_tokenize_into", crash)
+    monkeypatch.setattr(packing, "tokenize_splits", crash)
     with pytest.raises(KeyboardInterrupt):
         build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
                             progress=False)
     entries = list(tmp_path.iterdir())
-    assert len(entries) == 1 and list(entries[0].iterdir()) == []  # no meta, no half-written or temp files
-    monkeypatch.setattr(packing, "_tokenize_into", real)
+    visible = lambda: sorted(p.name for p in entries[0].iterdir() if not p.name.startswith("."))  # noqa: E731
+    assert len(entries) == 1 and visible() == []  # no meta and no split file: only the hidden partial state
+    monkeypatch.setattr(packing, "tokenize_splits", real)
     train, _, meta = build_packed_splits(replace(small_source, val_fraction=0.2), small_tokenizer, tmp_path, SEQ,
                                          progress=False)
     assert not meta["cache_hit"] and len(train) > 0
-    assert sorted(p.name for p in entries[0].iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert visible() == ["meta.json", "train.bin", "val.bin"]
+    # the partial files became train.bin/val.bin and the progress record went with the completion
+    assert sorted(p.name for p in entries[0].iterdir() if p.name.startswith(".")) == [".build.lock"]
     saved = json.loads((entries[0] / "meta.json").read_text())
     assert saved["splits"] == meta["splits"] and "cache_hit" not in saved
 

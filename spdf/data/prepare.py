@@ -1,0 +1,168 @@
+"""Tokenize a document stream into the train/val token files in parallel, resumably and deterministically.
+
+Documents are read in order, in fixed-size batches, from the one source iterator in this process; the batches are
+encoded by a pool of worker processes (each loads the tokenizer from its file) and their results are written back in
+batch order, so the output is byte-identical for any number of workers. Every `commit_batches` batches the files are
+flushed and fsync'ed, then the progress (documents consumed, file sizes, counts) is written atomically to
+`progress_path`; a preparation killed at any point restarts from the last commit: the files are cut back to the
+recorded sizes and the consumed documents are skipped. packing.py owns the cache entry's layout and its meta.json.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .sources import stable_fraction
+from .tokenizer import TextTokenizer
+
+SPLITS = ("train", "val")
+_FLUSH_TOKENS = 1 << 20
+
+_worker_tokenizer: TextTokenizer | None = None
+
+
+def default_workers() -> int:
+    """The cores this process may run on (a cgroup/affinity limit counts, not the node's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    # the parallelism is across processes; the tokenizers library's own thread pool would oversubscribe the cores
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = TextTokenizer(tokenizer_path)
+
+
+def _encode(batch: list[str], tokenizer: TextTokenizer, val_fraction: float) -> list[tuple[bool, np.ndarray]]:
+    """(is_val, ids + EOS as int64) per document, in order; the split is by content, as in build_packed_splits."""
+    return [(stable_fraction(text) < val_fraction, np.asarray(ids + [tokenizer.eos_id], dtype=np.int64))
+            for text, ids in zip(batch, tokenizer.encode_batch(batch))]
+
+
+def _encode_in_worker(batch: list[str], val_fraction: float):
+    return len(batch), _encode(batch, _worker_tokenizer, val_fraction)
+
+
+def _encoded_batches(batches: Iterator[list[str]], tokenizer: TextTokenizer, val_fraction: float,
+                     workers: int) -> Iterator[tuple[int, list]]:
+    """(documents in the batch, encoded documents) per batch, in input order."""
+    first = next(batches, None)
+    if first is None:
+        return
+    second = next(batches, None)
+    batches = itertools.chain([first] + ([second] if second is not None else []), batches)
+    if workers <= 1 or second is None:  # one batch is not worth a pool's start-up (seconds: each worker imports)
+        for batch in batches:
+            yield len(batch), _encode(batch, tokenizer, val_fraction)
+        return
+    ctx = multiprocessing.get_context("spawn")  # fork is unsafe with the tokenizers library's threads (and torch's)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        # apply_async with a bounded queue, not imap: imap's feeder thread would read the whole corpus into memory
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch, val_fraction)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _read_progress(progress_path: Path, key: str) -> dict | None:
+    if not progress_path.is_file():
+        return None
+    progress = json.loads(progress_path.read_text())
+    return progress if progress.get("key") == key else None
+
+
+def _write_progress(progress_path: Path, progress: dict) -> None:
+    tmp = progress_path.with_name(f".{progress_path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(progress, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, progress_path)
+
+
+def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs: Iterable[str],
+                    tokenizer: TextTokenizer, val_fraction: float, max_tokens: int | None, dtype: str,
+                    batch_docs: int = 256, workers: int = 1, commit_batches: int = 64,
+                    progress: bool = False) -> dict:
+    """Write each document's ids + EOS to paths["train"] or paths["val"] (by stable_fraction of its text), resuming
+    from `progress_path` when it holds a commit of the same `key`; returns {"counts", "truncated"}.
+
+    `max_tokens` stops after that many tokens (EOS included), cutting the last document. The progress file is left in
+    place: the caller removes it once the result is complete (its meta.json written).
+    """
+    state = _read_progress(progress_path, key) or {
+        "key": key, "documents": 0, "bytes": {s: 0 for s in SPLITS},
+        "counts": {s: {"tokens": 0, "documents": 0} for s in SPLITS}}
+    counts, documents = state["counts"], state["documents"]
+    total = sum(c["tokens"] for c in counts.values())
+    files = {}
+    try:
+        for s in SPLITS:
+            # cut back to the last commit: whatever was written after it is written again
+            files[s] = open(paths[s], "r+b" if paths[s].exists() else "wb")
+            files[s].truncate(state["bytes"][s])
+            files[s].seek(state["bytes"][s])
+        docs = itertools.islice(iter(docs), documents, None)  # the committed documents are skipped, not re-read
+        batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
+        buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        buffered = {s: 0 for s in SPLITS}
+        truncated = False
+
+        def flush(split: str) -> None:
+            if buffers[split]:
+                np.concatenate(buffers[split]).astype(dtype).tofile(files[split])
+                buffers[split].clear()
+                buffered[split] = 0
+
+        def commit() -> None:
+            for s in SPLITS:
+                flush(s)
+                files[s].flush()
+                os.fsync(files[s].fileno())
+            _write_progress(progress_path, {"key": key, "documents": documents, "counts": counts,
+                                            "bytes": {s: files[s].tell() for s in SPLITS}})
+
+        bar = tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenize+pack",
+                   disable=not progress)
+        for n_batch, (n_docs, encoded) in enumerate(_encoded_batches(batches, tokenizer, val_fraction, workers), 1):
+            before = total
+            for is_val, ids in encoded:
+                if max_tokens is not None and total + len(ids) >= max_tokens:
+                    ids, truncated = ids[:max_tokens - total], True
+                split = "val" if is_val else "train"
+                buffers[split].append(ids)
+                buffered[split] += len(ids)
+                counts[split]["tokens"] += len(ids)
+                counts[split]["documents"] += 1
+                total += len(ids)
+                if buffered[split] >= _FLUSH_TOKENS:
+                    flush(split)
+                if truncated:
+                    break
+            documents += n_docs
+            bar.update(total - before)
+            if truncated:
+                break
+            if n_batch % commit_batches == 0:
+                commit()
+        bar.close()
+        for s in SPLITS:
+            flush(s)
+    finally:
+        for f in files.values():
+            f.close()
+    return {"counts": counts, "truncated": truncated}

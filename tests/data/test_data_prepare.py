@@ -1,0 +1,83 @@
+"""Parallel, resumable tokenization (spdf.data.prepare) through build_packed_splits: same bytes for any worker count,
+and a preparation interrupted after a committed chunk resumes to the bytes of an uninterrupted one."""
+import functools
+import itertools
+import json
+from dataclasses import replace
+
+import pytest
+
+from spdf.data import build_packed_splits, iter_documents
+from spdf.data import packing, prepare
+
+SEQ = 32
+BATCH = 2  # small batches: the ~200 KB source is 17 modules, so the pool and the commits get several
+
+
+def _build(source, tokenizer, cache_dir, **kwargs):
+    return build_packed_splits(replace(source, val_fraction=0.2, **kwargs), tokenizer, cache_dir, SEQ,
+                               batch_docs=BATCH, progress=False)
+
+
+def _files(meta) -> dict:
+    entry = packing.Path(meta["dir"])
+    return {name: (entry / name).read_bytes() for name in ("train.bin", "val.bin")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_source, small_tokenizer):
+    """The uninterrupted one-worker build."""
+    return _build(small_source, small_tokenizer, tmp_path_factory.mktemp("one"), workers=1)[2]
+
+
+def test_two_workers_write_the_same_bytes_as_one(reference, tmp_path, small_source, small_tokenizer):
+    assert len(list(iter_documents(small_source))) > 4 * BATCH  # enough batches for both workers to get some
+    meta = _build(small_source, small_tokenizer, tmp_path, workers=2)[2]
+    assert _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
+    # the worker count is not part of the cache key: both builds are the same entry
+    assert packing.Path(meta["dir"]).name == packing.Path(reference["dir"]).name
+
+
+def test_interrupted_preparation_resumes_to_the_same_bytes(reference, tmp_path, small_source, small_tokenizer,
+                                                           monkeypatch):
+    # commit after every batch, and let the source fail in the middle of its fourth batch
+    monkeypatch.setattr(packing, "tokenize_splits", functools.partial(prepare.tokenize_splits, commit_batches=1))
+    real_docs = packing.iter_documents
+
+    def failing_docs(source):
+        for doc in itertools.islice(real_docs(source), 3 * BATCH + 1):
+            yield doc
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packing, "iter_documents", failing_docs)
+    with pytest.raises(KeyboardInterrupt):  # one worker: no batches read ahead of the commits
+        _build(small_source, small_tokenizer, tmp_path, workers=1)
+    (entry,) = tmp_path.iterdir()
+    assert not (entry / "meta.json").exists() and not (entry / "train.bin").exists()
+    committed = json.loads((entry / ".progress.json").read_text())
+    assert committed["documents"] == 3 * BATCH and committed["bytes"]["train"] > 0
+
+    monkeypatch.setattr(packing, "iter_documents", real_docs)
+    # after the last commit, garbage was appended (a kill mid-write): the resume must cut it off
+    with open(entry / ".train.bin.partial", "ab") as f:
+        f.write(b"\xff" * 123)
+    encoded = []
+    real_encode = prepare._encode
+    monkeypatch.setattr(prepare, "_encode", lambda batch, *a: encoded.append(len(batch)) or real_encode(batch, *a))
+    meta = _build(small_source, small_tokenizer, tmp_path, workers=1)[2]  # in-process, so _encode is observed
+    assert not meta["cache_hit"] and _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
+    # only what came after the commit was tokenized again
+    assert sum(encoded) == len(list(iter_documents(small_source))) - 3 * BATCH
+    assert not (entry / ".progress.json").exists() and not (entry / ".train.bin.partial").exists()
+
+
+def test_progress_of_another_key_is_ignored(tmp_path, small_tokenizer):
+    paths = {s: tmp_path / f"{s}.bin" for s in prepare.SPLITS}
+    progress = tmp_path / "progress.json"
+    progress.write_text(json.dumps({"key": "other", "documents": 3, "bytes": {"train": 4, "val": 0},
+                                    "counts": {s: {"tokens": 2, "documents": 1} for s in prepare.SPLITS}}))
+    paths["train"].write_bytes(b"\x01\x00" * 2)
+    result = prepare.tokenize_splits(paths, progress, "mine", ["a b", "c"], small_tokenizer, 0.0, None, "uint16")
+    assert result["counts"]["train"]["documents"] == 2  # started over: the other key's state is not this build's
+    expected = [t for d in ("a b", "c") for t in small_tokenizer.encode(d) + [small_tokenizer.eos_id]]
+    assert list(packing.np.fromfile(paths["train"], dtype="uint16")) == expected
