@@ -116,7 +116,7 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
             files[s] = open(paths[s], "r+b" if paths[s].exists() else "wb")
             files[s].truncate(state["bytes"][s])
             files[s].seek(state["bytes"][s])
-        docs = itertools.islice(iter(docs), documents, None)  # the committed documents are skipped, not re-read
+        docs = itertools.islice(iter(docs), documents, None)  # the committed documents are read again but not tokenized
         batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
         buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         buffered = {s: 0 for s in SPLITS}
