@@ -81,3 +81,23 @@ def test_progress_of_another_key_is_ignored(tmp_path, small_tokenizer):
     assert result["counts"]["train"]["documents"] == 2  # started over: the other key's state is not this build's
     expected = [t for d in ("a b", "c") for t in small_tokenizer.encode(d) + [small_tokenizer.eos_id]]
     assert list(packing.np.fromfile(paths["train"], dtype="uint16")) == expected
+
+
+def test_interrupted_pool_resumes_to_the_same_bytes(reference, tmp_path, small_source, small_tokenizer, monkeypatch):
+    # two workers read batches ahead of the commits: what was read but not written is tokenized again on resume
+    monkeypatch.setattr(packing, "tokenize_splits", functools.partial(prepare.tokenize_splits, commit_batches=1))
+    real_docs = packing.iter_documents
+
+    def failing_docs(source):
+        yield from itertools.islice(real_docs(source), 7 * BATCH + 1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(packing, "iter_documents", failing_docs)
+    with pytest.raises(KeyboardInterrupt):
+        _build(small_source, small_tokenizer, tmp_path, workers=2)
+    (entry,) = tmp_path.iterdir()
+    committed = json.loads((entry / ".progress.json").read_text())["documents"]
+    assert 0 < committed < 7 * BATCH and committed % BATCH == 0  # whole batches, fewer than were read
+    monkeypatch.setattr(packing, "iter_documents", real_docs)
+    meta = _build(small_source, small_tokenizer, tmp_path, workers=2)[2]
+    assert _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
