@@ -99,13 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="analytic training FLOPs, dense vs sparse, per component",
                        description="Training FLOPs per token (and in total) of a named model at a sparsity, or of a "
                                    "checkpoint with its masks.")
-    p.add_argument("model", help="model name (e.g. gpt3-xl; see --list), a checkpoint/export/run directory, or a "
-                                 "recipe (.yaml: its model, sparsity method and pre-training steps)")
-    p.add_argument("--sparsity", type=float, default=0.0, help="sparsity of attention and MLP weights (named models)")
+    p.add_argument("model", nargs="?", help="model name (e.g. gpt3-xl; see --list), a checkpoint/export/run "
+                                            "directory, or a recipe (.yaml: its model, sparsity method and pre-training steps)")
+    p.add_argument("--sparsity", type=float, default=None, help="sparsity of attention and MLP weights (named models)")
     p.add_argument("--tokens", type=float, default=None, help="training tokens, for totals (e.g. 26e9)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--list", action="store_true", help="list the named model configs and exit")
+    p.add_argument("--table", nargs="?", const=Path("benchmarks/results"), default=None, type=Path, metavar="DIR",
+                   help="write flops.md/.json/.png for every named model at 0/50/75/90%% sparsity, 20 tokens per "
+                        "parameter, into DIR (default: benchmarks/results)")
     return parser
 
 
@@ -232,7 +235,9 @@ def _cmd_flops(args) -> int:
     from .flops import analytic_flops, format_table, model_flops
     from .model.config import CONFIGS, GPTConfig
 
-    _check_flops_flags(args)
+    _check_flops_flags(args, CONFIGS)
+    if args.table is not None:
+        return _flops_table(args.table)
     if args.list:
         for name, cfg in CONFIGS.items():
             print(f"{name:20s} {cfg.n_layer:3d} layers  d_model {cfg.d_model:5d}  heads {cfg.n_head:3d}  "
@@ -247,8 +252,9 @@ def _cmd_flops(args) -> int:
         model, _ = sparse_model(find_export(path))
         fb, label, name = model_flops(model, args.seq_len), "densities from the masks", str(path)
     else:
-        fb = analytic_flops(GPTConfig.from_name(args.model), args.sparsity, args.seq_len)
-        label, name = f"{args.sparsity:.0%} sparse attention and MLP weights", args.model
+        sparsity = args.sparsity or 0.0
+        fb = analytic_flops(GPTConfig.from_name(args.model), sparsity, args.seq_len)
+        label, name = f"{sparsity:.0%} sparse attention and MLP weights", args.model
     if args.json:
         print(json.dumps({"model": name, **fb.to_dict(), "tokens": args.tokens}, indent=2))
     else:
@@ -256,15 +262,40 @@ def _cmd_flops(args) -> int:
     return 0
 
 
-def _check_flops_flags(args) -> None:
+def _check_flops_flags(args, configs) -> None:
     import math
 
+    if args.table is not None:
+        given = [flag for flag, value in (("MODEL", args.model), ("--sparsity", args.sparsity),
+                                          ("--tokens", args.tokens), ("--seq-len", args.seq_len),
+                                          ("--json", args.json), ("--list", args.list))
+                 if value is not None and value is not False]
+        if given:
+            raise ValueError(f"--table covers every named model at fixed levels and budget; it takes no "
+                             f"{', '.join(given)} (and its optional argument is the output directory)")
+        if str(args.table) in configs:
+            raise ValueError(f"--table {args.table}: that is a model name; --table takes an output directory "
+                             f"and covers every named model")
+    elif args.model is None and not args.list:
+        raise ValueError("flops: name a MODEL (or a checkpoint, or a recipe), or give --list or --table")
     if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
     if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
         raise ValueError(f"--tokens must be a positive finite number of tokens, got {args.tokens}")
-    if not (math.isfinite(args.sparsity) and 0.0 <= args.sparsity < 1.0):
+    if args.sparsity is not None and not (math.isfinite(args.sparsity) and 0.0 <= args.sparsity < 1.0):
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+
+
+def _flops_table(out_dir: Path) -> int:
+    from .flops_table import write_tables
+
+    result = write_tables(out_dir)
+    print(f"pre-training FLOP reduction (dense / sparse), 20 tokens per parameter:\n{result['summary']}")
+    print("wrote " + ", ".join(str(p) for p in result["written"]))
+    if result["plot_missing"]:
+        print(f"spdf: flops.png not drawn: {result['plot_missing']}; the table and JSON were written",
+              file=sys.stderr)
+    return 0
 
 
 def _recipe_flops(args, path: Path) -> int:

@@ -23,6 +23,8 @@ from .model.config import GPTConfig
 from .sparsity import sparse_layers
 
 COMPONENTS = ("qkv", "attn_out", "mlp_in", "mlp_out", "attn_scores", "logits")
+WEIGHT_COMPONENTS = COMPONENTS[:4]  # matmuls with a weight that sparsity thins
+DENSE_COMPONENTS = COMPONENTS[4:]  # no weight to thin: as dense in a sparse run as in a dense one
 COMPONENT_LABELS = {
     "qkv": "attention Q, K, V projections",
     "attn_out": "attention output projection",
@@ -87,7 +89,7 @@ def analytic_flops(cfg: GPTConfig, sparsity: float = 0.0, seq_len: int | None = 
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     seq_len = seq_len or cfg.n_ctx
     dense = _dense_components(cfg, seq_len)
-    density = densities or {c: 1.0 - sparsity for c in ("qkv", "attn_out", "mlp_in", "mlp_out")}
+    density = densities or {c: 1.0 - sparsity for c in WEIGHT_COMPONENTS}
     sparse = {c: v * density.get(c, 1.0) for c, v in dense.items()}
     return FlopBreakdown(seq_len, dense, sparse)
 

@@ -1,10 +1,13 @@
 """Directory writes that fail as one clear line: disk full or a read-only/forbidden destination becomes a WriteError
-naming the path (and, for a full disk, the space needed), after the partial temporary directory is removed."""
+naming the path (and, for a full disk, the space needed), after the partial temporary directory is removed; and
+single files replaced atomically (temporary file, then rename)."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -39,3 +42,26 @@ def writing_dir(tmp: Path, what: str, needed_bytes: int):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing_file(path: Path):
+    """Yield a temporary path beside `path` for the body to fill, then rename it onto `path`: a reader sees the old
+    file or the new one, never half of one. On any error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's owner-only 0600
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with replacing_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -184,3 +184,166 @@ def test_cli_flops_of_a_dynamic_recipe(capsys):
     gmp = json.loads(capsys.readouterr().out)["schedule"]
     assert rigl["algorithm"]["algorithm"] == "rigl" and rigl["steps"] == 4778
     assert gmp["reduction"] < rigl["reduction"] < static["reduction"]
+
+
+# ---- the FLOP tables of every named model (`spdf flops --table`) --------------------------------------------------
+from spdf.flops_table import LEVELS, TOKENS_PER_PARAMETER, parameter_count, table_rows, write_tables  # noqa: E402
+from spdf.model import config as model_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE_FILES = {"flops.md", "flops.json", "flops.png"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return table_rows()
+
+
+def _rows_of(rows, name):
+    return [r for r in rows if name in (r["model"], *r["same_shape"])]
+
+
+def test_table_has_every_named_config_at_every_level_once(rows):
+    named = [n for n in model_config.CONFIGS if not n.startswith("tiny")]
+    assert {"gpt3-small", "gpt3-13b", "cerebras-gpt-111m", "cerebras-gpt-13b"} <= set(named)
+    for name in named:
+        assert sorted(r["sparsity"] for r in _rows_of(rows, name)) == sorted(LEVELS), name
+    assert not [r for r in rows if any(n.startswith("tiny") for n in (r["model"], *r["same_shape"]))]
+    # one row per shape: GPT-3 XL and Cerebras-GPT 1.3B are the same model for FLOPs
+    xl = _rows_of(rows, "cerebras-gpt-1.3b")
+    assert {r["model"] for r in xl} == {"gpt3-xl"} and all(r["same_shape"] == ["cerebras-gpt-1.3b"] for r in xl)
+    assert len(rows) == len(LEVELS) * len({(r["n_layer"], r["d_model"], r["parameters"]) for r in rows})
+
+
+def test_a_config_of_an_existing_shape_joins_its_row(monkeypatch, rows):
+    # a µP twin (same shape, other training settings) must not add a row, whatever else it carries
+    twin = model_config.CONFIGS["cerebras-gpt-111m"].replace(name="cerebras-gpt-111m-mup", dropout=0.1)
+    monkeypatch.setitem(model_config.CONFIGS, twin.name, twin)
+    with_twin = table_rows()
+    assert len(with_twin) == len(rows)
+    assert all(r["same_shape"] == ["cerebras-gpt-111m-mup"] for r in _rows_of(with_twin, "cerebras-gpt-111m"))
+
+
+def test_parameter_count_is_the_closed_form():
+    L, d, V, T = 24, 2048, 50257, 2048
+    per_layer = 12 * d * d + 13 * d  # weights + biases of Q/K/V, attention out, MLP up/down; two layer norms
+    assert parameter_count(GPTConfig.from_name("gpt3-xl")) == L * per_layer + V * d + T * d + 2 * d
+
+
+def test_xl_at_75_percent_is_the_papers_headline(rows):
+    (xl,) = [r for r in _rows_of(rows, "gpt3-xl") if r["sparsity"] == 0.75]
+    assert xl["reduction"] == pytest.approx(2.49, abs=0.01)
+    fb = analytic_flops(GPTConfig.from_name("gpt3-xl"), 0.75)
+    assert xl["tokens"] == TOKENS_PER_PARAMETER * xl["parameters"]
+    assert xl["dense_flops"] == pytest.approx(fb.dense_train * xl["tokens"])
+    assert xl["sparse_flops"] == pytest.approx(fb.sparse_train * xl["tokens"])
+    dense_parts = sum(fb.sparse_forward[c] for c in ("attn_scores", "logits"))
+    assert xl["dense_share"] == pytest.approx(dense_parts / sum(fb.sparse_forward.values()))
+    assert xl["dense_share"] == pytest.approx(xl["attn_scores_share"] + xl["logits_share"])
+
+
+def test_reductions_grow_with_sparsity_and_with_model_size(rows):
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        by_level = sorted((r["sparsity"], r["reduction"]) for r in rows if r["model"] == model)
+        assert by_level[0] == (0.0, 1.0)
+        reductions = [red for _, red in by_level]
+        assert all(a < b for a, b in zip(reductions, reductions[1:])), (model, reductions)
+        assert all(red < 1 / (1 - s) for s, red in by_level if s > 0)  # attention and logits stay dense
+    for level in (s for s in LEVELS if s > 0):
+        by_size = sorted((r["parameters"], r["reduction"]) for r in rows if r["sparsity"] == level)
+        reductions = [red for _, red in by_size]
+        assert all(a < b for a, b in zip(reductions, reductions[1:])), (level, by_size)
+
+
+def _user_error(rc, err, *fragments):
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("spdf: error: ") and "Traceback" not in err, err
+    assert all(f in lines[0] for f in fragments), (fragments, lines[0])
+
+
+def test_cli_table_writes_the_three_files(tmp_path, capsys):
+    from spdf.cli import main
+
+    out = tmp_path / "results"
+    assert main(["flops", "--table", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2.49x" in printed and "flops.png" in printed
+    assert {p.name for p in out.iterdir()} == TABLE_FILES  # no temporary files left behind
+    data = json.loads((out / "flops.json").read_text())
+    assert data["rows"] == json.loads(json.dumps(table_rows())) and data["tokens_per_parameter"] == 20
+    md = (out / "flops.md").read_text()
+    assert "GPT-3 XL at 75%: 2.49x" in md and "![reduction vs model size](flops.png)" in md
+    assert "## Why small models save less" in md
+    for name in model_config.CONFIGS:
+        assert (f"`{name}`" in md) != name.startswith("tiny"), name
+    assert (out / "flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+    assert main(["flops", "--table", str(out)]) == 0  # the same numbers, byte for byte, on a second run
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+
+
+def test_cli_table_without_matplotlib_writes_the_table_and_says_so(tmp_path, monkeypatch, capsys):
+    from spdf.cli import main
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib → ImportError
+    assert main(["flops", "--table", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "flops.png not drawn" in err and "spdf[plot]" in err
+    assert {p.name for p in tmp_path.iterdir()} == {"flops.md", "flops.json"}
+    assert "flops.png not drawn: matplotlib is not installed" in (tmp_path / "flops.md").read_text()
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--table", "OUT", "--sparsity", "0"], ["--table", "--sparsity"]),
+    (["gpt3-xl", "--table"], ["--table", "MODEL"]),
+    (["--table", "OUT", "--json", "--tokens", "1e9"], ["--tokens", "--json"]),
+    (["--table", "OUT", "--seq-len", "512"], ["--seq-len"]),
+    (["--table", "gpt3-xl"], ["gpt3-xl", "model name", "output directory"]),
+    (["--table", "FILE"], ["not a directory"]),
+    ([], ["name a MODEL", "--table"]),
+])
+def test_cli_table_flag_errors(argv, fragments, tmp_path, monkeypatch, capsys):
+    from spdf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FILE").write_text("mine")
+    rc = main(["flops", *argv])
+    _user_error(rc, capsys.readouterr().err, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"] and (tmp_path / "FILE").read_text() == "mine"
+
+
+def test_committed_table_matches_the_accounting(rows):
+    committed = json.loads((REPO / "benchmarks/results/flops.json").read_text())["rows"]
+    fresh = {(r["model"], r["sparsity"]): r for r in rows}
+    assert {(r["model"], r["sparsity"]) for r in committed} == set(fresh)
+    for r in committed:
+        for key in ("parameters", "tokens", "dense_flops", "sparse_flops", "reduction", "dense_share"):
+            assert r[key] == pytest.approx(fresh[r["model"], r["sparsity"]][key], rel=1e-12), (r["model"], key)
+
+
+def test_cli_table_default_directory_and_list_without_a_model(tmp_path, monkeypatch, capsys):
+    from spdf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["flops", "--table"]) == 0
+    assert {p.name for p in (tmp_path / "benchmarks/results").iterdir()} == TABLE_FILES
+    assert main(["flops", "--list"]) == 0 and "gpt3-xl" in capsys.readouterr().out
+
+
+def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch, capsys):
+    from matplotlib.figure import Figure
+
+    from spdf.cli import main
+
+    (tmp_path / "flops.png").write_bytes(b"previous plot")
+
+    def broken_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    rc = main(["flops", "--table", str(tmp_path)])
+    _user_error(rc, capsys.readouterr().err, "No space left on device")
+    assert (tmp_path / "flops.png").read_bytes() == b"previous plot"
+    assert {p.name for p in tmp_path.iterdir()} == TABLE_FILES  # the md and json written whole, no temporary file

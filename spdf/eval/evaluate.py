@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 from ..data import Example, FinetuneDataset, TaskSpec, TextTokenizer, load_finetune_task, pad_collate
 from ..data.finetune import IGNORE_INDEX, truncate_pair
 from ..export import CheckpointError, find_export, model_fingerprint, read_export
+from ..fswrite import write_text_atomic
 from ..typed_spec import to_plain
 from .generate import DecodingConfig, generate
 from .metrics import TASK_METRICS, compute_metrics
@@ -196,23 +195,12 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict, out_dir) -> tuple[Path, Path]:
     """Write <out_dir>/<task>-<split>.json and .md (each atomically); nothing else in out_dir is touched."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{report['task']}-{report.get('split', 'eval')}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    _write_atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(md_path, format_markdown(report) + "\n")
+    write_text_atomic(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(md_path, format_markdown(report) + "\n")
     return json_path, md_path
