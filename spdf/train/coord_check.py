@@ -3,6 +3,8 @@ of every layer's output at each step. Under a parametrization whose hyper-parame
 depend on the width (µP) or on the sparsity (SµPar); under the standard one they grow with both, step after step.
 
     rms = activation_rms(model, batch, steps=4, lr=1e-2)     # {"h.0.mlp.c_fc": [step 0, step 1, ...], ...}
+    rms = small_gpt_rms("supar", d_model=128, sparsity=0.75)  # the same on a small GPT built here
+    spread([rms_a, rms_b, ...], step=4)                        # per layer: max / min across the runs
 
 Used by tests/train/test_coord_check.py (the assertion) and benchmarks/coord_check.py (the plot).
 """
@@ -11,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..sparsity import Sparsifier
+from ..model import GPT, GPTConfig
+from ..sparsity import Sparsifier, sparsify
 from .optim import build_adamw
-from .parametrization import LearningRates
+from .parametrization import LearningRates, apply_supar_init
 
 # Outputs recorded: the embedding (after its multiplier), each block's attention projections and MLP layers, the
 # block output, and the logits.
@@ -61,3 +64,22 @@ def activation_rms(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], s
         if sparsifier is not None:
             sparsifier.detach()
     return record
+
+
+def small_gpt_rms(parametrization: str, d_model: int, sparsity: float = 0.0, *, base_width: int = 64,
+                  n_layer: int = 2, n_head: int = 4, vocab_size: int = 256, seq_len: int = 32, batch_size: int = 8,
+                  steps: int = 5, lr: float = 1e-2, seed: int = 0) -> dict[str, list[float]]:
+    """activation_rms of a freshly initialised small GPT (d_ff = 4·d_model), static random masks at `sparsity` on
+    the paper's layers, on one fixed batch of random tokens (the same for every width, sparsity and seed)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model, n_ctx=seq_len,
+                          vocab_size=vocab_size, parametrization=parametrization, base_width=base_width))
+    sparsifier = sparsify(model, sparsity=sparsity, seed=seed) if sparsity > 0 else None
+    apply_supar_init(model)
+    tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(1234))
+    return activation_rms(model, (tokens[:, :-1], tokens[:, 1:]), steps, lr, sparsifier)
+
+
+def spread(runs: list[dict[str, list[float]]], step: int) -> dict[str, float]:
+    """Per layer: the largest over the smallest RMS across `runs` at `step` (1.0: the same scale in every run)."""
+    return {layer: max(r[layer][step] for r in runs) / min(r[layer][step] for r in runs) for layer in runs[0]}
