@@ -7,7 +7,7 @@ import torch
 
 from spdf.cli import main
 from spdf.export import read_export
-from tiny_runs import copy_run, loss_trace, run_cli, truncate_to_kill, write_recipe
+from tiny_runs import DEMO, assert_user_error, copy_run, loss_trace, run_cli, truncate_to_kill, write_recipe
 
 SUPAR = ("model.parametrization=supar", "model.base_width=16")  # the tiny demo's d_model 32: width_mult 2
 GMP = ("sparsity.method=gmp", "sparsity.update_every=2")  # 8 steps: the density falls after steps 2, 4, 6
@@ -69,3 +69,14 @@ def test_supar_with_gmp_resumes_exactly(tmp_path_factory, tmp_path, capsys):
     assert rc == 0, err
     assert loss_trace(copy) == loss_trace(run_dir)
     assert saved_groups(copy, "pretrain", 8) == saved_groups(run_dir, "pretrain", 8)
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("model.parametrization=mu", "model.parametrization must be one of 'sp', 'mup', 'supar', got 'mu'"),
+    ("model.base_width=0", "model.base_width must be >= 1"),
+    ("model.output_mult=0", "model.output_mult must be > 0.0"),
+])
+def test_bad_parametrization_settings_are_user_errors(tmp_path, capsys, setting, fragment):
+    rc, _, err = run_cli(["run", DEMO, "--set", setting, "--set", f"run_dir={tmp_path / 'run'}"], capsys)
+    assert_user_error(rc, err, fragment)
+    assert not (tmp_path / "run").exists()
