@@ -31,6 +31,7 @@ from machine import cpu_name  # benchmarks/machine.py, beside this script
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PARAMETRIZATIONS = ("sp", "supar")
+NAMES = {"sp": "SP", "supar": "SµPar"}
 SPARSITIES = (0.0, 0.5, 0.75)
 LRS = (1e-3, 2.5e-3, 6.3e-3, 1.6e-2, 4e-2, 1e-1)  # x2.5 apart
 
@@ -109,9 +110,11 @@ def plot(rows: list[dict], path: Path) -> None:
             best = optimum(rows, param, sparsity)
             if best is not None and math.isfinite(best[1]):
                 ax.plot([best[0]], [best[1]], marker="*", markersize=14, color=line.get_color())
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_xticks(LRS, [f"{lr:g}" for lr in LRS])
+        ax.minorticks_off()
         ax.set_xlabel("peak learning rate")
-        ax.set_title({"sp": "standard parametrization (SP)", "supar": "SµPar"}[param])
+        ax.set_title(f"{NAMES[param]}" + (" (standard parametrization)" if param == "sp" else ""))
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_ylabel("final validation loss (mean of seeds)")
@@ -138,8 +141,9 @@ def report(result: dict, out: Path) -> None:
         "",
         "Final validation loss, mean over seeds (best LR of each row in bold; `diverged` = non-finite):",
         "",
-        "| parametrization | sparsity | " + " | ".join(f"LR {lr:g}" for lr in b["lrs"]) + " | best LR |",
-        "|---|---|" + "---|" * (len(b["lrs"]) + 1),
+        "| parametrization | sparsity | " + " | ".join(f"LR {lr:g}" for lr in b["lrs"]) +
+        " | best LR | best LR per seed |",
+        "|---|---|" + "---|" * (len(b["lrs"]) + 2),
     ]
     for param in PARAMETRIZATIONS:
         for sparsity in SPARSITIES:
@@ -154,9 +158,14 @@ def report(result: dict, out: Path) -> None:
                 else:
                     text = f"{sum(vals) / len(vals):.4f}"
                     cells.append(f"**{text}**" if best is not None and best[0] == lr else text)
+            per_seed = [optimum([r for r in rows if r["seed"] == seed], param, sparsity) for seed in b["seeds"]]
             lines.append(f"| {param} | {sparsity:.0%} | " + " | ".join(cells) +
-                         f" | {best[0]:g} |" if best is not None else " | |")
-    lines += ["", "![final loss vs LR per sparsity](mutransfer.png)", ""]
+                         (f" | {best[0]:g} | " if best is not None else " | | ") +
+                         ", ".join(f"{o[0]:g}" for o in per_seed if o is not None) + " |")
+    moves = "; ".join(f"{NAMES[p]} " + " → ".join(f"{o[0]:g}" if (o := optimum(rows, p, s)) else "?"
+                                                    for s in SPARSITIES) for p in PARAMETRIZATIONS)
+    lines += ["", f"Best LR at {' / '.join(f'{s:.0%}' for s in SPARSITIES)} sparsity: {moves} (grid steps are "
+              f"x2.5 apart).", "", "![final loss vs LR per sparsity](mutransfer.png)", ""]
     (out / "mutransfer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
