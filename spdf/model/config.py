@@ -114,7 +114,14 @@ class GPTConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict. The parametrization fields, added after exports and checkpoints existed, appear only
+        when they differ from their defaults: a standard model's dict is what it always was, so older checkpoints
+        still resume (their layout is compared with this dict) and older readers still load newer exports."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in _ADDED_FIELDS or v != _ADDED_FIELDS[k]}
+
+
+_ADDED_FIELDS = {"parametrization": "sp", "base_width": MUP_BASE_WIDTH, "output_mult": 1.0}  # name -> default
 
 
 def _gpt(name: str, n_layer: int, d_model: int, n_head: int, **kw) -> GPTConfig:

@@ -91,3 +91,12 @@ def test_mup_init_uses_the_width_multiplier():
     assert w.std().item() == pytest.approx(0.08 / 4 * 0.8796, rel=0.03)
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.08 * 0.8796, rel=0.03)
     assert math.isclose(model.config.logits_mult, 2.0 / 16)
+
+
+def test_config_dicts_carry_parametrization_only_when_it_is_not_the_default():
+    # a standard model's dict (checkpoint layout, export config.json) is what it was before µP existed
+    assert set(CONFIGS["tiny"].to_dict()) == {"n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size", "dropout",
+                                              "bias", "name", "head_dim"}
+    for config in (CONFIGS["tiny"], CONFIGS["cerebras-gpt-111m-mup"],
+                   CONFIGS["tiny"].replace(parametrization="supar", base_width=64, output_mult=2.0)):
+        assert GPTConfig(**config.to_dict()) == config
