@@ -205,7 +205,9 @@ def recipe_fingerprint(recipe: Recipe) -> str:
         phases.append(entry)
     payload = {
         "version": recipe.version,
-        "model": recipe.model.to_dict(),
+        # keys added after run directories existed count only when set, so those directories stay resumable
+        "model": {k: v for k, v in recipe.model.to_dict().items()
+                  if v is not None or k not in ModelSpec.PARAMETRIZATION_KEYS},
         "sparsity": {**_sparsity_part(recipe.sparsity), "seed": recipe.sparsity_seed},
         "tokenizer": _fingerprint_part(recipe.tokenizer, "tokenizer"),
         "phases": phases,
@@ -226,7 +228,8 @@ def model_config(recipe: Recipe, vocab_size: int | None = None) -> GPTConfig:
         vocab = tok.vocab_size
     else:
         vocab = CONFIGS[spec.name].vocab_size
-    shape = {k: getattr(spec, k) for k in ModelSpec.SHAPE_KEYS if getattr(spec, k) is not None}
+    shape = {k: getattr(spec, k) for k in ModelSpec.SHAPE_KEYS + ModelSpec.PARAMETRIZATION_KEYS
+             if getattr(spec, k) is not None}
     try:
         return GPTConfig.from_name(spec.name, vocab_size=vocab, dropout=spec.dropout, **shape)
     except ValueError as err:

@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, Optional
 from .data.specs import DataSpec, TaskSpec, TokenizerSpec
 from .data.tasks import task_splits
 from .eval.generate import DecodingConfig
-from .model.config import CONFIGS
+from .model.config import CONFIGS, PARAMETRIZATIONS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
 from .sparsity.algorithms import ALGORITHMS
 from .sparsity.methods import MASK_METHODS
@@ -36,8 +36,14 @@ class ModelSpec(Spec):
     head_dim: Optional[int] = num(None, ge=1)
     vocab_size: Optional[int] = num(None, ge=1)  # None: take it from the tokenizer
     dropout: float = num(0.0, ge=0.0, lt=1.0)
+    # sp (standard), mup (Cerebras-GPT µP) or supar (µP + SµPar's density correction of sparse layers); None: the
+    # named model's (sp, or mup for cerebras-gpt-*-mup). µP is relative to base_width (None: 256, Cerebras-GPT's).
+    parametrization: Optional[Literal[PARAMETRIZATIONS]] = None
+    base_width: Optional[int] = num(None, ge=1)
+    output_mult: Optional[float] = num(None, gt=0.0)  # µP: logits x output_mult / width_mult (None: 1.0)
 
     SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "head_dim")
+    PARAMETRIZATION_KEYS: ClassVar[tuple[str, ...]] = ("parametrization", "base_width", "output_mult")
 
     def _check(self):
         if self.name not in CONFIGS:

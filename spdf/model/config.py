@@ -1,7 +1,12 @@
-"""Named GPT shapes: GPT-3 (Brown et al. 2020), Cerebras-GPT, and tiny configs for tests and the offline demo.
+"""Named GPT shapes: GPT-3 (Brown et al. 2020), Cerebras-GPT (also in µP), and tiny configs for tests and the demo.
 
 `GPTConfig.from_name("gpt3-xl")` returns the shape; every field can be overridden
 (`GPTConfig.from_name("tiny", n_ctx=256)`).
+
+A config also says how the model is parametrised: `sp` (standard: GPT-3 init, 1/sqrt(d_head) attention, no
+multipliers) or µP as Cerebras-GPT trained it (`mup`, and `supar`, which is µP to the model: the trainer corrects its
+sparse layers by their density, see spdf.train.parametrization). µP is a function of `width_mult = d_model /
+base_width`; the multipliers below are derived from it, so a narrower or wider copy of a named config stays µP.
 """
 from __future__ import annotations
 
@@ -10,6 +15,14 @@ import difflib
 from dataclasses import dataclass
 
 GPT2_VOCAB = 50257
+PARAMETRIZATIONS = ("sp", "mup", "supar")
+
+# Cerebras-GPT µP (Dey et al. 2023, the µP variants of 111M-2.7B): base width 256 (d_ff 1024), init std 0.08,
+# embedding output x10, logits x output_mult / width_mult, attention scores / d_head.
+MUP_BASE_WIDTH = 256
+MUP_INIT_STD = 0.08
+MUP_EMBEDDING_MULT = 10.0
+SP_INIT_STD = 0.02  # GPT-3
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,9 @@ class GPTConfig:
     name: str = "custom"
     # Width of one attention head. None means d_model // n_head; GPT-3 13B (d_model 5140, 40 heads of 128) needs it.
     head_dim: int | None = None
+    parametrization: str = "sp"  # sp | mup | supar (module docstring)
+    base_width: int = MUP_BASE_WIDTH  # µP: the width whose hyper-parameters transfer (unused under sp)
+    output_mult: float = 1.0  # µP: logits are multiplied by output_mult / width_mult
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size"):
@@ -37,6 +53,41 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
+                             f"got {self.parametrization!r}")
+        if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width < 1:
+            raise ValueError(f"model.base_width must be a positive integer, got {self.base_width!r}")
+        if not self.output_mult > 0:
+            raise ValueError(f"model.output_mult must be > 0, got {self.output_mult!r}")
+
+    @property
+    def mup(self) -> bool:
+        """µP multipliers and init (mup, and supar, whose density corrections are the trainer's)."""
+        return self.parametrization != "sp"
+
+    @property
+    def width_mult(self) -> float:
+        return self.d_model / self.base_width if self.mup else 1.0
+
+    @property
+    def init_std(self) -> float:
+        """Std of the embeddings; hidden weights get init_std / sqrt(width_mult) (see GPT.reset_parameters)."""
+        return MUP_INIT_STD if self.mup else SP_INIT_STD
+
+    @property
+    def embedding_mult(self) -> float:
+        return MUP_EMBEDDING_MULT if self.mup else 1.0
+
+    @property
+    def logits_mult(self) -> float:
+        return self.output_mult / self.width_mult if self.mup else 1.0
+
+    @property
+    def attn_scale(self) -> float | None:
+        """Attention-score scale: 1/d_head under µP (keys and queries become correlated as they learn); None is
+        SDPA's default 1/sqrt(d_head)."""
+        return 1.0 / self.d_head if self.mup else None
 
     @property
     def d_head(self) -> int:
@@ -63,7 +114,14 @@ class GPTConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as a dict. The parametrization fields, added after exports and checkpoints existed, appear only
+        when they differ from their defaults: a standard model's dict is what it always was, so older checkpoints
+        still resume (their layout is compared with this dict) and older readers still load newer exports."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in _ADDED_FIELDS or v != _ADDED_FIELDS[k]}
+
+
+_ADDED_FIELDS = {"parametrization": "sp", "base_width": MUP_BASE_WIDTH, "output_mult": 1.0}  # name -> default
 
 
 def _gpt(name: str, n_layer: int, d_model: int, n_head: int, **kw) -> GPTConfig:
@@ -94,3 +152,7 @@ CONFIGS: dict[str, GPTConfig] = {
         _gpt("tiny-test", 2, 32, 2, n_ctx=64, vocab_size=128),
     )
 }
+# Cerebras-GPT's µP variants (111M-2.7B were trained both ways): the same shapes, µP from base width 256.
+CONFIGS.update({f"{name}-mup": dataclasses.replace(CONFIGS[name], name=f"{name}-mup", parametrization="mup")
+                for name in ("cerebras-gpt-111m", "cerebras-gpt-256m", "cerebras-gpt-590m", "cerebras-gpt-1.3b",
+                             "cerebras-gpt-2.7b")})

@@ -73,6 +73,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        self.scale = cfg.attn_scale  # None: SDPA's 1/sqrt(d_head)
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_attn, bias=cfg.bias)  # Q, K and V projections, fused
         self.c_proj = nn.Linear(cfg.d_attn, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -85,9 +86,9 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.write(layer, k, v)
         if mask is None:  # training (and any call without padding or past positions): plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+                                               dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
 
 
@@ -138,11 +139,19 @@ class GPT(nn.Module):
         return cls(GPTConfig.from_name(name, **overrides))
 
     def reset_parameters(self) -> None:
-        """GPT-3 initialisation: N(0, 0.02) truncated at 2 std; residual output projections 0.02/sqrt(2·n_layer)."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        """GPT-3 initialisation: N(0, 0.02) truncated at 2 std; residual output projections 0.02/sqrt(2·n_layer).
+
+        Under µP (Cerebras-GPT): embeddings N(0, 0.08), hidden weights 0.08/sqrt(width_mult), residual output
+        projections 0.08/sqrt(2·n_layer·width_mult): a hidden weight's std follows 1/sqrt(fan_in), an embedding's
+        does not depend on width. The tied head is the token embedding (its 1/width readout scale is the logits
+        multiplier). Under supar the trainer then rescales each sparse layer's kept weights by 1/sqrt(density)."""
+        c = self.config
+        hidden_std = c.init_std / math.sqrt(c.width_mult)
+        residual_std = hidden_std / math.sqrt(2 * c.n_layer)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)) and module is not self.lm_head:
-                std = residual_std if name.endswith("c_proj") else 0.02
+                std = c.init_std if isinstance(module, nn.Embedding) else (
+                    residual_std if name.endswith("c_proj") else hidden_std)
                 nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -161,6 +170,10 @@ class GPT(nn.Module):
         c = self.config
         if not c.bias or c.d_attn != c.d_model:
             raise ValueError("GPT-2 needs biases and d_model == n_head * head width")
+        if c.mup:
+            raise ValueError(f"GPT-2 has no µP multipliers (parametrization {c.parametrization!r}: embedding x"
+                             f"{c.embedding_mult:g}, logits x{c.logits_mult:g}, attention 1/d_head); only "
+                             f"parametrization 'sp' exports to GPT-2")
         return dict(vocab_size=c.vocab_size, n_positions=c.n_ctx, n_embd=c.d_model, n_layer=c.n_layer,
                     n_head=c.n_head, n_inner=c.d_ff, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                     resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
@@ -203,7 +216,10 @@ class GPT(nn.Module):
                                      f"({self.config.n_ctx})")
                 positions = torch.arange(past, past + T, device=idx.device)
         mask = None if past == 0 and attention_mask is None else self._attention_mask(attention_mask, B, past, T, idx)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)
+        if self.config.mup:
+            x = x * self.config.embedding_mult
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, mask, kv_cache, i)
         if kv_cache is not None:
@@ -211,6 +227,8 @@ class GPT(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.mup:
+            logits = logits * self.config.logits_mult
         if kv_cache is not None:
             return logits, kv_cache
         if targets is None:

@@ -25,6 +25,7 @@ from .metrics import MetricsLog
 from .nonfinite import NonFiniteGuard
 from .preemption import Preempted
 from .optim import build_adamw
+from .parametrization import LearningRates
 from .schedule import lr_factor
 
 
@@ -118,6 +119,7 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     model, optimizer = accelerator.prepare(model, optimizer)
     if sparsifier is not None:
         sparsifier.attach(optimizer)
+    learning_rates = LearningRates(optimizer, accelerator.unwrap_model(model), sparsifier)  # × µP/SµPar LR scales
     ckpt_root = phase_dir / "checkpoints"
     meta = {"phase": plan.name, "kind": plan.kind, **layout_meta(accelerator.unwrap_model(model)),
             "sparsity": sparsifier.config if sparsifier is not None else None, **(meta_extra or {})}
@@ -170,9 +172,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     model.train()
     while state.step < plan.total_steps:
         step_start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = plan.lr * lr_factor(state.step, plan.total_steps, plan.warmup_steps, plan.decay,
-                                              plan.min_lr_ratio)
+        learning_rates.set(plan.lr * lr_factor(state.step, plan.total_steps, plan.warmup_steps, plan.decay,
+                                               plan.min_lr_ratio))
         dense_per_token, spent_per_token = flops.per_token()  # before the step: a mask update follows it
         micro = source.next_step(plan.accum_steps, plan.micro_batch_size)
         n_targets = sum(int((t != -100).sum()) for _, t in micro)

@@ -31,6 +31,7 @@ from .downstream import DownstreamEval, check_metrics_available
 from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .parametrization import apply_supar_init
 from .preemption import StopRequest
 from .sparsity_plan import sparsify_recipe
 
@@ -316,5 +317,7 @@ def _initial_model(recipe: Recipe, config, init_from: Path | None):
     """A fresh GPT sparsified as the recipe says, or the weights (and masks) of the checkpoint to fine-tune."""
     model = GPT(config)
     if init_from is None:
-        return model, sparsify_recipe(recipe, model)
+        sparsifier = sparsify_recipe(recipe, model)
+        apply_supar_init(model)  # SµPar: after the masks exist, since the std depends on each layer's density
+        return model, sparsifier
     return sparse_model(find_export(init_from), model)
