@@ -211,7 +211,7 @@ def test_table_has_every_named_config_at_every_level_once(rows):
     assert not [r for r in rows if any(n.startswith("tiny") for n in (r["model"], *r["same_shape"]))]
     # one row per shape: GPT-3 XL and Cerebras-GPT 1.3B are the same model for FLOPs
     xl = _rows_of(rows, "cerebras-gpt-1.3b")
-    assert {r["model"] for r in xl} == {"gpt3-xl"} and all(r["same_shape"] == ["cerebras-gpt-1.3b"] for r in xl)
+    assert {r["model"] for r in xl} == {"gpt3-xl"} and all("cerebras-gpt-1.3b" in r["same_shape"] for r in xl)
     assert len(rows) == len(LEVELS) * len({(r["n_layer"], r["d_model"], r["parameters"]) for r in rows})
 
 
