@@ -32,6 +32,7 @@ from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .rank_data import packed_splits
 from .preemption import StopRequest
 from .sparsity_plan import sparsify_recipe
 
@@ -147,11 +148,9 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
 
 def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     if phase.kind == "pretrain":
-        with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
-            # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
-            train, val, _ = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
-                                                progress=progress and accelerator.is_main_process
-                                                and sys.stderr.isatty())
+        # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
+        train, val, _ = packed_splits(accelerator, phase.data, tokenizer, data_cache_dir(), phase.seq_len,
+                                      progress=progress and sys.stderr.isatty())
     else:
         train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
         val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)

@@ -2,7 +2,8 @@
 recipes/accelerate/fsdp-8gpu.yaml` with two CPU processes (gloo). The tiny demo trains like one process, every masked
 weight and AdamW moment in the sharded checkpoints is exactly zero, and a run killed mid-phase resumes from its
 sharded checkpoint to the same losses and bytes as the uninterrupted run. Mixed precision (bf16) and activation
-checkpointing keep the zeros too. One shared FSDP2 run serves the first tests."""
+checkpointing keep the zeros too. One shared FSDP2 run serves the first tests; it starts from an empty data cache,
+which its two ranks prepare together (spdf.data.rank_share) into the bytes one process writes."""
 from __future__ import annotations
 
 import shutil
@@ -40,12 +41,19 @@ def launch_fsdp2(command: str, recipe: Path, cache_dir: Path, cwd: Path, *launch
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(cache_dir, finished_run, tmp_path_factory) -> Path:
+def fsdp_run(finished_run, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp2")
     recipe = write_recipe(root / "tiny.yaml", root / "run", NO_GENERATION)
-    proc = launch_fsdp2("run", recipe, cache_dir, root)
+    proc = launch_fsdp2("run", recipe, root / "cache", root)
     assert proc.stdout.count("spdf run finished") == 1  # the summary comes from the main process only
     return root / "run"
+
+
+def test_both_ranks_prepared_the_data_cache_of_one_process(fsdp_run, cache_dir):
+    (entry,) = (fsdp_run.parent / "cache").iterdir()
+    assert (entry / ".spool" / "end").is_file()  # prepared by the ranks together, not by rank 0 alone
+    for name in ("train.bin", "val.bin"):
+        assert (entry / name).read_bytes() == (cache_dir / entry.name / name).read_bytes()
 
 
 def test_fsdp2_run_trains_like_one_process(fsdp_run, finished_run):
