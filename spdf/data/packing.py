@@ -119,7 +119,8 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     meta = _load_cached(entry, key)
     cache_hit = meta is not None
     rank, world = ranks
-    share = RankShare(entry, rank, world) if world > 1 and meta is None else None
+    share = (RankShare(entry, rank, world, batch_docs, complete=lambda: _load_cached(entry, key) is not None)
+             if world > 1 and meta is None else None)
     if meta is None and rank > 0 and share is not None:
         meta = _help(entry, key, source, tokenizer, batch_docs, share)
     elif meta is None:

@@ -3,7 +3,7 @@
 Batch i of the document stream (batch_docs documents, numbered from the start of the stream, so a resumed
 preparation numbers them as the first one did) is tokenized by rank i % world. Every rank reads the whole stream
 (reading is cheap next to tokenizing) and encodes only its own batches, each with its own worker processes. A
-helper rank (rank > 0) writes each encoded batch atomically to `<entry>/.spool/<i>.npz`; rank 0 writes the token
+helper rank (rank > 0) writes each encoded batch atomically to `<entry>/.spool-<batch_docs>/<i>.npz`; rank 0 writes the token
 files exactly as one process does, taking batch after batch in order: its own from its workers, the others' from the
 spool (deleting each once taken). So the bytes are those of a one-process preparation for any number of ranks, and
 rank 0's commits and resume work unchanged. Two markers, both functions of the data alone (so one left by a killed
@@ -17,6 +17,7 @@ import os
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,8 +25,12 @@ POLL_SECONDS = 0.02
 
 
 class RankShare:
-    def __init__(self, entry: Path, rank: int, world: int, ahead: int = 4):
-        self.spool, self.rank, self.world = Path(entry) / ".spool", int(rank), int(world)
+    def __init__(self, entry: Path, rank: int, world: int, batch_docs: int,
+                 complete: Callable[[], bool] = lambda: False, ahead: int = 4):
+        # batches are numbered in units of batch_docs: spool files of another batch size are other batches
+        self.spool, self.rank, self.world = Path(entry) / f".spool-{batch_docs}", int(rank), int(world)
+        # whether the entry is complete (another process built it meanwhile: rank 0 then takes nothing)
+        self.complete = complete
         self.ahead = ahead  # batches a helper may have waiting in the spool before it pauses
         self.spool.mkdir(parents=True, exist_ok=True)
         self.encoded_batches = 0  # batches this rank tokenized (reported, and checked by the tests)
@@ -65,8 +70,9 @@ class RankShare:
 
     # ---- helper ranks ------------------------------------------------------------------------------------------
     def stopped(self, index: int) -> bool:
+        """Whether rank 0 needs no batch `index` (it has all it needs, or the entry is complete without it)."""
         stop = self._marker("stop")
-        return stop is not None and index > stop
+        return (stop is not None and index > stop) or self.complete()
 
     def put(self, index: int, n_docs: int, encoded: list, written: deque) -> None:
         while len(written) >= self.ahead and written[0].is_file():  # rank 0 has not taken the oldest yet

@@ -48,4 +48,4 @@ def test_two_ranks_build_the_bytes_of_one_process(tmp_path, small_source, small_
     assert ours["train.bin"] == theirs["train.bin"] and ours["val.bin"] == theirs["val.bin"]
     for name in (".train.bin.partial", ".progress.json"):
         assert not (entry / name).exists()
-    assert not list((entry / ".spool").glob("*.npz"))  # every handed-over batch was taken or cleaned up
+    assert not list((entry / ".spool-2").glob("*.npz"))  # every handed-over batch was taken or cleaned up

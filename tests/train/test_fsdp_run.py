@@ -51,7 +51,7 @@ def fsdp_run(finished_run, tmp_path_factory) -> Path:
 
 def test_both_ranks_prepared_the_data_cache_of_one_process(fsdp_run, cache_dir):
     (entry,) = (fsdp_run.parent / "cache").iterdir()
-    assert (entry / ".spool" / "end").is_file()  # prepared by the ranks together, not by rank 0 alone
+    assert (entry / ".spool-256" / "end").is_file()  # prepared by the ranks together, not by rank 0 alone
     for name in ("train.bin", "val.bin"):
         assert (entry / name).read_bytes() == (cache_dir / entry.name / name).read_bytes()
 
