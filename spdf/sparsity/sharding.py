@@ -62,7 +62,9 @@ def sharded_like(full_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     same on every rank): the full tensor can then be freed, each rank keeping 1/world of it."""
     from torch.distributed.tensor import DTensor as _DTensor
 
-    piece = shard_like(full_tensor, like).clone()  # a copy, not a view that would keep the full storage alive
+    # a copy, not a view that would keep the full storage alive; on the device of `like`'s own piece (CPU when FSDP2
+    # offloads parameters)
+    piece = shard_like(full_tensor, like).to(like.to_local().device, copy=True)
     return _DTensor.from_local(piece, like.device_mesh, like.placements, run_check=False,
                                shape=full_tensor.shape, stride=full_tensor.stride())
 
