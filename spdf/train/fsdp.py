@@ -62,19 +62,19 @@ def check_parallelism(accelerator, recipe: Recipe, sparse: bool) -> None:
     """Refuse, before any work, what this loop cannot keep correct under the launch's parallelism.
 
     FSDP1 and DeepSpeed ZeRO step flat copies of the weights that no mask reaches (Sparsifier.attach refuses them
-    too, later and less readably). Under FSDP2 the static masked backend is supported; the rest is refused here."""
+    too, later and less readably); FSDP1 is refused for dense phases as well (their export would need its gathered
+    weights). Under FSDP2 the static masked backend is supported; the rest is refused here."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP and not is_fsdp2(accelerator):
-        name = "FSDP1"
-    elif kind == DistributedType.DEEPSPEED:
-        name = "DeepSpeed"
-    else:
-        name = None
-    if name is not None and sparse:
-        raise RecipeError(f"sparse phases do not run under {name}: it steps flat copies of the weights that no mask "
-                          f"reaches. Launch with recipes/accelerate/fsdp-8gpu.yaml (FSDP2) or a DDP config "
+        # dense phases too: exports are written from FSDP2's gathered weights only
+        why = " (it steps flat copies of the weights that no mask reaches)" if sparse else ""
+        raise RecipeError(f"spdf run does not run under FSDP1{why}: set fsdp_version: 2 "
+                          f"(recipes/accelerate/fsdp-8gpu.yaml) or use a DDP config ({DDP_CONFIGS})")
+    if kind == DistributedType.DEEPSPEED and sparse:
+        raise RecipeError(f"sparse phases do not run under DeepSpeed: it steps flat copies of the weights that no "
+                          f"mask reaches. Launch with recipes/accelerate/fsdp-8gpu.yaml (FSDP2) or a DDP config "
                           f"({DDP_CONFIGS})")
     if not is_fsdp2(accelerator):
         return

@@ -23,10 +23,17 @@ def _recipe(tmp_path, *sets):
 
 
 @pytest.mark.parametrize("accelerator, named", [
-    (_accelerator(DistributedType.FSDP), "FSDP1"), (_accelerator(DistributedType.DEEPSPEED), "DeepSpeed")])
+    (_accelerator(DistributedType.FSDP), "FSDP1 .*"), (_accelerator(DistributedType.DEEPSPEED), "DeepSpeed")])
 def test_flat_shardings_are_refused_for_sparse_runs(tmp_path, accelerator, named):
-    with pytest.raises(RecipeError, match=f"under {named}: .*fsdp-8gpu.yaml .*ddp-8gpu.yaml"):
+    with pytest.raises(RecipeError, match=f"under {named}: .*fsdp-8gpu.yaml.*ddp-8gpu.yaml"):
         check_parallelism(accelerator, _recipe(tmp_path, "phases.finetune.eval.generate=null"), sparse=True)
+
+
+def test_fsdp1_is_refused_for_dense_runs_too_deepspeed_is_not(tmp_path):
+    recipe = _recipe(tmp_path, "phases.finetune.eval.generate=null")
+    with pytest.raises(RecipeError, match="under FSDP1: set fsdp_version: 2"):
+        check_parallelism(_accelerator(DistributedType.FSDP), recipe, sparse=False)
+    check_parallelism(_accelerator(DistributedType.DEEPSPEED), recipe, sparse=False)
 
 
 @pytest.mark.parametrize("sets, message", [
