@@ -3,10 +3,11 @@
 Documents are read in order, in fixed-size batches, from the one source iterator in this process; the batches are
 encoded by a pool of worker processes (each loads the tokenizer from its file) and their results are written back in
 batch order, so the output is byte-identical for any number of workers. Under a multi-process launch the batches are
-shared out among the ranks too (spdf.data.rank_share): rank 0 writes, the others only encode. Every `commit_batches` batches the files are
-flushed and fsync'ed, then the progress (documents consumed, file sizes, counts) is written atomically to
-`progress_path`; a preparation killed at any point restarts from the last commit: the files are cut back to the
-recorded sizes and the consumed documents are skipped. packing.py owns the cache entry's layout and its meta.json.
+shared out among the ranks too (spdf.data.rank_share): rank 0 writes, the others only encode. Every `commit_batches`
+batches the files are flushed and fsync'ed, then the progress (documents consumed, file sizes, counts) is written
+atomically to `progress_path`; a preparation killed at any point restarts from the last commit: the files are cut
+back to the recorded sizes and the consumed documents are skipped. packing.py owns the cache entry's layout and its
+meta.json.
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 Batch i of the document stream (batch_docs documents, numbered from the start of the stream, so a resumed
 preparation numbers them as the first one did) is tokenized by rank i % world. Every rank reads the whole stream
-(reading is cheap next to tokenizing) and encodes only its own batches, each with its own worker processes. A
-helper rank (rank > 0) writes each encoded batch atomically to `<entry>/.spool-<batch_docs>/<i>.npz`; rank 0 writes the token
-files exactly as one process does, taking batch after batch in order: its own from its workers, the others' from the
-spool (deleting each once taken). So the bytes are those of a one-process preparation for any number of ranks, and
-rank 0's commits and resume work unchanged. Two markers, both functions of the data alone (so one left by a killed
-run is still true): `stop` (rank 0 has every batch it needs, up to this index) and `end` (the stream has this many
-batches). The ranks must share the cache directory's file system (spdf.train checks this before using it).
+(reading is cheap next to tokenizing) and encodes only its own batches, each with its own worker processes. A helper
+rank (rank > 0) writes each encoded batch atomically to `<entry>/.spool-<batch_docs>/<i>.npz`; rank 0 writes the
+token files exactly as one process does, taking batch after batch in order: its own from its workers, the others'
+from the spool (deleting each once taken). So the bytes are those of a one-process preparation for any number of
+ranks, and rank 0's commits and resume work unchanged. Two markers, both functions of the data alone (so one left by
+a killed run is still true): `stop` (rank 0 has every batch it needs, up to this index) and `end` (the stream has
+this many batches). The ranks must share the cache directory's file system (spdf.train checks this before using it).
 """
 from __future__ import annotations
 
