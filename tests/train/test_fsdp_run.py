@@ -1,24 +1,26 @@
 """`spdf run` under FSDP2, launched as a user launches it: `accelerate launch --config_file
 recipes/accelerate/fsdp-8gpu.yaml` with two CPU processes (gloo). The tiny demo trains like one process, every masked
-weight and AdamW moment in the sharded checkpoints is exactly zero, and a run killed mid-phase resumes from its
-sharded checkpoint to the same losses and bytes as the uninterrupted run. Mixed precision (bf16) and activation
+weight and AdamW moment in the sharded checkpoints is exactly zero, and a launch SIGKILLed mid-phase resumes from
+its sharded checkpoint to the same losses and bytes as the uninterrupted run. Mixed precision (bf16) and activation
 checkpointing keep the zeros too. One shared FSDP2 run serves the first tests; it starts from an empty data cache,
 which its two ranks prepare together (spdf.data.rank_share) into the bytes one process writes."""
 from __future__ import annotations
 
-import shutil
+import json
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from spdf.export import read_masks
-from tiny_runs import REPO, loss_trace, subprocess_env, truncate_to_kill, write_recipe
+from tiny_runs import REPO, loss_trace, subprocess_env, wait_for, write_recipe
 
 FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-8gpu.yaml"
 NO_GENERATION = "phases.finetune.eval.generate=null"  # generation during training is refused under FSDP2
@@ -30,11 +32,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_fsdp2(command: str, recipe: Path, cache_dir: Path, cwd: Path, *launch_args: str):
+def _launch_command(command: str, recipe: Path, *launch_args: str) -> list[str]:
     """`accelerate launch` of the shipped FSDP2 config on 2 processes of this (CPU) machine."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
-           *launch_args, "-m", "spdf", command, str(recipe)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
+            "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            *launch_args, "-m", "spdf", command, str(recipe)]
+
+
+def launch_fsdp2(command: str, recipe: Path, cache_dir: Path, cwd: Path, *launch_args: str):
+    cmd = _launch_command(command, recipe, *launch_args)
     proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -100,13 +106,43 @@ def test_fsdp2_checkpoints_keep_every_masked_entry_zero(fsdp_run, tmp_path):
         assert bool((export[f"{name}.weight"][~mask] == 0).all()), name
 
 
-def test_fsdp2_killed_run_resumes_to_the_same_losses_and_bytes(fsdp_run, cache_dir, tmp_path):
+def _steps_logged(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written
+            continue
+    return [r["step"] for r in records if r.get("phase") == "pretrain" and "loss" in r]
+
+
+def test_fsdp2_sigkilled_run_resumes_to_the_same_losses_and_bytes(fsdp_run, cache_dir, tmp_path):
+    """The whole launch (launcher and both ranks) SIGKILLed after a sharded checkpoint and a later step."""
     run_dir = tmp_path / "run"
-    shutil.copytree(fsdp_run, run_dir)
     recipe = write_recipe(tmp_path / "tiny.yaml", run_dir, NO_GENERATION)
-    truncate_to_kill(run_dir, "pretrain", 7, keep_checkpoints_upto=6)
-    proc = launch_fsdp2("pretrain", recipe, cache_dir, tmp_path)
-    assert f"[pretrain] resumed from {run_dir / 'phases/pretrain/checkpoints/step-00000006'}" in proc.stdout
+    ckpt_root = run_dir / "phases/pretrain/checkpoints"
+    with open(tmp_path / "killed.out", "w") as out, open(tmp_path / "killed.err", "w") as err:
+        proc = subprocess.Popen(_launch_command("pretrain", recipe), cwd=tmp_path, stdout=out, stderr=err,
+                                env=subprocess_env(cache_dir))
+        try:
+            first = wait_for(lambda: sorted(ckpt_root.glob("step-*")), proc, 300, "a checkpoint appeared")
+            step = int(first[0].name.split("-")[1])
+            wait_for(lambda: any(s > step for s in _steps_logged(run_dir)), proc, 120, "a step after it was logged")
+            # the ranks run in sessions of their own (torch's elastic agent starts them so): kill every descendant
+            launched = psutil.Process(proc.pid)
+            processes = [launched, *launched.children(recursive=True)]
+            assert len(processes) >= 3  # the launcher and two ranks at least
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+            _, alive = psutil.wait_procs(processes, timeout=30)
+            assert not alive
+        finally:
+            proc.wait(timeout=60)
+    assert not (run_dir / "phases/pretrain/done.json").exists()
+    newest = sorted(ckpt_root.glob("step-*"))[-1]
+    resumed = launch_fsdp2("pretrain", recipe, cache_dir, tmp_path)
+    assert f"[pretrain] resumed from {newest} (step {int(newest.name.split('-')[1])}/8)" in resumed.stdout
     assert loss_trace(run_dir, "pretrain") == loss_trace(fsdp_run, "pretrain")
     for name in ("model.safetensors", "masks.safetensors"):
         assert (run_dir / "phases/pretrain/export" / name).read_bytes() == (
