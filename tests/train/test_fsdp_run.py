@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from spdf.export import read_masks
+from spdf.inspect import checkpoint_stats
 from tiny_runs import REPO, loss_trace, subprocess_env, wait_for, write_recipe
 
 FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-8gpu.yaml"
@@ -104,6 +105,16 @@ def test_fsdp2_checkpoints_keep_every_masked_entry_zero(fsdp_run, tmp_path):
     export = load_file(str(fsdp_run / "phases/pretrain/export/model.safetensors"))
     for name, mask in masks.items():
         assert bool((export[f"{name}.weight"][~mask] == 0).all()), name
+
+
+def test_spdf_inspect_reads_the_global_masks_of_a_sharded_checkpoint(fsdp_run):
+    stats = checkpoint_stats(fsdp_run / "phases/pretrain/checkpoints/step-00000008")
+    masks = read_masks(fsdp_run / "phases/pretrain/export/masks.safetensors")
+    rows = {r["name"]: r for r in stats["layers"]}
+    assert stats["sparse"] and set(masks) <= set(rows)
+    for name, mask in masks.items():
+        assert rows[name]["shape"] == tuple(mask.shape)  # global shapes, not a rank's shard
+        assert rows[name]["mask_sparsity"] == rows[name]["target"] == 0.75 <= rows[name]["actual"], rows[name]
 
 
 def _steps_logged(run_dir: Path) -> list[int]:
