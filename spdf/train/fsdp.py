@@ -58,8 +58,9 @@ def is_fsdp2(accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def check_parallelism(accelerator, recipe: Recipe, sparse: bool) -> None:
-    """Refuse, before any work, what this loop cannot keep correct under the launch's parallelism.
+def check_parallelism(accelerator, recipe: Recipe, phases, sparse: bool) -> None:
+    """Refuse, before any work, what this loop cannot keep correct under the launch's parallelism (`phases`: those
+    this command runs; `sparse`: whether the model starts sparse).
 
     FSDP1 and DeepSpeed ZeRO step flat copies of the weights that no mask reaches (Sparsifier.attach refuses them
     too, later and less readably); FSDP1 is refused for dense phases as well (their export would need its gathered
@@ -84,7 +85,7 @@ def check_parallelism(accelerator, recipe: Recipe, sparse: bool) -> None:
     if sparse and recipe.sparsity.backend != "masked":
         raise RecipeError(f"sparsity.backend '{recipe.sparsity.backend}' does not run under FSDP2; use backend "
                           f"'masked' (same masks, same results) or a DDP config ({DDP_CONFIGS})")
-    generating = [p.name for p in recipe.phases if p.eval.generate is not None]
+    generating = [p.name for p in phases if p.eval.generate is not None]
     if generating:
         raise RecipeError(f"phases.{generating[0]}.eval.generate: generation during training is not supported "
                           f"under FSDP2 (it runs on the main process, the weights are sharded); remove the block and "

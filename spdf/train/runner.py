@@ -224,7 +224,6 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
     model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
-    check_parallelism(accelerator, recipe, bool(sparse_layers(model)))
     model.to(accelerator.device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     state = TrainState()
@@ -232,6 +231,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     phases = [p for p in recipe.phases if p.kind in kinds]
     if not phases:
         raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
+    check_parallelism(accelerator, recipe, phases, bool(sparse_layers(model)))
     for phase in phases:  # fail before any work, not after the first phase
         _micro_batch(phase, accelerator.num_processes)
         if phase.eval.generate is not None:

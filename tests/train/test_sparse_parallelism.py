@@ -26,14 +26,15 @@ def _recipe(tmp_path, *sets):
     (_accelerator(DistributedType.FSDP), "FSDP1 .*"), (_accelerator(DistributedType.DEEPSPEED), "DeepSpeed")])
 def test_flat_shardings_are_refused_for_sparse_runs(tmp_path, accelerator, named):
     with pytest.raises(RecipeError, match=f"under {named}: .*fsdp-8gpu.yaml.*ddp-8gpu.yaml"):
-        check_parallelism(accelerator, _recipe(tmp_path, "phases.finetune.eval.generate=null"), sparse=True)
+        recipe = _recipe(tmp_path, "phases.finetune.eval.generate=null")
+        check_parallelism(accelerator, recipe, recipe.phases, sparse=True)
 
 
 def test_fsdp1_is_refused_for_dense_runs_too_deepspeed_is_not(tmp_path):
     recipe = _recipe(tmp_path, "phases.finetune.eval.generate=null")
     with pytest.raises(RecipeError, match="under FSDP1: set fsdp_version: 2"):
-        check_parallelism(_accelerator(DistributedType.FSDP), recipe, sparse=False)
-    check_parallelism(_accelerator(DistributedType.DEEPSPEED), recipe, sparse=False)
+        check_parallelism(_accelerator(DistributedType.FSDP), recipe, recipe.phases, sparse=False)
+    check_parallelism(_accelerator(DistributedType.DEEPSPEED), recipe, recipe.phases, sparse=False)
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -43,14 +44,18 @@ def test_fsdp1_is_refused_for_dense_runs_too_deepspeed_is_not(tmp_path):
 ])
 def test_what_fsdp2_cannot_do_is_refused_by_name(tmp_path, sets, message):
     with pytest.raises(RecipeError, match=message):
-        check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), _recipe(tmp_path, *sets), sparse=True)
+        recipe = _recipe(tmp_path, *sets)
+        check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), recipe, recipe.phases, sparse=True)
 
 
 def test_static_masked_fsdp2_and_ddp_runs_pass(tmp_path):
     recipe = _recipe(tmp_path, "phases.finetune.eval.generate=null")
-    check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), recipe, sparse=True)
+    check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), recipe, recipe.phases, sparse=True)
+    generating = _recipe(tmp_path)  # its fine-tuning phase generates: fine when only pre-training runs
+    pretrain = [p for p in generating.phases if p.kind == "pretrain"]
+    check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), generating, pretrain, sparse=True)
     for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        check_parallelism(_accelerator(kind), _recipe(tmp_path), sparse=True)
+        check_parallelism(_accelerator(kind), generating, generating.phases, sparse=True)
 
 
 def test_an_fsdp1_launch_on_cpu_processes_is_refused(monkeypatch):
