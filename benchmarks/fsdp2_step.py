@@ -6,10 +6,11 @@
 One step = forward, backward, clip_grad_norm_(1.0), AdamW(weight_decay=0.1).step(), zero_grad() on a GPT whose
 Blocks and root are each `fully_shard`-ed over a 2-rank CPU mesh. The dense and the sparse model (same initial
 weights, same batch) alternate step by step after a warm-up, so machine noise hits both alike; rank 0 reports the
-median per-step seconds of each and the median of the per-round paired ratios (the goal in issue 8: <= 1.05x).
-The sparse model's extra work per step: the gradient hook on FSDP2's unsharded weight, the optimizer pre-step
-mask of the sharded gradient, the post-step re-zeroing of the local weight shard. After the timed steps the
-benchmark checks that every masked weight is exactly zero. Writes fsdp2_step.json and fsdp2_step.md under --out.
+median per-step seconds of each and the median of the per-round paired ratios (the goal in issue 8: <= 1.05x). The
+sparse model's extra work per step: the gradient hook on the sharded weight (FSDP2 calls it after its
+reduce-scatter; the mask is sharded like the weight), the post-step re-zeroing of the local weight shard. After the
+timed steps the benchmark checks that every masked weight is exactly zero. Writes fsdp2_step.json and fsdp2_step.md
+under --out.
 """
 from __future__ import annotations
 

@@ -13,12 +13,19 @@ from .manifest import ManifestError, has_manifest, verify_manifest
 from .sparsity import state_dict_masks, to_dense_state_dict
 
 
+# where accelerate puts an FSDP2 run's sharded model state (torch.distributed.checkpoint) in a checkpoint
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
+
+
 def _weights_file(path: Path) -> Path:
-    """A weights file given directly, a checkpoint's or export's, or that of a phase's or run's export."""
+    """A weights file given directly, a checkpoint's or export's, or that of a phase's or run's export (or the
+    directory of an FSDP2 checkpoint's sharded model state)."""
     if path.is_file():
         return path
     if (path / WEIGHTS_FILE).exists():  # an export, or a training checkpoint (accelerate names it the same)
         return path / WEIGHTS_FILE
+    if (path / SHARDED_MODEL_DIR).is_dir():
+        return path / SHARDED_MODEL_DIR
     try:
         return find_export(path) / WEIGHTS_FILE
     except CheckpointError:
@@ -26,8 +33,21 @@ def _weights_file(path: Path) -> Path:
                                 ) from None
 
 
+def _sharded_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The whole model state of an FSDP2 checkpoint: every rank's shards joined (global weights and masks)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, Path(tmp) / "model.pt")
+        return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)["model"]
+
+
 def _load_state(file: Path) -> dict[str, torch.Tensor]:
     try:
+        if file.is_dir():
+            return _sharded_state(file)
         if file.suffix == ".safetensors":
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)

@@ -21,7 +21,8 @@ import torch
 
 from .errors import DataError
 from ..typed_spec import to_plain
-from .prepare import SPLITS, default_workers, tokenize_splits
+from .prepare import SPLITS, default_workers, help_tokenize, tokenize_splits
+from .rank_share import RankShare
 from .sources import iter_documents, source_fingerprint
 from .specs import DataSpec
 from .tokenizer import TextTokenizer
@@ -97,7 +98,8 @@ def _load_cached(entry: Path, key: str) -> dict | None:
 
 
 def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
-                        batch_docs: int = 256, progress: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
+                        batch_docs: int = 256, progress: bool = True,
+                        ranks: tuple[int, int] = (0, 1)) -> tuple[PackedDataset, PackedDataset, dict]:
     """(train, val, meta): packed splits of `source`, built once into `cache_dir/<key>/` and reused afterwards.
 
     `source.max_tokens` stops tokenizing after that many tokens (EOS included), so a streaming corpus yields shards
@@ -105,7 +107,9 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     meta.json plus "cache_hit" (True when nothing was tokenized) and "dir" (the cache entry). A cache hit reads
     nothing of the source itself (an offline resume of a Pile run works). `source.workers` processes tokenize (None:
     one per available core); the output is the same for any count, and an interrupted build resumes from its last
-    committed chunk.
+    committed chunk. With `ranks` = (rank, world) of a multi-process launch every rank calls this at once: each
+    tokenizes its share of the batches (spdf.data.rank_share; the cache directory must be on a file system they all
+    see), rank 0 writes the entry, and meta has "rank_batches", the batches this rank tokenized.
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -114,15 +118,40 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     entry = Path(cache_dir) / key[:24]
     meta = _load_cached(entry, key)
     cache_hit = meta is not None
-    if meta is None:
-        meta = _build(entry, key, source, tokenizer, seq_len, val_fraction, max_tokens, batch_docs, progress)
+    rank, world = ranks
+    share = (RankShare(entry, rank, world, batch_docs, complete=lambda: _load_cached(entry, key) is not None)
+             if world > 1 and meta is None else None)
+    if meta is None and rank > 0 and share is not None:
+        meta = _help(entry, key, source, tokenizer, batch_docs, share)
+    elif meta is None:
+        meta = _build(entry, key, source, tokenizer, seq_len, val_fraction, max_tokens, batch_docs, progress, share)
     dtype = meta["dtype"]
     train, val = (PackedDataset(entry / meta["splits"][s]["file"], seq_len, dtype) for s in SPLITS)
-    return train, val, {**meta, "cache_hit": cache_hit, "dir": str(entry)}
+    extra = {"rank_batches": share.encoded_batches if share is not None else 0} if world > 1 else {}
+    return train, val, {**meta, "cache_hit": cache_hit, "dir": str(entry), **extra}
+
+
+def _workers(source: DataSpec, share: RankShare | None) -> int:
+    """source.workers, else the cores this process may use, shared among the ranks of this node."""
+    if source.workers:
+        return source.workers
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if share is not None else 1
+    return max(1, default_workers() // max(local_ranks, 1))
+
+
+def _help(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, batch_docs: int,
+          share: RankShare) -> dict:
+    """A helper rank: tokenize this rank's batches for rank 0, then wait until rank 0 has completed the entry."""
+    written = help_tokenize(share, entry / ".progress.json", key, iter_documents(source), tokenizer,
+                            source.val_fraction, batch_docs, _workers(source, share))
+    while (meta := _load_cached(entry, key)) is None:  # rank 0 failing ends the launch, and this process with it
+        time.sleep(0.1)
+    share.clean_up(written)
+    return meta
 
 
 def _build(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, seq_len: int, val_fraction: float,
-           max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
+           max_tokens: int | None, batch_docs: int, progress: bool, share: RankShare | None = None) -> dict:
     docs = iter_documents(source)  # first: a missing file or unreachable dataset fails before anything is written
     entry.mkdir(parents=True, exist_ok=True)
     with open(entry / ".build.lock", "a") as lock:
@@ -131,20 +160,20 @@ def _build(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, se
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta = _load_cached(entry, key)
         return meta if meta is not None else _build_locked(entry, key, source, docs, tokenizer, seq_len,
-                                                           val_fraction, max_tokens, batch_docs, progress)
+                                                           val_fraction, max_tokens, batch_docs, progress, share)
 
 
 def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: TextTokenizer, seq_len: int,
-                  val_fraction: float, max_tokens: int | None, batch_docs: int, progress: bool) -> dict:
+                  val_fraction: float, max_tokens: int | None, batch_docs: int, progress: bool,
+                  share: RankShare | None) -> dict:
     (entry / "meta.json").unlink(missing_ok=True)  # a stale entry stops counting as complete before files change
     dtype = token_dtype(tokenizer.vocab_size)
     # fixed names, not per-process ones: a killed preparation resumes from these files and the progress file
     partial = {s: entry / f".{s}.bin.partial" for s in SPLITS}
     progress_path = entry / ".progress.json"
     start = time.perf_counter()
-    workers = source.workers or default_workers()
     result = tokenize_splits(partial, progress_path, key, docs, tokenizer, val_fraction, max_tokens, dtype,
-                             batch_docs=batch_docs, workers=workers, progress=progress)
+                             batch_docs=batch_docs, workers=_workers(source, share), progress=progress, share=share)
     counts = result["counts"]
     try:
         if counts["train"]["tokens"] <= seq_len:

@@ -2,10 +2,12 @@
 
 Documents are read in order, in fixed-size batches, from the one source iterator in this process; the batches are
 encoded by a pool of worker processes (each loads the tokenizer from its file) and their results are written back in
-batch order, so the output is byte-identical for any number of workers. Every `commit_batches` batches the files are
-flushed and fsync'ed, then the progress (documents consumed, file sizes, counts) is written atomically to
-`progress_path`; a preparation killed at any point restarts from the last commit: the files are cut back to the
-recorded sizes and the consumed documents are skipped. packing.py owns the cache entry's layout and its meta.json.
+batch order, so the output is byte-identical for any number of workers. Under a multi-process launch the batches are
+shared out among the ranks too (spdf.data.rank_share): rank 0 writes, the others only encode. Every `commit_batches`
+batches the files are flushed and fsync'ed, then the progress (documents consumed, file sizes, counts) is written
+atomically to `progress_path`; a preparation killed at any point restarts from the last commit: the files are cut
+back to the recorded sizes and the consumed documents are skipped. packing.py owns the cache entry's layout and its
+meta.json.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from .rank_share import RankShare
 from .sources import stable_fraction
 from .tokenizer import TextTokenizer
 
@@ -78,6 +81,65 @@ def _encoded_batches(batches: Iterator[list[str]], tokenizer: TextTokenizer, val
             yield pending.popleft().get()
 
 
+def _own_batches(batches: Iterator[list[str]], first: int, share: RankShare) -> Iterator[tuple[int, list[str]]]:
+    """(index, batch) of this rank's batches; at the end of the stream the `end` marker says how many there were."""
+    count = first
+    for index, batch in enumerate(batches, first):
+        count = index + 1
+        if share.owner(index) == share.rank:
+            yield index, batch
+    share.end(count)
+
+
+def _merged_batches(batches: Iterator[list[str]], first: int, share: RankShare, tokenizer: TextTokenizer,
+                    val_fraction: float, workers: int) -> Iterator[tuple[int, list]]:
+    """Rank 0: every batch in order, its own encoded here, the others' taken from the spool."""
+    results = _encoded_batches((b for _, b in _own_batches(batches, first, share)), tokenizer, val_fraction, workers)
+    try:
+        for index in itertools.count(first):
+            if share.owner(index) == share.rank:
+                result = next(results, None)
+                share.encoded_batches += result is not None
+            else:
+                result = share.take(index)
+            if result is None:
+                return
+            yield result
+    finally:
+        results.close()
+
+
+def help_tokenize(share: RankShare, progress_path: Path, key: str, docs: Iterable[str], tokenizer: TextTokenizer,
+                  val_fraction: float, batch_docs: int, workers: int) -> deque:
+    """A helper rank: encode this rank's batches after rank 0's last commit into the spool, until rank 0 needs no
+    more or the stream ends; returns the spool files written (for RankShare.clean_up)."""
+    state = _read_progress(progress_path, key)
+    documents = state["documents"] if state else 0
+    docs = itertools.islice(iter(docs), documents, None)
+    batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
+    indices: deque = deque()
+
+    def own() -> Iterator[list[str]]:
+        for index, batch in _own_batches(batches, documents // batch_docs, share):
+            if share.stopped(index):
+                return
+            indices.append(index)
+            yield batch
+
+    written: deque = deque()
+    results = _encoded_batches(own(), tokenizer, val_fraction, workers)
+    try:
+        for n_docs, encoded in results:
+            index = indices.popleft()
+            if share.stopped(index):
+                break
+            share.put(index, n_docs, encoded, written)
+            share.encoded_batches += 1
+    finally:
+        results.close()
+    return written
+
+
 def _read_progress(progress_path: Path, key: str) -> dict | None:
     if not progress_path.is_file():
         return None
@@ -97,19 +159,20 @@ def _write_progress(progress_path: Path, progress: dict) -> None:
 def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs: Iterable[str],
                     tokenizer: TextTokenizer, val_fraction: float, max_tokens: int | None, dtype: str,
                     batch_docs: int = 256, workers: int = 1, commit_batches: int = 64,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, share: RankShare | None = None) -> dict:
     """Write each document's ids + EOS to paths["train"] or paths["val"] (by stable_fraction of its text), resuming
     from `progress_path` when it holds a commit of the same `key`; returns {"counts", "truncated"}.
 
     `max_tokens` stops after that many tokens (EOS included), cutting the last document. The progress file is left in
-    place: the caller removes it once the result is complete (its meta.json written).
+    place: the caller removes it once the result is complete (its meta.json written). With `share` (rank 0 of a
+    multi-process launch) the other ranks encode their share of the batches (help_tokenize); the bytes are the same.
     """
     state = _read_progress(progress_path, key) or {
         "key": key, "documents": 0, "bytes": {s: 0 for s in SPLITS},
         "counts": {s: {"tokens": 0, "documents": 0} for s in SPLITS}}
     counts, documents = state["counts"], state["documents"]
     total = sum(c["tokens"] for c in counts.values())
-    files = {}
+    files, stream = {}, None
     try:
         for s in SPLITS:
             # cut back to the last commit: whatever was written after it is written again
@@ -118,6 +181,9 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
             files[s].seek(state["bytes"][s])
         docs = itertools.islice(iter(docs), documents, None)  # the committed documents are read again but not tokenized
         batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
+        first = documents // batch_docs  # commits fall between whole batches: the index of the next batch
+        stream = (_encoded_batches(batches, tokenizer, val_fraction, workers) if share is None else
+                  _merged_batches(batches, first, share, tokenizer, val_fraction, workers))
         buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         buffered = {s: 0 for s in SPLITS}
         truncated = False
@@ -138,7 +204,7 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
 
         bar = tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc="tokenize+pack",
                    disable=not progress)
-        for n_batch, (n_docs, encoded) in enumerate(_encoded_batches(batches, tokenizer, val_fraction, workers), 1):
+        for n_batch, (n_docs, encoded) in enumerate(stream, 1):
             before = total
             for is_val, ids in encoded:
                 if max_tokens is not None and total + len(ids) >= max_tokens:
@@ -156,6 +222,8 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
             documents += n_docs
             bar.update(total - before)
             if truncated:
+                if share is not None:
+                    share.stop(first + n_batch - 1)
                 break
             if n_batch % commit_batches == 0:
                 commit()
@@ -163,6 +231,8 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
         for s in SPLITS:
             flush(s)
     finally:
+        if stream is not None:
+            stream.close()  # its worker pool stops now, not when collected
         for f in files.values():
             f.close()
     return {"counts": counts, "truncated": truncated}

@@ -17,6 +17,7 @@ the CLI -- talks to a layer through these members only:
     supports_dynamic     whether set_mask may change the mask while an optimizer holds this layer's state
     sharding_problem(d)  why the zeros cannot be kept as the layer's weight is now wrapped or sharded (None: fine)
     mask_grad_()         mask a gradient that no hook has masked (a sharded weight's), before the optimizer steps
+    shard_mask()         keep only this rank's part of the mask where the weight is sharded (FSDP2), at attach
     dense_compute        whether the forward computes a dense matmul (zeros included) or only kept products
     tile                 the (rows, cols) tile of a tiled storage layout, None for a dense weight (what a saved model
                          needs to rebuild the same layout)
@@ -85,6 +86,9 @@ class SparseLayer(nn.Module):
 
     def mask_grad_(self) -> None:
         """Zero masked gradient entries that no gradient hook reached (nothing to do for most layouts)."""
+
+    def shard_mask(self) -> None:
+        """Where the weight is sharded, keep only this rank's part of the mask (nothing to do for most layouts)."""
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLayer]:

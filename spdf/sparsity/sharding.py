@@ -1,9 +1,10 @@
 """Sparsity under data-parallel wrappers and sharding: canonical names, local mask shards, refusals, rank agreement.
 
 spdf keeps masked weights exactly zero under DDP and FSDP2 (`torch.distributed.fsdp.fully_shard`). Under FSDP2 a
-weight is a DTensor sharded over a device mesh; the full bool mask stays a plain buffer on every rank and each
-in-place operation acts on the local shard of the weight (`to_local()`) with the matching shard of the mask, cut by
-DTensor's own sharding rule, so no operation ever mixes a DTensor and a plain tensor.
+weight is a DTensor sharded over a device mesh. Until `attach` the full bool mask is a plain buffer on every rank;
+attach shards it like the weight (a DTensor of the same mesh and placements, each rank holding only its piece), and
+each in-place operation acts on the local shard of the weight (`to_local()`) with the matching local shard of the
+mask, so no operation ever mixes a DTensor and a plain tensor.
 
 Everything else is refused where it would otherwise train silently dense: FSDP1 (flat parameters, with or without
 `use_orig_params`) and DeepSpeed ZeRO (flat fp32 partitions inside its optimizer, parameters emptied at stage 3)
@@ -54,6 +55,18 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def sharded_like(full_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A DTensor placed like DTensor `like` whose local part is a copy of this rank's piece of `full_tensor` (the
+    same on every rank): the full tensor can then be freed, each rank keeping 1/world of it."""
+    from torch.distributed.tensor import DTensor as _DTensor
+
+    # a copy, not a view that would keep the full storage alive; on the device of `like`'s own piece (CPU when FSDP2
+    # offloads parameters)
+    piece = shard_like(full_tensor, like).to(like.to_local().device, copy=True)
+    return _DTensor.from_local(piece, like.device_mesh, like.placements, run_check=False,
+                               shape=full_tensor.shape, stride=full_tensor.stride())
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .protocol import SparseLayer
-from .sharding import SUPPORTED, distributed, full, is_dtensor, local, shard_like, tensor_problem
+from .sharding import SUPPORTED, distributed, full, is_dtensor, local, shard_like, sharded_like, tensor_problem
 
 
 class SparseLinear(SparseLayer):
@@ -96,15 +96,30 @@ class SparseLinear(SparseLayer):
 
     def _mask_grad(self, param: torch.Tensor) -> None:
         # Gradient hooks run in the eager autograd engine, outside any torch.compile trace: a compiled model that
-        # trains unattached is warned here (its forward skips the check, see forward).
+        # trains unattached is warned here (its forward skips the check, see forward). Under FSDP2, once the mask is
+        # sharded, the hooked weight is the sharded one and FSDP2 calls this after its reduce-scatter.
         if not (self.optimizer_attached or self._warned_unattached):
             self._warn_unattached()
         if not self.keep_dense_grad:
-            param.grad.mul_(self.mask_multiplier)
+            local(param.grad).mul_(self._local_mask(param))
 
-    def _local_mask(self) -> torch.Tensor:
-        """The uint8 mask of the part of the weight this rank holds (all of it unless the weight is a DTensor)."""
-        return shard_like(self.mask_multiplier, self.weight)
+    def _local_mask(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The uint8 mask of the part of the weight (or of `like`, a tensor placed like it) this rank holds."""
+        if is_dtensor(self.weight_mask):  # sharded with the weight: this rank holds exactly its part
+            return self.weight_mask.to_local().view(torch.uint8)
+        return shard_like(self.mask_multiplier, self.weight if like is None else like)
+
+    @torch.no_grad()
+    def shard_mask(self) -> None:
+        """Under FSDP2 (the weight a DTensor): keep only this rank's shard of the mask, a DTensor placed like the
+        weight, and mask the sharded gradient after FSDP2's reduce-scatter (it calls the sharded weight's
+        post-accumulate-grad hooks) instead of the whole unsharded gradient before it. Masking commutes with the
+        sum, so the result is the same to the bit; the mask is still a pure function of (seed, name, shape), and
+        `mask`, stats and state dicts gather the global one. Called by Sparsifier.attach."""
+        if not is_dtensor(self.weight) or is_dtensor(self.weight_mask):
+            return
+        self.weight_mask = sharded_like(self.weight_mask, self.weight)
+        self._hook(self.weight)
 
     @torch.no_grad()
     def mask_grad_(self) -> None:
@@ -112,7 +127,7 @@ class SparseLinear(SparseLayer):
         # here, before the optimizer steps; a hooked weight's gradient is masked already.
         grad = self.weight.grad
         if grad is not None and not self.keep_dense_grad and not self._weight_hooked():
-            local(grad).mul_(self._local_mask())
+            local(grad).mul_(self._local_mask(grad))
 
     def sharding_problem(self, dynamic: bool) -> str | None:
         problem = tensor_problem(self.__dict__.get("_parameters", {}).get("weight"), tuple(self.weight_mask.shape))
@@ -130,12 +145,14 @@ class SparseLinear(SparseLayer):
 
     @property
     def mask(self) -> torch.Tensor:
-        """The mask in nn.Linear orientation (out, in)."""
-        return self.weight_mask.t() if self.transposed else self.weight_mask
+        """The mask in nn.Linear orientation (out, in). A sharded mask is gathered: a collective."""
+        mask = full(self.weight_mask)
+        return mask.t() if self.transposed else mask
 
     @property
     def density(self) -> float:
-        return self.weight_mask.sum().item() / self.weight_mask.numel()
+        mask = full(self.weight_mask)
+        return mask.sum().item() / mask.numel()
 
     def apply_mask_(self) -> None:
         with torch.no_grad():
@@ -179,10 +196,10 @@ class SparseLinear(SparseLayer):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a layer of shape "
                              f"{tuple(self.mask.shape)}")
         stored = (mask.t() if self.transposed else mask).to(self.weight_mask.device, torch.bool)
-        changed = stored != self.weight_mask
-        self.weight_mask.copy_(stored)
-        # Dropped entries become zero; regrown ones were zero (masked) and start from there.
+        changed = stored != full(self.weight_mask)
         changed_here = shard_like(changed, self.weight)
+        local(self.weight_mask).copy_(shard_like(stored, self.weight_mask))
+        # Dropped entries become zero; regrown ones were zero (masked) and start from there.
         local(self.weight).masked_fill_(changed_here, 0.0)
         for optimizer in optimizers:
             for value in self._state_tensors(optimizer):
@@ -193,7 +210,7 @@ class SparseLinear(SparseLayer):
         # Under torch.compile both checks are left out of the trace: a warning there is a graph break, and the flags
         # they read are guards that recompile the graph when they flip. The gradient hook warns compiled training.
         if not torch.compiler.is_compiling() and self.training and torch.is_grad_enabled():
-            if not self._weight_hooked():
+            if not self._weight_hooked() and not is_dtensor(self.weight_mask):  # a sharded mask: hooked at attach
                 self._follow_replaced_weight()
             if not (self.optimizer_attached or self._warned_unattached):
                 self._warn_unattached()
@@ -216,7 +233,8 @@ class SparseLinear(SparseLayer):
         return shell
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"sparsity={1 - self.density:.4f}{', transposed' if self.transposed else ''}"
-        )
+        # a sharded mask's density needs every rank (a collective): a repr printed by one rank shows the target
+        sparsity = (f"target_sparsity={self.target_sparsity:.4f} (mask sharded)" if is_dtensor(self.weight_mask)
+                    else f"sparsity={1 - self.density:.4f}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{sparsity}{', transposed' if self.transposed else ''}")

@@ -86,6 +86,8 @@ class Sparsifier:
             raise ValueError(f"masked weights would not stay zero: {'; '.join(shown)}. {SUPPORTED}; sparsify "
                              f"the bare model first, then wrap it")
         check_masks_agree({name: layer.mask for name, layer in self.layers.items()})
+        for layer in self.layers.values():
+            layer.shard_mask()  # under FSDP2 each rank keeps its shard of the mask from here on
         optimizer = _unwrap(optimizer)
         if self.algorithm.dynamic and self._optimizers:
             raise ValueError(f"sparsity algorithm {self.algorithm.name!r} counts the steps of one optimizer: "

@@ -28,10 +28,12 @@ from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, 
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
 from .downstream import DownstreamEval, check_metrics_available
+from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
 from .parametrization import apply_supar_init
+from .rank_data import packed_splits
 from .preemption import StopRequest
 from .sparsity_plan import sparsify_recipe
 
@@ -147,11 +149,9 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
 
 def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     if phase.kind == "pretrain":
-        with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
-            # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
-            train, val, _ = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
-                                                progress=progress and accelerator.is_main_process
-                                                and sys.stderr.isatty())
+        # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
+        train, val, _ = packed_splits(accelerator, phase.data, tokenizer, data_cache_dir(), phase.seq_len,
+                                      progress=progress and sys.stderr.isatty())
     else:
         train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
         val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)
@@ -200,6 +200,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
                               project_dir=str(run_dir), cpu=not torch.cuda.is_available())
+    use_fsdp2_on_cpu(accelerator)
     lock = RunLock(run_dir)
     try:
         with StopRequest() as stop:
@@ -224,8 +225,6 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
     model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
-    if sparse_layers(model):
-        check_sparse_parallelism(accelerator.distributed_type, accelerator.state)
     model.to(accelerator.device)
     metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     state = TrainState()
@@ -233,6 +232,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     phases = [p for p in recipe.phases if p.kind in kinds]
     if not phases:
         raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
+    check_parallelism(accelerator, recipe, phases, bool(sparse_layers(model)))
     for phase in phases:  # fail before any work, not after the first phase
         _micro_batch(phase, accelerator.num_processes)
         if phase.eval.generate is not None:
@@ -265,6 +265,8 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
                                     TrainingFlops(model, phase.seq_len, sparsifier),
                                     later_phases=[p.name for p in recipe.phases[i + 1:]],
                                     meta_extra={"recipe": recipe.to_dict()}, downstream=downstream, stop=stop)
+        if is_fsdp2(accelerator):  # exports and the next phase need whole weights: gathered on every rank
+            model, sparsifier = gathered(accelerator, model, sparsifier)
         if downstream is not None:
             downstream(model, "final", state.step, state.tokens)
         if sparsifier is not None:
@@ -290,27 +292,6 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     accelerator.end_training()
     return {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "phases": summaries,
             "main_process": accelerator.is_main_process}
-
-
-def check_sparse_parallelism(distributed_type, state) -> None:
-    """Refuse, before any work, an accelerate parallelism under which this loop cannot keep a sparse run correct.
-
-    FSDP1 and DeepSpeed ZeRO step flat copies of the weights that no mask reaches (Sparsifier.attach refuses them
-    too, later and less readably). FSDP2 keeps the masks (the library supports it, tests/sparsity/test_fsdp2.py), but
-    this loop writes exports and scores generations on the main process alone, which would gather sharded weights
-    on one rank: until that is done on every rank, and tested on GPUs, `spdf run` refuses it as well."""
-    from accelerate.utils import DistributedType
-
-    if distributed_type == DistributedType.DEEPSPEED:
-        kind = "DeepSpeed"
-    elif distributed_type == DistributedType.FSDP:
-        kind = f"FSDP{getattr(getattr(state, 'fsdp_plugin', None), 'fsdp_version', 1)}"
-    else:
-        return
-    raise RecipeError(f"sparse phases do not run under {kind} in `spdf run`: launch with a DDP config "
-                      f"(recipes/accelerate/ddp-8gpu.yaml, ddp-2node.yaml; GPT-3 XL fits a GPU with DDP). FSDP2 is "
-                      f"supported by the library in your own loop: spdf.sparsify(model), then fully_shard, then "
-                      f"sparsifier.attach(optimizer); see the README's Known limitations")
 
 
 def _initial_model(recipe: Recipe, config, init_from: Path | None):

@@ -92,15 +92,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     model, sp, opt = _sharded(world)
     losses = _train(model, opt, slice(2 * rank, 2 * rank + 2), world)
-    zeros_on_shard = {}
+    zeros_on_shard, mask_shards = {}, {}
     for name, layer in sp.layers.items():
-        masked = ~layer.weight_mask
-        local_masked = torch.distributed.tensor.distribute_tensor(
-            masked, layer.weight.device_mesh, layer.weight.placements, src_data_rank=None).to_local()
+        # each rank holds only its shard of the mask, placed like the weight's
+        mask = layer.weight_mask
+        mask_shards[name] = (spdf.sparsity.sharding.is_dtensor(mask) and mask.placements == layer.weight.placements
+                             and mask.to_local().numel() * world == mask.numel())
+        local_masked = ~mask.to_local()
         state = opt.state[layer.weight]
         zeros_on_shard[name] = all(bool((t.to_local()[local_masked] == 0).all()) and t.to_local().numel() > 0
                                    for t in (layer.weight, state["exp_avg"], state["exp_avg_sq"]))
-    result = {"losses": losses, "resumed_losses": _resumed_losses(rank, world, os.path.join(out_dir, "ckpt")), "zeros_on_shard": zeros_on_shard, "stats": sp.stats(), "masks": sp.masks(),
+    result = {"losses": losses, "resumed_losses": _resumed_losses(rank, world, os.path.join(out_dir, "ckpt")),
+              "zeros_on_shard": zeros_on_shard, "mask_shards": mask_shards, "stats": sp.stats(), "masks": sp.masks(),
               "weights": {n: layer.dense_weight().clone() for n, layer in sp.layers.items()}}
     other = _model()  # every rank its own seed: attach must stop all of them
     try:
@@ -122,6 +125,7 @@ def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_pat
     losses = _train(model, opt, slice(0, 4), 1)
     for r in ranks:
         assert all(r["zeros_on_shard"].values()), r["zeros_on_shard"]
+        assert all(r["mask_shards"].values()), r["mask_shards"]
         assert r["losses"] == pytest.approx(losses, abs=1e-5)
         assert r["resumed_losses"] == pytest.approx(r["losses"], abs=1e-6)
         assert {k: torch.equal(v, sp.masks()[k]) for k, v in r["masks"].items()} == {k: True for k in sp.masks()}
