@@ -136,7 +136,8 @@ def _cmd_prepare(args) -> int:
     for entry in prepare_recipe(load_recipe(args.recipe, args.overrides)):
         tokens = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in entry["splits"].items())
         state = "already prepared" if entry["cache_hit"] else "prepared"
-        print(f"phase {entry['phase']}: {state} in {entry['dir']} ({tokens})")
+        source = f" source {entry['source']}" if entry.get("source") else ""
+        print(f"phase {entry['phase']}{source}: {state} in {entry['dir']} ({tokens})")
     return 0
 
 
