@@ -139,4 +139,6 @@ class MixtureSampler:
                             f"{self.schedule.weights}; resume with the same mixture")
         for name, sampler in self.samplers.items():
             sampler.load_state_dict(state["sources"][name])
-        self.schedule = DeficitSchedule(self.schedule.weights, state["rows"])
+        # from the dataset's weights, as in __init__: normalising the schedule's own weights again could move them by
+        # a rounding error and flip a tie between two sources
+        self.schedule = DeficitSchedule(self.dataset.weights, state["rows"])

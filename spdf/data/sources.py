@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import hashlib
 import io
@@ -60,15 +61,21 @@ def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1, max_by
     chosen.sort()
     out, total = [], 0
     for _, key, path in chosen:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if content == "text":
-            text = module_text(text)
+        text = _module_text_of(str(path), path.stat().st_mtime_ns) if content == "text" else \
+            path.read_bytes().decode("utf-8", errors="replace")
         size = len(text.encode("utf-8"))
         if not text.strip() or (max_bytes is not None and total + size > max_bytes):
             continue
         out.append((key, text))
         total += size
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _module_text_of(path: str, mtime_ns: int) -> str:
+    """module_text of a file, remembered: parsing every module takes seconds, and a run reads the corpus twice (for
+    the tokenizer, then for packing)."""
+    return module_text(Path(path).read_bytes().decode("utf-8", errors="replace"))
 
 
 def module_text(source: str) -> str:
