@@ -82,7 +82,7 @@ def test_the_second_phase_continues_the_first_phases_sparse_model(mixture_run):
 
 @pytest.mark.parametrize("phase,last_step,checkpoint", [
     ("pretrain-1", 5, 4),     # killed in the first phase: it resumes from step 4, the second phase runs whole
-    ("pretrain-2", 3, 2),     # killed mid second phase: the first is skipped, its weights and masks loaded
+    ("pretrain-2", 5, 4),     # killed mid second phase: the first is skipped, its weights and masks loaded
     ("pretrain-2", 1, None),  # killed before the second phase's first checkpoint: it restarts from the first's export
 ])
 def test_killed_mixture_run_replays_losses_and_source_counts_exactly(mixture_run, tmp_path, capsys, phase,
