@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def test_killed_mixture_run_replays_losses_and_source_counts_exactly(mixture_run
         assert f"[{phase}] resumed from {run_dir / 'phases' / phase / 'checkpoints' / f'step-{checkpoint:08d}'}" in out
     assert loss_trace(run_dir) == loss_trace(reference)
     assert source_trace(run_dir) == source_trace(reference)
+    assert "tokens by source: code" in out  # the closing summary
     for p in PHASES:
         ours, ref = export_weights(run_dir, p), export_weights(reference, p)
         assert all(torch.equal(ours[k], ref[k]) for k in ref), p
@@ -106,7 +108,8 @@ def test_sigkilled_mixture_run_resumes_mid_second_phase_exactly(mixture_run, tmp
     reference run's tokenizer file (the same bytes, so the same packed data) to skip training one."""
     reference, _ = mixture_run
     tokenizer = f"tokenizer={{kind: file, path: {reference / 'tokenizer.json'}}}"
-    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run", tokenizer, **MIXTURE)
+    # progress lines on (stderr is a file here: one plain line per logged step)
+    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run", tokenizer, "logging.progress=true", **MIXTURE)
     run_dir, ckpts = tmp_path / "run", tmp_path / "run/phases/pretrain-2/checkpoints"
     cmd = [sys.executable, "-m", "spdf", "pretrain", str(recipe)]
     with open(tmp_path / "killed.err", "w") as err:
@@ -122,6 +125,8 @@ def test_sigkilled_mixture_run_resumes_mid_second_phase_exactly(mixture_run, tmp
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "[pretrain-1] already finished" in resumed.stdout and "[pretrain-2] resumed from" in resumed.stdout
+    # 24 rows at 95/5: 23 of code, 1 of text
+    assert re.search(r"\[pretrain-2\] step 6/6 loss .* tok/s \| tokens code 95\.8% text 4\.2%", resumed.stderr)
     assert loss_trace(run_dir) == loss_trace(reference)
     assert source_trace(run_dir) == source_trace(reference)
 
@@ -166,3 +171,21 @@ def test_mixture_and_sources_decide_the_fingerprint(tmp_path):
     assert fingerprint("phases.pretrain-2.mixture.text=0.1") != base
     assert fingerprint("sources.text.data.max_bytes=50000") != base
     assert fingerprint("sources.text.data.workers=1", "phases.pretrain-2.steps=99") == base
+
+
+def test_trackers_get_the_tokens_of_each_source_as_numbers(tmp_path):
+    from spdf.train.metrics import MetricsLog
+
+    class Tracking:
+        trackers = ["tensorboard"]
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step):
+            self.logged.append((values, step))
+
+    accelerator = Tracking()
+    MetricsLog(tmp_path / "metrics.jsonl", accelerator).write(
+        {"phase": "p", "step": 3, "tokens": 10, "tokens_by_source": {"code": 7, "text": 3}})
+    assert accelerator.logged == [({"p/tokens": 10, "p/tokens_by_source/code": 7, "p/tokens_by_source/text": 3}, 3)]
