@@ -9,7 +9,8 @@ whose count of rows so far lags its weight the most (the largest weight·(n+1) �
 first). At every point each source's count differs from weight·n by less than one row, and the order is a pure function
 of the weights and the number of rows drawn: no random numbers, and resuming needs only the per-source counts. Within
 a source, rows come in the order of its own ResumableSampler (seeded by the phase seed and the source's name), epoch
-after epoch: a small source repeats while a large one is still in its first epoch.
+after epoch: a small source repeats while a large one is still in its first epoch. Data-parallel ranks take turns in
+this one order (MixtureSampler).
 """
 from __future__ import annotations
 
@@ -106,23 +107,33 @@ def source_seed(seed: int, name: str) -> int:
 class MixtureSampler:
     """ResumableSampler's drawing protocol (draw, state_dict, load_state_dict) over a MixedDataset, for one rank.
 
-    Each rank runs the same deficit schedule over its own rows, so all ranks draw the same number of rows of each
-    source (the global count is world_size times this rank's), and each source's rows are split between ranks by its
-    own sampler (disjoint within an epoch)."""
+    The order is global: global row g (of all ranks together) comes from the deficit schedule's g-th choice, and from
+    that source's next row in its own permutation; rank r takes the global rows g ≡ r (mod world_size), as
+    ResumableSampler splits a single corpus. So N processes draw exactly the global batches of one process (any N
+    whose batches divide alike), each source's rows are split between ranks without overlap within an epoch, and
+    the counts are global counts. Every rank follows the whole order (a few integer operations per global row) and
+    keeps its own rows."""
 
     def __init__(self, dataset: MixedDataset, seed: int, rank: int = 0, world_size: int = 1):
-        self.dataset = dataset
-        self.samplers = {name: ResumableSampler(len(part), seed=source_seed(seed, name), rank=rank,
-                                                world_size=world_size)
+        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise DataError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank!r}, "
+                            f"world_size={world_size!r}")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.samplers = {name: ResumableSampler(len(part), seed=source_seed(seed, name))
                          for name, part in dataset.parts.items()}
         self.schedule = DeficitSchedule(dataset.weights)
 
     def draw(self) -> int:
-        name = self.schedule.next()
-        return self.dataset.offsets[name] + self.samplers[name].draw()
+        """This rank's next row: the one of the next round of world_size global rows that falls to it."""
+        for r in range(self.world_size):
+            name = self.schedule.next()
+            row = self.samplers[name].draw()
+            if r == self.rank:
+                mine = self.dataset.offsets[name] + row
+        return mine
 
     def rows_by_source(self) -> dict[str, int]:
-        """Rows this rank has drawn from each source."""
+        """Rows all ranks together have drawn from each source."""
         return dict(self.schedule.rows)
 
     def state_dict(self) -> dict:

@@ -50,7 +50,7 @@ class BatchSource:
             yield self.collate([self.val[i] for i in mine[start:start + batch_size]])
 
     def tokens_by_source(self) -> dict[str, int] | None:
-        """Input tokens this rank has drawn from each source of a mixture in this phase (None: not a mixture)."""
+        """Input tokens all ranks have drawn from each source of a mixture in this phase (None: not a mixture)."""
         if not isinstance(self.sampler, MixtureSampler):
             return None
         return {name: rows * self.train.seq_len for name, rows in self.sampler.rows_by_source().items()}

@@ -106,7 +106,7 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     """Train `model` for one phase; resumes from the newest checkpoint in phase_dir/checkpoints if any.
 
     `source` gives this rank's micro-batches (`next_step(accum, micro)`, `val_batches(n)`, state_dict / load_state_dict,
-    `tokens_by_source()`: for a mixture the tokens this rank drew from each source, logged as "tokens_by_source").
+    `tokens_by_source()`: for a mixture the tokens all ranks drew from each source, logged as "tokens_by_source").
     `flops.per_token()` is (dense-equivalent, actually needed) training FLOPs per token of the next step
     (spdf.flops.TrainingFlops: it follows masks that a dynamic sparsity algorithm changes).
     An attached sparsifier does its work in the optimizer's step hooks: masks re-zeroed, and for a dynamic
@@ -225,9 +225,9 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
                       "tokens_per_s": tok_s, "flops_dense": state.flops_dense, "flops_spent": state.flops_spent}
             if plan.grad_clip:
                 record["grad_norm"] = float(grad_norm)
-            by_source = source.tokens_by_source()
-            if by_source is not None:  # every rank draws the same rows of each source (MixtureSampler)
-                record["tokens_by_source"] = {k: v * accelerator.num_processes for k, v in by_source.items()}
+            by_source = source.tokens_by_source()  # global: every rank follows the mixture's whole order
+            if by_source is not None:
+                record["tokens_by_source"] = by_source
             metrics.write(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             if log_lines and accelerator.is_main_process:

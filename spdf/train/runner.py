@@ -294,9 +294,9 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
                    "flops_dense_equivalent": state.flops_dense, "flops_spent": state.flops_spent,
                    "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
                    "export": str(phase_dir / "export")}
-        by_source = source.tokens_by_source()
-        if by_source is not None:  # every rank draws the same rows of each source (MixtureSampler)
-            summary["tokens_by_source"] = {k: v * accelerator.num_processes for k, v in by_source.items()}
+        by_source = source.tokens_by_source()  # a mixture's: counted over all ranks
+        if by_source is not None:
+            summary["tokens_by_source"] = by_source
         if downstream is not None:
             summary.update(downstream_before=downstream.summary("before"),
                            downstream_after=downstream.summary("final"))

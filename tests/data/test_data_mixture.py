@@ -109,18 +109,17 @@ def test_sampler_draws_token_shares_and_resumes_exactly_from_its_state():
     assert _drawn(MixtureSampler(data, seed=4), 123) != head
 
 
-def test_ranks_split_each_epoch_of_each_source():
+def test_ranks_take_turns_in_the_global_order_of_one_process():
     data = mixed(sizes=(40, 10), weights={"code": 0.8, "text": 0.2})
-    code_by_rank = []
-    for rank in range(2):
-        sampler = MixtureSampler(data, seed=0, rank=rank, world_size=2)
-        drawn = [data.locate(i) for i in _drawn(sampler, 50)]  # 40 code rows: 2 epochs of this rank's 20
-        assert sampler.rows_by_source() == {"code": 40, "text": 10}  # every rank draws the same shares
-        code_by_rank.append([row for name, row in drawn if name == "code"])
-    for epoch in range(2):
-        shares = [set(code[20 * epoch:20 * (epoch + 1)]) for code in code_by_rank]
-        assert len(shares[0]) == len(shares[1]) == 20
-        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(40))
+    one = _drawn(MixtureSampler(data, seed=0), 100)
+    ranks = [MixtureSampler(data, seed=0, rank=rank, world_size=2) for rank in range(2)]
+    drawn = [_drawn(sampler, 50) for sampler in ranks]
+    assert [row for pair in zip(*drawn) for row in pair] == one  # global row g is rank g % 2's
+    for sampler in ranks:  # the counts are global, the same on every rank
+        assert sampler.rows_by_source() == {"code": 80, "text": 20}
+    for name, n in (("code", 40), ("text", 10)):  # an epoch of a source draws each of its rows once, whichever rank
+        rows = [data.locate(i)[1] for i in one if data.locate(i)[0] == name]
+        assert sorted(rows[:n]) == sorted(rows[n:2 * n]) == list(range(n))
 
 
 def test_sampler_refuses_a_state_written_with_other_weights():

@@ -131,6 +131,24 @@ def test_sigkilled_mixture_run_resumes_mid_second_phase_exactly(mixture_run, tmp
     assert source_trace(run_dir) == source_trace(reference)
 
 
+def test_two_processes_draw_the_global_batches_of_one(mixture_run, tmp_path, cache_dir):
+    """Under torchrun (2 gloo CPU processes) each rank takes every other row of the one-process order: the same
+    per-source counts, and the same losses up to the order of summation."""
+    reference, _ = mixture_run
+    tokenizer = f"tokenizer={{kind: file, path: {reference / 'tokenizer.json'}}}"  # the same data, no new tokenizer
+    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run", tokenizer, **MIXTURE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "spdf", "pretrain", str(recipe)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(cache_dir), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert source_trace(tmp_path / "run") == source_trace(reference)
+    ours, ref = loss_trace(tmp_path / "run"), loss_trace(reference)
+    assert [t[:3] for t in ours] == [t[:3] for t in ref]
+    for a, b in zip(ours, ref):
+        assert a[3] == pytest.approx(b[3], abs=1e-3), (a, b)
+
+
 def test_prepare_tokenizes_each_source_once_for_all_phases(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SPDF_CACHE_DIR", str(tmp_path / "cache"))
     recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run", **MIXTURE)
