@@ -65,6 +65,7 @@ def main() -> None:
                 "downstream_before": done.get("downstream_before"), "downstream_after": done.get("downstream_after"),
                 "downstream_seconds": sum(r["eval_seconds"] for r in records
                                           if r["phase"] == phase_dir.name and "eval_seconds" in r),
+                "tokens_by_source": done.get("tokens_by_source"),  # a mixture phase: tokens drawn per source
             })
     trained = sum(p["train_seconds"] for p in phases)
     result = {
@@ -95,6 +96,13 @@ def main() -> None:
                      f"{p['tokens_per_s']:,.0f} | {p['val_loss_before']:.3f} | {p['val_loss_after']:.3f} | "
                      f"{p['flops_spent']:.3e} | {p['flops_dense_equivalent']:.3e} | "
                      f"{p['flops_dense_equivalent'] / p['flops_spent']:.2f}x |")
+    mixed = [p for p in phases if p["tokens_by_source"]]
+    if mixed:
+        lines += ["", "| mixture phase | tokens drawn per source (share) |", "|---|---|"]
+        for p in mixed:
+            total = sum(p["tokens_by_source"].values())
+            lines.append(f"| {p['phase']} | " + ", ".join(f"{name} {n:,} ({100 * n / total:.1f}%)"
+                                                         for name, n in p["tokens_by_source"].items()) + " |")
     for p in phases:
         results = [(label, p[key]) for label, key in (("before fine-tuning", "downstream_before"),
                                                       ("after fine-tuning", "downstream_after")) if p[key]]

@@ -139,7 +139,8 @@ def _cmd_prepare(args) -> int:
     for entry in prepare_recipe(load_recipe(args.recipe, args.overrides)):
         tokens = ", ".join(f"{s} {v['tokens']:,} tokens" for s, v in entry["splits"].items())
         state = "already prepared" if entry["cache_hit"] else "prepared"
-        print(f"phase {entry['phase']}: {state} in {entry['dir']} ({tokens})")
+        source = f" source {entry['source']}" if entry.get("source") else ""
+        print(f"phase {entry['phase']}{source}: {state} in {entry['dir']} ({tokens})")
     return 0
 
 
@@ -152,6 +153,10 @@ def _format_summary(summary: dict, command: str = "run") -> str:
         lines.append(f"  {p['phase']:12s} {p['kind']:8s} {'sparse' if p['sparse'] else 'dense':6s} {p['steps']:6d} "
                      f"steps {p['tokens']:>12,d} tokens  {loss}  FLOPs {p['flops_spent']:.3e} spent vs "
                      f"{p['flops_dense_equivalent']:.3e} dense ({saving:.2f}x fewer)")
+        if p.get("tokens_by_source"):  # a mixture phase
+            total = max(sum(p["tokens_by_source"].values()), 1)
+            lines.append(f"  {'':12s} tokens by source: " + ", ".join(
+                f"{name} {n:,} ({100 * n / total:.1f}%)" for name, n in p["tokens_by_source"].items()))
     lines += _format_downstream(summary["phases"])
     lines += [f"  run directory: {summary['run_dir']}", f"  metrics:       {summary['metrics']}",
               f"  checkpoints:   {summary['run_dir']}/phases/<phase>/checkpoints",

@@ -21,7 +21,8 @@ Public API
     steps/tokens/epochs budget; warmup_steps/warmup_tokens) clears the others in that group.
 ``recipe_fingerprint(recipe: Recipe) -> str``
     sha256 of what makes a run directory incompatible with another recipe: model, sparsity (with its resolved
-    seed), tokenizer, and each phase's name, kind, init, data/task, seq_len and batch_size. Logging, eval and
+    seed), tokenizer, the named sources, and each phase's name, kind, init, data/task/mixture, seq_len and
+    batch_size. Logging, eval and
     checkpoint cadence, budgets, optimizer/schedule, precision and micro batch size do not count.
 ``model_config(recipe: Recipe, vocab_size: int | None = None) -> GPTConfig``
     The named model shape with the recipe's overrides. The vocabulary is, in order: model.vocab_size, the
@@ -45,13 +46,13 @@ import yaml
 
 from .model.config import CONFIGS, GPTConfig
 from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, GenerationEvalSpec, LoggingSpec, ModelSpec,
-                            OptimizerSpec, PhaseSpec, Recipe, RecipeError, ScheduleSpec, SparsitySpec, TaskSpec,
-                            TokenizerSpec, join_path, suggest, to_plain)
+                            OptimizerSpec, PhaseSpec, Recipe, RecipeError, ScheduleSpec, SourceSpec, SparsitySpec,
+                            TaskSpec, TokenizerSpec, join_path, suggest, to_plain)
 from .typed_spec import build, strip_optional, type_hints
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
-           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "apply_overrides",
-           "dump_recipe", "load_recipe", "model_config", "recipe_fingerprint", "recipe_from_dict"]
+           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SourceSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec",
+           "apply_overrides", "dump_recipe", "load_recipe", "model_config", "recipe_fingerprint", "recipe_from_dict"]
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -175,7 +176,7 @@ _FINGERPRINT_PHASE_KEYS = ("name", "kind", "init", "data", "task", "seq_len", "b
 # Settings added after run directories already existed: left out while unset, so that those directories resume.
 _ADDED_LATER = {
     "tokenizer": ("max_bytes",),
-    "data": ("heldout_fraction",),
+    "data": ("heldout_fraction", "content"),
     "task": ("heldout_fraction", "validation_fraction", "max_prompt_lines", "prompt_field", "completion_field",
              "article_field", "summary_field", "max_article_chars"),
 }
@@ -202,6 +203,8 @@ def recipe_fingerprint(recipe: Recipe) -> str:
         entry = {k: to_plain(getattr(phase, k)) for k in _FINGERPRINT_PHASE_KEYS}
         entry["data"] = _fingerprint_part(phase.data, "data", drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
         entry["task"] = _fingerprint_part(phase.task, "task")
+        if phase.mixture is not None:  # added later: absent from the fingerprints of single-corpus phases
+            entry["mixture"] = dict(phase.mixture)
         phases.append(entry)
     payload = {
         "version": recipe.version,
@@ -212,6 +215,9 @@ def recipe_fingerprint(recipe: Recipe) -> str:
         "tokenizer": _fingerprint_part(recipe.tokenizer, "tokenizer"),
         "phases": phases,
     }
+    if recipe.sources:
+        payload["sources"] = {s.name: _fingerprint_part(s.data, "data", drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
+                              for s in recipe.sources}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 

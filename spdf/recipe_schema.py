@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
-from .data.specs import DataSpec, TaskSpec, TokenizerSpec
+from .data.specs import DataSpec, SourceSpec, TaskSpec, TokenizerSpec, docstring_task_leak
 from .data.tasks import task_splits
 from .eval.generate import DecodingConfig
 from .model.config import CONFIGS, PARAMETRIZATIONS
@@ -20,8 +20,8 @@ from .sparsity.algorithms import ALGORITHMS
 from .sparsity.methods import MASK_METHODS
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
-           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec", "join_path",
-           "suggest", "to_plain"]
+           "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SourceSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec",
+           "join_path", "suggest", "to_plain"]
 
 
 # --------------------------------------------------------------------------------------------------- the schema
@@ -188,7 +188,8 @@ class LoggingSpec(Spec):
 class PhaseSpec(Spec):
     name: str
     kind: Literal["pretrain", "finetune"]
-    data: Optional[DataSpec] = None  # pretrain
+    data: Optional[DataSpec] = None  # pretrain: one corpus ...
+    mixture: Optional[dict[str, float]] = None  # ... or the recipe's sources by name: weight (shares of tokens)
     task: Optional[TaskSpec] = None  # finetune
     init: Literal["densify", "keep_masks"] = "densify"  # finetune: dense (SPDF) or sparse fine-tuning
     seq_len: int = num(ge=1)  # <= the model's n_ctx (checked by Recipe)
@@ -218,8 +219,11 @@ class PhaseSpec(Spec):
         if all(getattr(self, k) is None for k in budgets):
             fail("", "{key}: set exactly one budget: steps, tokens or epochs")
         own, other = ("data", "task") if self.kind == "pretrain" else ("task", "data")
-        if getattr(self, own) is None:
-            fail(own, f"{{key}} is required for a {self.kind} phase")
+        if self.mixture is not None:
+            self._check_mixture()
+        elif getattr(self, own) is None:
+            fail(own, f"{{key}} is required for a {self.kind} phase" +
+                 (" (or 'mixture': weights of the recipe's sources)" if self.kind == "pretrain" else ""))
         if getattr(self, other) is not None:
             fail(other, f"{{key}} is not allowed in a {self.kind} phase (use '{own}')")
         if self.kind == "pretrain" and self.epochs is not None:
@@ -236,6 +240,18 @@ class PhaseSpec(Spec):
             fail("batch_size", f"{{key}} ({self.batch_size}) must be divisible by micro_batch_size "
                                 f"({self.micro_batch_size})")
 
+    def _check_mixture(self):
+        if self.kind != "pretrain":
+            fail("mixture", "{key} is only for pretrain phases")
+        if self.data is not None:
+            fail("mixture", "{key}: set either data (one corpus) or mixture (the recipe's sources), not both")
+        if not self.mixture:
+            fail("mixture", "{key} must give at least one source and its weight")
+        for name, weight in self.mixture.items():
+            if not weight > 0:
+                fail(f"mixture['{name}']", f"{{key}} must be > 0 (a share of the phase's tokens; leave a source "
+                                           f"out instead), got {weight!r}")
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -251,6 +267,7 @@ class Recipe(Spec):
     sparsity: SparsitySpec = field(default_factory=SparsitySpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    sources: tuple[SourceSpec, ...] = ()  # named corpora that pre-training phases mix (PhaseSpec.mixture)
     phases: tuple[PhaseSpec, ...]
 
     @property
@@ -260,6 +277,13 @@ class Recipe(Spec):
     @property
     def sparsity_seed(self) -> int:
         return self.sparsity.seed if self.sparsity.seed is not None else self.seed
+
+    def corpora(self, phase: PhaseSpec) -> dict[str, DataSpec]:
+        """A pre-training phase's corpora by name: its mixture's sources, or {phase name: its data}."""
+        if phase.mixture is None:
+            return {phase.name: phase.data} if phase.data is not None else {}
+        by_name = {s.name: s.data for s in self.sources}
+        return {name: by_name[name] for name in phase.mixture}
 
     def phase(self, name: str) -> PhaseSpec:
         for phase in self.phases:
@@ -286,5 +310,34 @@ class Recipe(Spec):
             if phase.seq_len > n_ctx:
                 fail(f"phases[{i}].seq_len", f"{{key}} ({phase.seq_len}) must be <= the model's context "
                                               f"n_ctx ({n_ctx}, model '{self.model.name}')")
+        self._check_sources()
+
+    def _check_sources(self):
+        """Mixture names resolve; no pre-training corpus holds the docstring task's functions; one pre-training phase
+        for a dynamic sparsity method (its step count lives in one phase's checkpoints)."""
+        names = [s.name for s in self.sources]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                fail(f"sources[{i}].name", f"{{key}}: source name '{name}' is used twice; names must be unique")
+        for i, phase in enumerate(self.phases):
+            for name in phase.mixture or ():
+                if name not in names:
+                    fail(f"phases[{i}].mixture['{name}']",
+                         f"{{key}}: unknown source '{name}'{suggest(name, names)}; the recipe's sources: "
+                         f"{', '.join(names) if names else 'none (define them in the top-level sources list)'}")
+        pretrain = [p for p in self.phases if p.kind == "pretrain"]
+        tasks = [p.task for p in self.phases if p.task is not None]
+        for phase in pretrain:
+            for name, data in self.corpora(phase).items():
+                for task in tasks:
+                    leak = docstring_task_leak(data, task)
+                    if leak:
+                        where = f"phases.{phase.name}.data" if phase.mixture is None else f"sources.{name}.data"
+                        fail(where, f"{{key}} {leak}; pre-train on part: pretrain with heldout_fraction >= the "
+                                    f"task's")
+        if self.sparsity.dynamic and len(pretrain) > 1:
+            fail("sparsity.method", f"{{key}} '{self.sparsity.method}' changes masks on a schedule counted within "
+                                    f"one pre-training phase; this recipe has {len(pretrain)}: use one pre-training "
+                                    f"phase or a static method")
 
 

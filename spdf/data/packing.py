@@ -62,10 +62,15 @@ class PackedDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_tokens": None}
 
 
+# Settings added after cache entries already existed: left out of the key while unset, so those entries stay valid.
+_ADDED_LATER = ("content",)
+
+
 def _keyed_source(source: DataSpec) -> dict:
     """The source's settings that decide its tokens: `workers` does not (the output is the same for any count), and
     leaving it out keeps the keys of entries built before it existed."""
-    return {k: v for k, v in to_plain(source).items() if k != "workers"}
+    return {k: v for k, v in to_plain(source).items()
+            if k != "workers" and not (k in _ADDED_LATER and v is None)}
 
 
 def cache_key(source: DataSpec, tokenizer: TextTokenizer, seq_len: int) -> str:

@@ -18,6 +18,8 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     `state_dict()` records {"epoch", "offset", "seed", "world_size", "shuffle"}; `load_state_dict()` restores
     it, after which iteration continues exactly where the saved sampler stood.
 
+    `draw()` gives one index at a time, crossing into the next epoch when one ends; it moves the same position.
+
     `offset` counts indices yielded. A DataLoader with num_workers=0 draws indices only when a batch is consumed;
     with workers it draws ahead, so pass the number of samples this rank really consumed in the current epoch:
     `state_dict(consumed=...)`.
@@ -32,6 +34,7 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         self.dataset_len, self.seed, self.rank, self.world_size = int(dataset_len), int(seed), rank, world_size
         self.shuffle = bool(shuffle)
         self.epoch, self.offset = 0, 0
+        self._epoch_cache: tuple[int, np.ndarray] | None = None  # (epoch, its indices), for draw()
 
     def __len__(self) -> int:
         """Indices per rank per epoch (the first, resumed epoch yields `len(self) - offset`)."""
@@ -51,6 +54,15 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
             self.offset += 1
             yield int(indices[self.offset - 1])
         self.epoch, self.offset = self.epoch + 1, 0
+
+    def draw(self) -> int:
+        """The next index of this rank's order, starting the next epoch when the current one is used up."""
+        if self.offset >= len(self):
+            self.epoch, self.offset = self.epoch + 1, 0
+        if self._epoch_cache is None or self._epoch_cache[0] != self.epoch:
+            self._epoch_cache = (self.epoch, self.epoch_indices(self.epoch))
+        self.offset += 1
+        return int(self._epoch_cache[1][self.offset - 1])
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning (DistributedSampler's verb)."""

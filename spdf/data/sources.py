@@ -1,6 +1,7 @@
 """Text sources: iterate documents (one str each) of a DataSpec (see spdf.data.specs).
 
     DataSpec(source="stdlib", part="pretrain" | "heldout", heldout_fraction=0.1, max_bytes=4_000_000)
+    DataSpec(source="stdlib", content="text")       # the same modules' docstrings and comments only
     DataSpec(source="files", paths=("data/*.txt", "x.jsonl", "y.parquet"), text_field="text")
     DataSpec(source="hf", name="monology/pile-uncopyrighted", config=None, split="train", streaming=True)
 
@@ -8,12 +9,16 @@
 """
 from __future__ import annotations
 
+import ast
+import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import sys
 import sysconfig
+import tokenize
 from pathlib import Path
 from typing import Iterator
 
@@ -31,13 +36,15 @@ def stable_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0**64
 
 
-def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1,
-                   max_bytes: int | None = None) -> list[tuple[str, str]]:
-    """(relative path, source text) of the standard library's .py modules in one part of a by-module split.
+def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1, max_bytes: int | None = None,
+                   content: str = "source") -> list[tuple[str, str]]:
+    """(relative path, text) of the standard library's .py modules in one part of a by-module split.
 
     A module is held out when stable_fraction(its relative posix path) < heldout_fraction, so the split is the same
-    on every machine with the same Python whatever `max_bytes` is. Modules come in (hash, path) order, which mixes
-    packages; `max_bytes` (utf-8 bytes) skips any module that would overflow the cap.
+    on every machine with the same Python whatever `max_bytes` or `content` is. Modules come in (hash, path) order,
+    which mixes packages. `content` "source" gives a module's whole text, "text" its docstrings and comments
+    (module_text; modules without any are left out). `max_bytes` (utf-8 bytes of the text given) skips any module
+    that would overflow the cap.
     """
     if part not in STDLIB_PARTS:
         raise DataError(f"unknown stdlib part '{part}'; allowed: {', '.join(STDLIB_PARTS)}")
@@ -54,13 +61,52 @@ def stdlib_modules(part: str = "pretrain", heldout_fraction: float = 0.1,
     chosen.sort()
     out, total = [], 0
     for _, key, path in chosen:
-        text = path.read_bytes().decode("utf-8", errors="replace")
+        text = _module_text_of(str(path), path.stat().st_mtime_ns) if content == "text" else \
+            path.read_bytes().decode("utf-8", errors="replace")
         size = len(text.encode("utf-8"))
         if not text.strip() or (max_bytes is not None and total + size > max_bytes):
             continue
         out.append((key, text))
         total += size
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _module_text_of(path: str, mtime_ns: int) -> str:
+    """module_text of a file, remembered: parsing every module takes seconds, and a run reads the corpus twice (for
+    the tokenizer, then for packing)."""
+    return module_text(Path(path).read_bytes().decode("utf-8", errors="replace"))
+
+
+def module_text(source: str) -> str:
+    """The natural language of a Python module: its docstrings (module, classes, functions; cleaned) and its comments
+    (runs of consecutive comment lines joined into one paragraph, `#` removed), in source order, one blank line between
+    paragraphs. A module that does not parse gives "" (its docstrings cannot be told from other strings)."""
+    try:
+        tree = ast.parse(source)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (SyntaxError, ValueError, tokenize.TokenError):
+        return ""
+    pieces = []  # (line, text)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                pieces.append((node.body[0].lineno, doc.strip()))
+    runs: list[dict] = []  # a paragraph: own-line comments on consecutive lines, or one comment after code
+    for tok in tokens:
+        text = tok.string.lstrip("#").strip() if tok.type == tokenize.COMMENT else ""
+        if not text or text.startswith("!") or "-*-" in text:  # not prose: rulers, shebangs, coding lines
+            continue
+        own_line = tok.line.lstrip().startswith("#")
+        last = runs[-1] if runs else None
+        if own_line and last is not None and last["own_line"] and last["end"] == tok.start[0] - 1:
+            last["texts"].append(text)
+            last["end"] = tok.start[0]
+        else:
+            runs.append({"start": tok.start[0], "end": tok.start[0], "texts": [text], "own_line": own_line})
+    pieces += [(run["start"], " ".join(run["texts"])) for run in runs]
+    return "\n\n".join(text for _, text in sorted(pieces, key=lambda piece: piece[0]))
 
 
 def _expand_paths(paths) -> list[Path]:
@@ -162,7 +208,8 @@ def _iter_hf(source: DataSpec) -> Iterator[str]:
 def iter_documents(source: DataSpec) -> Iterator[str]:
     """Documents (str) of a source, in a deterministic order."""
     if source.source == "stdlib":
-        modules = stdlib_modules(source.part, source.option("heldout_fraction"), source.max_bytes)
+        modules = stdlib_modules(source.part, source.option("heldout_fraction"), source.max_bytes,
+                                 source.option("content"))
         return (text for _, text in modules)
     if source.source == "files":
         return _iter_files(source.paths, source.text_field)

@@ -54,9 +54,14 @@ class TokenizerSpec(_KindOptions, Spec):
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(_KindOptions, Spec):
-    """A pre-training corpus: the standard library's source (offline), local files, or a Hugging Face dataset."""
+    """A pre-training corpus: the standard library's source (offline), local files, or a Hugging Face dataset.
+
+    stdlib `content`: "source" (default) is each module's whole text, code with its docstrings and comments; "text"
+    is only the natural language in it, the docstrings and comments of each module (spdf.data.sources.module_text).
+    """
     source: Literal["stdlib", "files", "hf"] = "stdlib"
     part: Literal["pretrain", "heldout"] = "pretrain"  # stdlib only
+    content: Optional[Literal["source", "text"]] = None  # stdlib: whole modules or their docstrings/comments
     heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0)  # stdlib: modules held out (default 0.1)
     max_bytes: Optional[int] = num(None, ge=1)  # stdlib: cap on the text read
     paths: tuple[str, ...] = ()  # source=files: files or globs (.txt, .jsonl, .parquet)
@@ -70,11 +75,41 @@ class DataSpec(_KindOptions, Spec):
     workers: Optional[int] = num(None, ge=1)  # tokenizing processes (None: one per available core); same output
 
     selector: ClassVar[str] = "source"
-    OPTIONS: ClassVar = {"heldout_fraction": {"stdlib": 0.1}, "max_bytes": {"stdlib": None}}
+    OPTIONS: ClassVar = {"heldout_fraction": {"stdlib": 0.1}, "max_bytes": {"stdlib": None},
+                         "content": {"stdlib": "source"}}
 
     def _check(self):
         require_for(self, "source", {"files": "paths", "hf": "name"})
         self._check_options()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceSpec(Spec):
+    """A named pre-training corpus (a recipe's `sources` list); pre-training phases mix sources by name and weight."""
+    name: str
+    data: DataSpec
+
+    def _check(self):
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            fail("name", f"{{key}} must be letters, digits, '-' or '_' (it names the source in the metrics), "
+                          f"got {self.name!r}")
+
+
+def docstring_task_leak(data: DataSpec, task: TaskSpec) -> str | None:
+    """Why pre-training on `data` would show the model functions of the docstring `task`, or None if it cannot.
+
+    The task takes its functions from the stdlib modules held out of pre-training (stable_fraction(path) <
+    heldout_fraction); a stdlib corpus is clean when it reads the pre-training part of a split that holds out at least
+    those modules, whatever its `content` (the text source extracts from the same modules as the code source)."""
+    if data.source != "stdlib" or task.task != "docstring":
+        return None
+    if data.part != "pretrain":
+        return "reads the held-out stdlib modules the docstring task takes its functions from (part: heldout)"
+    data_fraction, task_fraction = data.option("heldout_fraction"), task.option("heldout_fraction")
+    if data_fraction < task_fraction:
+        return (f"holds out fewer stdlib modules (heldout_fraction {data_fraction}) than the docstring task takes "
+                f"its functions from ({task_fraction}): those functions would be pre-trained on")
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)

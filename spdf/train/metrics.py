@@ -42,7 +42,9 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n")  # NaN -> null
         if self.accelerator is not None and self.accelerator.trackers:
-            numbers = {f"{record['phase']}/{k}": v for k, v in record.items()
+            flat = {**record, **{f"{k}/{name}": n for k, v in record.items() if isinstance(v, dict)
+                                 for name, n in v.items()}}  # tokens_by_source -> tokens_by_source/code, …
+            numbers = {f"{record['phase']}/{k}": v for k, v in flat.items()
                        if isinstance(v, (int, float)) and k not in ("step",)}
             self.accelerator.log(numbers, step=record.get("global_step", record.get("step")))
 

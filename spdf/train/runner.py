@@ -10,6 +10,7 @@ Layout of a run directory (an export's own format is spdf.export's):
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -20,8 +21,8 @@ import torch
 
 from ..export import (CheckpointError, find_export, find_tokenizer, load_weights, read_json, sparse_model, verify_export,
                       write_export, write_json_atomic)
-from ..data import (FinetuneDataset, TokenizerSpec, build_packed_splits, iter_documents, load_finetune_task,
-                    load_or_train_tokenizer)
+from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
+                    load_finetune_task, load_or_train_tokenizer)
 from ..flops import TrainingFlops
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
@@ -92,7 +93,9 @@ def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
         return load_or_train_tokenizer(TokenizerSpec(kind="file", path=str(_keep_copy(Path(t.path), run_dir))), None,
                                        run_dir)
     pretrain = next((p for p in recipe.phases if p.kind == "pretrain"), None)
-    documents = iter_documents(pretrain.data) if (t.kind == "train" and pretrain is not None) else None
+    documents = None
+    if t.kind == "train" and pretrain is not None:  # the first pre-training phase's corpora, one after the other
+        documents = itertools.chain.from_iterable(map(iter_documents, recipe.corpora(pretrain).values()))
     return load_or_train_tokenizer(t, documents, run_dir)
 
 
@@ -147,11 +150,22 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
         downstream_every=phase.eval.generate.every_steps if phase.eval.generate else None)
 
 
-def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
+def _packed(data, tokenizer, seq_len: int, progress: bool):
+    # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
+    return build_packed_splits(data, tokenizer, data_cache_dir(), seq_len, progress=progress and sys.stderr.isatty())
+
+
+def _datasets(recipe: Recipe, phase: PhaseSpec, tokenizer, accelerator, progress: bool):
     if phase.kind == "pretrain":
         # a redrawn bar is only readable on a terminal; in a log file it is thousands of fragments
-        train, val, _ = packed_splits(accelerator, phase.data, tokenizer, data_cache_dir(), phase.seq_len,
+        splits = {name: packed_splits(accelerator, data, tokenizer, data_cache_dir(), phase.seq_len,
                                       progress=progress and sys.stderr.isatty())
+                  for name, data in recipe.corpora(phase).items()}
+        if phase.mixture is None:
+            (train, val, _), = splits.values()
+        else:
+            train, val = (MixedDataset({name: parts[k] for name, parts in splits.items()}, phase.mixture)
+                          for k in (0, 1))
     else:
         train = FinetuneDataset(load_finetune_task(phase.task, "train"), tokenizer, phase.seq_len + 1)
         val = FinetuneDataset(load_finetune_task(phase.task, "validation"), tokenizer, phase.seq_len + 1)
@@ -163,20 +177,27 @@ def _datasets(phase: PhaseSpec, tokenizer, accelerator, progress: bool):
 
 def prepare_recipe(recipe: Recipe) -> list[dict]:
     """Do a run's data work up front (`spdf prepare`): the tokenizer into the run directory, as `run_recipe` makes it,
-    then every pre-training phase's packed cache entry; return [{"phase", "dir", "cache_hit", "splits"}]."""
+    then the packed cache entry of every pre-training corpus (each named source once, however many phases mix it);
+    return [{"phase", "source", "dir", "cache_hit", "splits"}] ("source": the source's name, None for `data`)."""
     run_dir = recipe.run_path
     make_run_dir(run_dir)
     lock = RunLock(run_dir).acquire()  # the tokenizer file is the run directory's: no run may write it meanwhile
     try:
         claim_run_dir(recipe)
         tokenizer = _tokenizer(recipe, run_dir, None)
-        out = []
+        out, done = [], set()
         for phase in recipe.phases:
-            if phase.kind == "pretrain":
-                _, _, meta = build_packed_splits(phase.data, tokenizer, data_cache_dir(), phase.seq_len,
-                                                 progress=recipe.logging.progress and sys.stderr.isatty())
-                out.append({"phase": phase.name, "dir": meta["dir"], "cache_hit": meta["cache_hit"],
-                            "splits": meta["splits"]})
+            if phase.kind != "pretrain":
+                continue
+            source_names = phase.mixture is not None
+            for name, data in recipe.corpora(phase).items():
+                if source_names and (name, phase.seq_len) in done:  # an earlier phase prepared it
+                    continue
+                _, _, meta = _packed(data, tokenizer, phase.seq_len, recipe.logging.progress)
+                out.append({"phase": phase.name, "source": name if source_names else None, "dir": meta["dir"],
+                            "cache_hit": meta["cache_hit"], "splits": meta["splits"]})
+                if source_names:
+                    done.add((name, phase.seq_len))
         return out
     finally:
         lock.release()
@@ -256,7 +277,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             summaries.append(read_json(phase_dir / "done.json", "phase summary"))
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
-        train, val = _datasets(phase, tokenizer, accelerator, recipe.logging.progress)
+        train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
@@ -279,6 +300,9 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
                    "flops_dense_equivalent": state.flops_dense, "flops_spent": state.flops_spent,
                    "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
                    "export": str(phase_dir / "export")}
+        by_source = source.tokens_by_source()  # a mixture's: counted over all ranks
+        if by_source is not None:
+            summary["tokens_by_source"] = by_source
         if downstream is not None:
             summary.update(downstream_before=downstream.summary("before"),
                            downstream_after=downstream.summary("final"))

@@ -68,6 +68,18 @@ def test_consumed_override_accounts_for_prefetch():
     assert next(iter(t)) == drawn[12]
 
 
+def test_draw_crosses_epochs_like_iteration_and_resumes_from_its_state():
+    iterated = ResumableSampler(7, seed=2)
+    expected = [i for _ in range(3) for i in iterated]  # three whole epochs, one iter() each
+    drawing = ResumableSampler(7, seed=2)
+    head = [drawing.draw() for _ in range(10)]
+    state = drawing.state_dict()
+    assert state["epoch"] == 1 and state["offset"] == 3
+    resumed = ResumableSampler(7, seed=2)
+    resumed.load_state_dict(state)
+    assert head + [resumed.draw() for _ in range(11)] == expected
+
+
 def test_sampler_errors():
     with pytest.raises(DataError, match=r"rank must be in \[0, world_size\)"):
         ResumableSampler(N, rank=2, world_size=2)

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from spdf.data import DataError, DataSpec, iter_documents
-from spdf.data.sources import stable_fraction, stdlib_modules
+from spdf.data.sources import module_text, stable_fraction, stdlib_modules
+from spdf.data.tasks import docstring_examples
 
 
 def test_stable_fraction_is_sha256_based_and_in_unit_interval():
@@ -46,6 +47,59 @@ def test_stdlib_max_bytes_caps_the_corpus_and_never_leaks_heldout():
     assert not held & {n for n, _ in capped}
     docs = list(iter_documents(DataSpec(source="stdlib", max_bytes=200_000)))
     assert docs == [t for _, t in capped]
+
+
+MODULE = '''#!/usr/bin/env python
+# -*- coding: utf-8 -*-
+"""Module summary."""
+import os  # a note after code
+# Two comment lines
+# make one paragraph.
+#
+# A new paragraph.
+###########
+X = "# a string, not a comment"
+
+
+class Thing:
+    """Class summary.
+
+        Indented detail.
+    """
+
+    def act(self):
+        """Method summary."""
+        return X  # another note
+'''
+
+
+def test_module_text_is_the_docstrings_and_comments_in_source_order():
+    assert module_text(MODULE).split("\n\n") == [
+        "Module summary.", "a note after code", "Two comment lines make one paragraph.", "A new paragraph.",
+        "Class summary.", "Indented detail.", "Method summary.", "another note"]
+    assert "import" not in module_text(MODULE) and "return" not in module_text(MODULE)
+    assert module_text("def broken(:\n") == ""
+
+
+def test_stdlib_text_source_comes_from_the_pretraining_modules_only():
+    """The text corpus keeps the by-module split: none of its documents is a held-out module's text, so the
+    docstring task's functions (held-out modules) are not in it."""
+    text = stdlib_modules("pretrain", 0.1, content="text")
+    pretrain = dict(stdlib_modules("pretrain", 0.1))
+    held = stdlib_modules("heldout", 0.1)
+    assert text and {name for name, _ in text} <= set(pretrain)
+    assert all(doc == module_text(pretrain[name]) for name, doc in text[:20])
+    assert not {name for name, _ in text} & {name for name, _ in held}
+    # (a one-line boilerplate docstring such as "This directory is a Python package." may be in both parts)
+    held_texts = {doc for _, source in held if len(doc := module_text(source)) > 200}
+    assert held_texts and not held_texts & {doc for _, doc in text}
+    # the docstring task's held-out functions: a summary of one of them is in the held-out module's text, not here
+    name, source = next((n, s) for n, s in held if docstring_examples(s))
+    summary = docstring_examples(source)[0].completion
+    assert summary in module_text(source)
+    assert sum(len(doc) for _, doc in text) < sum(len(s) for s in pretrain.values()) / 2  # prose, not code
+    capped = list(iter_documents(DataSpec(source="stdlib", content="text", max_bytes=100_000)))
+    assert capped and sum(len(d.encode()) for d in capped) <= 100_000
 
 
 def test_files_source_reads_txt_jsonl_and_parquet_in_sorted_glob_order(tmp_path):

@@ -51,9 +51,10 @@ def set_args(*sets: str) -> list[str]:
     return [arg for s in sets for arg in ("--set", s)]
 
 
-def write_recipe(path: Path, run_dir: Path, *extra_sets: str) -> Path:
-    """The tiny demo as a YAML file of its own (run_dir included), so a command line is just `spdf run FILE`."""
-    data = apply_overrides(yaml.safe_load(DEMO.read_text()), [*TINY_SETS, f"run_dir={run_dir}", *extra_sets])
+def write_recipe(path: Path, run_dir: Path, *extra_sets: str, base: Path = DEMO, tiny_sets=TINY_SETS) -> Path:
+    """The tiny demo (or another recipe `base` made tiny by `tiny_sets`) as a YAML file of its own (run_dir
+    included), so a command line is just `spdf run FILE`."""
+    data = apply_overrides(yaml.safe_load(base.read_text()), [*tiny_sets, f"run_dir={run_dir}", *extra_sets])
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -127,11 +128,12 @@ def wait_for(condition, proc, timeout: float, what: str):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def copy_run(src: Path, dst: Path, recipe_file: Path, *extra_sets: str) -> tuple[Path, Path]:
-    """Copy a run directory to dst and write a recipe file for it; the copy's recipe.yaml is rewritten as spdf
-    itself would write it for dst, so a later command that only re-claims the directory changes no byte."""
+def copy_run(src: Path, dst: Path, recipe_file: Path, *extra_sets: str, **recipe) -> tuple[Path, Path]:
+    """Copy a run directory to dst and write a recipe file for it (`recipe`: write_recipe's base and tiny_sets);
+    the copy's recipe.yaml is rewritten as spdf itself would write it for dst, so a later command that only
+    re-claims the directory changes no byte."""
     shutil.copytree(src, dst)
-    write_recipe(recipe_file, dst, *extra_sets)
+    write_recipe(recipe_file, dst, *extra_sets, **recipe)
     dump_recipe(load_recipe(recipe_file), dst / "recipe.yaml")
     return dst, recipe_file
 
