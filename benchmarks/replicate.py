@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/machine.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -299,10 +301,10 @@ def prepare(work: Path, sets: list[str], env: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])  # the committed results' budget: see the md
     ap.add_argument("--methods", nargs="+", default=list(PRETRAINS), choices=list(PRETRAINS))
-    ap.add_argument("--pretrain-steps", type=int, default=800)
-    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=400)
+    ap.add_argument("--finetune-steps", type=int, default=120)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each with --threads torch threads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -325,10 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(args, tokenizer, work)
     budget = {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
               "flop_matched_steps": next((j.steps for j in jobs if j.info["method"] == "dense-flops75"), None),
-              "sets": args.sets, "jobs": args.jobs, "threads": args.threads, "work": str(work)}
-    write_json(raw_dir / "plan.json", {"budget": budget, "seeds": args.seeds, "methods": args.methods,
-                                       "runs": [j.id for j in jobs],
-                                       "command": "python benchmarks/replicate.py " + " ".join(argv or sys.argv[1:])})
+              "sets": args.sets, "jobs": args.jobs, "threads": args.threads,
+              "work": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work)}
+    plan_file = raw_dir / "plan.json"
+    sessions = []  # wall time and load of every invocation of this replication (a resumed one has several)
+    if plan_file.is_file():
+        earlier = json.loads(plan_file.read_text())
+        sessions = earlier.get("sessions", []) if earlier.get("budget", {}).get("work") == budget["work"] else []
+    session = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_before": os.getloadavg()[0],
+               "cpu": cpu_name(), "cpus": os.cpu_count()}
+    sessions.append(session)
+    plan_data = {"budget": budget, "seeds": args.seeds, "methods": args.methods, "runs": [j.id for j in jobs],
+                 "command": "python benchmarks/replicate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "sessions": sessions}
+    write_json(plan_file, plan_data)
+    started = time.perf_counter()
 
     def record(job: Job) -> None:
         write_json(raw_dir / f"{job.id}.json", raw_record(job, budget))
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         if job.done_file.is_file():
             pool.finished.add(job.id)
             record(job)
-    print(f"{len(jobs)} runs ({len(pool.finished)} already finished) in {work}; {args.jobs} at once, "
+    already = len(pool.finished)
+    print(f"{len(jobs)} runs ({already} already finished) in {work}; {args.jobs} at once, "
           f"{args.threads} thread(s) each; dense FLOP-matched run: {budget['flop_matched_steps']} steps", flush=True)
     previous = {sig: signal.signal(sig, pool.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -346,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    session.update(wall_seconds=time.perf_counter() - started, load_after=os.getloadavg()[0],
+                   runs_run=len(pool.finished) - already)
+    write_json(plan_file, plan_data)
     if pool.stopping:
         return 130
     if not ok:

@@ -143,6 +143,15 @@ def plot(plan: dict, runs: list[dict], out: Path) -> list[str]:
     return [curves.name, scatter.name]
 
 
+def _sessions(plan: dict) -> str:
+    done = [s for s in plan.get("sessions", []) if "wall_seconds" in s]
+    if not done:
+        return ""
+    loads = ", ".join(f"{s['load_before']:.1f} → {s['load_after']:.1f}" for s in done)
+    return (f"{sum(s['wall_seconds'] for s in done) / 60:.0f} min wall in {len(done)} session(s) on "
+            f"{done[-1]['cpu']}, {done[-1]['cpus']} CPUs shared with other jobs (load average {loads}).")
+
+
 def write_report(raw_dir: Path, out: Path) -> Path:
     plan, runs = load_runs(raw_dir)
     if not runs:
@@ -164,7 +173,7 @@ def write_report(raw_dir: Path, out: Path) -> Path:
         f"{budget['finetune_steps']} steps from each pre-training's export, densely (SPDF: masks removed) and, for "
         f"the sparse ones, with the masks kept (SPSF). Seeds {', '.join(map(str, seeds_done))} "
         f"({len(runs)} of {len(plan['runs'])} planned runs finished); {budget['jobs']} runs at a time, "
-        f"{budget['threads']} thread(s) each.",
+        f"{budget['threads']} thread(s) each. {_sessions(plan)}",
         "",
         "Mean ± sample standard deviation over seeds. Pre-train val loss: held-out modules at the end of "
         "pre-training. Downstream val loss: the docstring task's validation loss after fine-tuning (completion "
