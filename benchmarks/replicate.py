@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
+
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,9 +265,12 @@ def raw_record(job: Job, budget: dict) -> dict:
     done = json.loads(job.done_file.read_text())
     records = read_jsonl(job.run_dir / "metrics.jsonl")
     phase = [r for r in records if r.get("phase") == job.kind]
-    flops_at = {r["step"]: r["flops_spent"] for r in phase if "flops_spent" in r}
-    curve = [{"step": r["step"], "tokens": r["tokens"], "flops_spent": flops_at.get(r["step"], 0.0),
-              "val_loss": r["val_loss"]} for r in phase if "val_loss" in r]
+    logged = [(0, 0.0)] + [(r["step"], r["flops_spent"]) for r in phase if "flops_spent" in r]
+    # cumulative FLOPs at each validation, interpolated between the logged steps around it (exact where a log and a
+    # validation share the step, as they do at the default budget; per-step FLOPs only change at mask updates)
+    flops_at = lambda step: float(numpy.interp(step, *zip(*logged)))  # noqa: E731
+    curve = [{"step": r["step"], "tokens": r["tokens"], "flops_spent": flops_at(r["step"]), "val_loss": r["val_loss"]}
+             for r in phase if "val_loss" in r]
     out = {"id": job.id, "kind": job.kind, **job.info, "budget": budget, "pretrain_run": job.after,
            "command": "spdf " + " ".join(os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a
                                           for a in job.argv),

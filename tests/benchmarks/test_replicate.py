@@ -104,6 +104,8 @@ def test_records_are_complete_and_flop_matched(replication):
             assert math.isfinite(r[key]) and r[key] > 0, (rid, key)
         steps = [p["step"] for p in r["val_curve"]]
         assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == r["steps"]
+        flops = [p["flops_spent"] for p in r["val_curve"]]
+        assert flops[0] == 0 and all(a < b for a, b in zip(flops, flops[1:])) and flops[-1] == r["flops_spent"]
     for rid in RUNS[2:]:
         r = runs[rid]
         assert r["kind"] == "finetune" and r["steps"] == 4 and r["pretrain_run"].startswith(r["method"])
