@@ -93,6 +93,16 @@ def _legend(ax, size: int) -> None:
         ax.legend(fontsize=size)
 
 
+def run_lines(runs: list[dict]) -> list[str]:
+    lines = ["| run | steps | FLOPs spent | val loss before → after | " + " | ".join(l for _, l in METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
+    for r in runs:
+        scores = [f"{downstream(r, n):.2f}" for n, _ in METRICS] if r.get("downstream_after") else ["" for _ in METRICS]
+        lines.append(f"| {r['id']} | {r['steps']} | {r['flops_spent']:.3e} | {r['val_loss_before']:.3f} → "
+                     f"{r['val_loss_after']:.3f} | " + " | ".join(scores) + " |")
+    return lines
+
+
 def plot(plan: dict, runs: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -195,6 +205,10 @@ def write_report(raw_dir: Path, out: Path) -> Path:
         "",
         "FLOPs are spdf's analytic training FLOPs as the loop counts them (RigL's dense-gradient steps included); "
         "the masked backend runs dense matmuls on CPU, so wall time does not show the saving.",
+        "",
+        "## Every run",
+        "",
+        *run_lines(runs),
     ]
     path = out / "replication.md"
     path.write_text("\n".join(lines) + "\n")
