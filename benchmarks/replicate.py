@@ -132,7 +132,7 @@ def plan(args, tokenizer: Path, work: Path) -> list[Job]:
             steps = matched if key == "dense-flops75" else args.pretrain_steps
             sets = [*common, *pretrain_sets(steps, args.pretrain_steps), f"seed={seed}",
                     f"sparsity.method={method}", f"sparsity.level={level}"]
-            if method in ("rigl", "set"):  # mask updates every 1/8 of the budget until 3/4 of it (100 of 800)
+            if method in ("rigl", "set"):  # mask updates every 1/8 of the budget until 3/4 of it (50 of 400)
                 sets.append(f"sparsity.update_every={max(1, args.pretrain_steps // 8)}")
             info = {"method": key, "label": label, "sparsity": level, "algorithm": method, "seed": seed}
             pre = Job(f"{key}-seed{seed}-pretrain", "pretrain", [], work / f"{key}-seed{seed}", steps, info)

@@ -18,15 +18,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests" / "train")]
 
-import replicate  # noqa: E402  (benchmarks/replicate.py)
+import replicate  # noqa: E402  (benchmarks/replicate.py; imports no spdf module at import time)
 import replication_report  # noqa: E402
-from tiny_runs import TINY_SETS  # noqa: E402
 
 pytest.importorskip("matplotlib")
 
-# The tests' tiny model and data; the step budget is the driver's own (its flags), so those keys are left out.
-MODEL_SETS = [s for s in TINY_SETS if not re.search(r"steps|checkpoint|logging", s)] + [
-    "phases.finetune.eval.generate.limit=6", "phases.finetune.eval.generate.max_new_tokens=6"]
+
+def model_sets() -> list[str]:
+    """The tests' tiny model and data (tests/train/tiny_runs.py); the step budget is the driver's own (its flags),
+    so those keys are left out. Imported when a test runs, not at collection: tiny_runs imports spdf, which imports
+    triton, and tests/kernels must be the first to import triton (with TRITON_INTERPRET set by its conftest)."""
+    from tiny_runs import TINY_SETS
+
+    return [s for s in TINY_SETS if not re.search(r"steps|checkpoint|logging", s)] + [
+        "phases.finetune.eval.generate.limit=6", "phases.finetune.eval.generate.max_new_tokens=6"]
 PRETRAIN_STEPS = 800  # long enough (a few seconds) that a signal arrives mid-run, not after it
 METHODS = ["static75", "dense-flops75"]
 RUNS = ["static75-seed0-pretrain", "dense-flops75-seed0-pretrain", "static75-seed0-spdf", "static75-seed0-spsf",
@@ -35,7 +40,7 @@ RUNS = ["static75-seed0-pretrain", "dense-flops75-seed0-pretrain", "static75-see
 
 def driver_args(work: Path, out: Path) -> list[str]:
     return ["--seeds", "0", "--methods", *METHODS, "--pretrain-steps", str(PRETRAIN_STEPS), "--finetune-steps", "4",
-            "--jobs", "1", "--work", str(work), "--out", str(out), *[a for s in MODEL_SETS for a in ("--set", s)]]
+            "--jobs", "1", "--work", str(work), "--out", str(out), *[a for s in model_sets() for a in ("--set", s)]]
 
 
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
