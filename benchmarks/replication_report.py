@@ -71,9 +71,16 @@ def table_lines(plan: dict, runs: list[dict]) -> list[str]:
     return lines
 
 
+def _sparse_minus_dense(runs: list[dict], method: str) -> list[float]:
+    """Per seed: downstream loss after SPSF minus after SPDF of the same pre-trained model."""
+    spdf = {r["seed"]: r["val_loss_after"] for r in _by(runs, "finetune", method, "spdf")}
+    return [r["val_loss_after"] - spdf[r["seed"]] for r in _by(runs, "finetune", method, "spsf") if r["seed"] in spdf]
+
+
 def gap_lines(plan: dict, runs: list[dict]) -> list[str]:
     lines = ["| pre-training | pre-train val loss gap | downstream loss gap after SPDF | after SPSF "
-             "| chrF gap after SPDF | after SPSF | seeds |", "|---|---|---|---|---|---|---|"]
+             "| SPSF − SPDF (same pre-training) | chrF gap after SPDF | after SPSF | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     loss = lambda r: r["val_loss_after"]  # noqa: E731
     chrf = lambda r: downstream(r, "chrf")  # noqa: E731
     for method in plan["methods"]:
@@ -82,6 +89,7 @@ def gap_lines(plan: dict, runs: list[dict]) -> list[str]:
         pre = _gap(runs, method, loss, "pretrain", None, None)
         cells = [spread(pre), spread(_gap(runs, method, loss, "finetune", "spdf", "spdf")),
                  spread(_gap(runs, method, loss, "finetune", "spsf", "spdf")),
+                 spread(_sparse_minus_dense(runs, method)),
                  spread(_gap(runs, method, chrf, "finetune", "spdf", "spdf"), 2),
                  spread(_gap(runs, method, chrf, "finetune", "spsf", "spdf"), 2)]
         lines.append(f"| {_by(runs, 'pretrain', method)[0]['label']} | " + " | ".join(cells) + f" | {len(pre)} |")
