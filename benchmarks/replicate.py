@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                SPDF_CACHE_DIR=str(work / "cache"), PYTHONUNBUFFERED="1")
     base_sets = [*budget_sets(args.finetune_steps), *pretrain_sets(args.pretrain_steps, args.pretrain_steps),
                  *args.sets]
+    resuming = (work / "prepare" / ".prepared").is_file()  # else a fresh start: earlier sessions are not this one's
     tokenizer = prepare(work, base_sets, env)
     jobs = plan(args, tokenizer, work)
     budget = {"pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps,
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
               "work": os.path.relpath(work, REPO) if work.is_relative_to(REPO) else str(work)}
     plan_file = raw_dir / "plan.json"
     sessions = []  # wall time and load of every invocation of this replication (a resumed one has several)
-    if plan_file.is_file():
+    if resuming and plan_file.is_file():
         earlier = json.loads(plan_file.read_text())
         sessions = earlier.get("sessions", []) if earlier.get("budget", {}).get("work") == budget["work"] else []
     session = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_before": os.getloadavg()[0],
