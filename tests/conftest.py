@@ -1,5 +1,10 @@
 """Shared fixtures: a seeded tiny GPT, token batches for it, and a network that really is unreachable."""
+import os
 import socket
+
+# Triton reads TRITON_INTERPRET when it is first imported; `import spdf` below may import it (through spdf.kernels),
+# so the kernel tests' CPU interpreter must be switched on here, before any test module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
