@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from spdf.export import read_masks
 from spdf.inspect import checkpoint_stats
-from tiny_runs import REPO, loss_trace, subprocess_env, wait_for, write_recipe
+from tiny_runs import REPO, loss_trace, spdf_subprocess, subprocess_env, wait_for, write_recipe
 
 FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-8gpu.yaml"
 NO_GENERATION = "phases.finetune.eval.generate=null"  # generation during training is refused under FSDP2
@@ -175,3 +175,20 @@ def test_fsdp2_bf16_with_activation_checkpointing_keeps_the_zeros(fsdp_run, cach
     assert [t[:3] for t in bf16] == [t[:3] for t in fp32]
     for a, b in zip(bf16, fp32):
         assert a[3] == pytest.approx(b[3], abs=0.05), (a, b)  # bf16 compute: close to fp32, not equal
+
+
+def test_fsdp2_supar_run_trains_like_one_process(finished_run, cache_dir, tmp_path):
+    """SµPar under FSDP2: the per-layer LR scales read each sparse layer's density from its sharded mask (a gathering
+    collective every rank calls) and the SµPar init runs before sharding; both must give one process's losses."""
+    supar = "model.parametrization=supar"
+    recipe = write_recipe(tmp_path / "fsdp.yaml", tmp_path / "fsdp", NO_GENERATION, supar)
+    launch_fsdp2("pretrain", recipe, cache_dir, tmp_path)
+    single = write_recipe(tmp_path / "one.yaml", tmp_path / "one", NO_GENERATION, supar)
+    proc = spdf_subprocess(["pretrain", str(single)], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours, reference = loss_trace(tmp_path / "fsdp", "pretrain"), loss_trace(tmp_path / "one", "pretrain")
+    assert ours and [t[:3] for t in ours] == [t[:3] for t in reference]
+    for a, b in zip(ours, reference):
+        assert a[3] == pytest.approx(b[3], abs=1e-5), (a, b)
+    standard = loss_trace(finished_run["run_dir"], "pretrain")  # the same recipe under sp: SµPar really applied
+    assert all(abs(a[3] - b[3]) > 1e-3 for a, b in zip(ours[1:], standard[1:]))
