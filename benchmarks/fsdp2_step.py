@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -26,12 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 
 def _worker(rank: int, args, port: int):
@@ -123,7 +117,7 @@ def main():
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    mp.spawn(_worker, args=(args, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(args, get_free_port()), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

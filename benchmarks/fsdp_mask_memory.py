@@ -17,21 +17,15 @@ import argparse
 import gc
 import json
 import os
-import socket
 import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 MiB = 2 ** 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mask_bytes(sp) -> int:
@@ -131,7 +125,7 @@ def main():
     parser.add_argument("--sparsity", type=float, default=0.75)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    mp.spawn(_worker, args=(2, args, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, args, get_free_port()), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,15 @@
 """Two CPU processes under DDP (gloo): RigL takes identical decisions on every rank from the all-reduced gradients,
 though each rank sees other data."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
 from spdf.sparsity import RigL, sparse_layers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -46,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_rigl_decisions_are_identical_on_every_rank(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["step"] == r1["step"] == 4
     assert all(r0["masked_grads_zero"]) and all(r1["masked_grads_zero"])

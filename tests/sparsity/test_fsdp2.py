@@ -3,22 +3,16 @@ entry exactly zero, and the run matches one process training on the whole batch.
 stopped at attach. A run saved with torch.distributed.checkpoint and resumed in fresh processes' models continues
 exactly."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
 
 STEPS, ACCUM, CLIP = 4, 2, 0.05
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches():
@@ -116,7 +110,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model = _model()
     sp = spdf.sparsify(model, sparsity=0.75, seed=0)

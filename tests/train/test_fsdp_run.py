@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 from spdf.export import read_masks
 from spdf.inspect import checkpoint_stats
@@ -28,16 +28,10 @@ FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-8gpu.yaml"
 NO_GENERATION = "phases.finetune.eval.generate=null"  # generation during training is refused under FSDP2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_command(command: str, recipe: Path, *launch_args: str) -> list[str]:
     """`accelerate launch` of the shipped FSDP2 config on 2 processes of this (CPU) machine."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
-            "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+            "--num_processes", "2", "--main_process_port", str(get_free_port()), "--mixed_precision", "no",
             *launch_args, "-m", "spdf", command, str(recipe)]
 
 
