@@ -36,14 +36,13 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
+from .fswrite import write_text_atomic
 from .model.config import CONFIGS, GPTConfig
 from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, GenerationEvalSpec, LoggingSpec, ModelSpec,
                             OptimizerSpec, PhaseSpec, Recipe, RecipeError, ScheduleSpec, SourceSpec, SparsitySpec,
@@ -88,14 +87,7 @@ def load_recipe(path, overrides: Sequence[str] = ()) -> Recipe:
 def dump_recipe(recipe: Recipe, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:

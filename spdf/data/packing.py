@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from ..fswrite import write_text_atomic
 from ..typed_spec import to_plain
 from .prepare import SPLITS, default_workers, help_tokenize, tokenize_splits
 from .rank_share import RankShare
@@ -82,12 +83,6 @@ def cache_key(source: DataSpec, tokenizer: TextTokenizer, seq_len: int) -> str:
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 2**16 else "uint32"
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _load_cached(entry: Path, key: str) -> dict | None:
@@ -204,6 +199,6 @@ def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: Text
             "seq_len": seq_len, "val_fraction": val_fraction, "dtype": dtype, "max_tokens": max_tokens,
             "truncated": result["truncated"], "splits": splits,
             "build_seconds": round(time.perf_counter() - start, 3)}
-    _write_json_atomic(entry / "meta.json", meta)
+    write_text_atomic(entry / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
     progress_path.unlink(missing_ok=True)
     return meta

@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..fswrite import write_text_atomic
+
 POLL_SECONDS = 0.02
 
 
@@ -46,9 +48,7 @@ class RankShare:
         return json.loads(path.read_text())["batch"] if path.is_file() else None
 
     def _set_marker(self, name: str, index: int) -> None:
-        tmp = self.spool / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"batch": index}))
-        os.replace(tmp, self.spool / name)
+        write_text_atomic(self.spool / name, json.dumps({"batch": index}))
 
     # ---- rank 0 ------------------------------------------------------------------------------------------------
     def take(self, index: int) -> tuple[int, list] | None:

@@ -17,6 +17,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
+from ..fswrite import replacing_file, write_text_atomic
 from .specs import TokenizerSpec
 
 EOS_TOKEN = "<|endoftext|>"
@@ -54,9 +55,8 @@ class TextTokenizer:
 
 
 def _save_atomic(tokenizer: Tokenizer, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    with replacing_file(path) as tmp:
+        tokenizer.save(str(tmp))
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int, max_bytes: int | None = None) -> Tokenizer:
@@ -127,8 +127,6 @@ def load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None
         raise DataError("tokenizer kind 'train' needs documents to train on")
     else:
         tok = train_bpe(documents, record["vocab_size"], record["max_bytes"])
-    tmp = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, record_path)
+    write_text_atomic(record_path, json.dumps(record))
     _save_atomic(tok, path)  # last: its presence means the pair is complete
     return TextTokenizer(path)

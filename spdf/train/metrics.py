@@ -6,10 +6,10 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..export import finite_json
+from ..fswrite import write_text_atomic
 
 
 class MetricsLog:
@@ -31,9 +31,7 @@ class MetricsLog:
             if (record.get("phase") == phase and record.get("step", 0) > step) or record.get("phase") in later_phases:
                 continue
             kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

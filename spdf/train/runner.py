@@ -24,6 +24,7 @@ from ..export import (CheckpointError, find_export, find_tokenizer, load_weights
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
 from ..flops import TrainingFlops
+from ..fswrite import replacing_file
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
 from ..sparsity import densify, sparse_layers
@@ -109,9 +110,8 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
             raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
                               f"use another run_dir")
         return kept
-    tmp = kept.with_name(f".tokenizer.json.{os.getpid()}.tmp")  # every rank copies the same bytes; none collide
-    shutil.copyfile(tokenizer_file, tmp)
-    os.replace(tmp, kept)
+    with replacing_file(kept) as tmp:  # every rank copies the same bytes, each through its own temporary file
+        shutil.copyfile(tokenizer_file, tmp)
     return kept
 
 
