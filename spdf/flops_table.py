@@ -35,14 +35,15 @@ def _shape(cfg: GPTConfig) -> tuple:
     return cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model, cfg.d_ff, cfg.n_ctx, cfg.vocab_size, cfg.bias
 
 
-def table_models() -> list[tuple[GPTConfig, list[str]]]:
-    """One (config, names) per distinct shape among the named configs, the tiny test shapes left out, smallest
-    first."""
+def table_models() -> list[tuple[GPTConfig, list[str], int]]:
+    """One (config, names, parameters) per distinct shape among the named configs, the tiny test shapes left out,
+    smallest first."""
     groups: dict[tuple, tuple[GPTConfig, list[str]]] = {}
     for name, cfg in CONFIGS.items():
         if not name.startswith("tiny"):
             groups.setdefault(_shape(cfg), (cfg, []))[1].append(name)
-    return sorted(groups.values(), key=lambda group: parameter_count(group[0]))
+    counted = [(cfg, names, parameter_count(cfg)) for cfg, names in groups.values()]
+    return sorted(counted, key=lambda model: model[2])
 
 
 def _share(forward: dict[str, float], components) -> float:
@@ -51,8 +52,7 @@ def _share(forward: dict[str, float], components) -> float:
 
 def table_rows(levels=LEVELS) -> list[dict]:
     rows = []
-    for cfg, names in table_models():
-        params = parameter_count(cfg)
+    for cfg, names, params in table_models():
         tokens = TOKENS_PER_PARAMETER * params
         for level in levels:
             fb = analytic_flops(cfg, level)
