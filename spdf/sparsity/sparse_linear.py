@@ -149,11 +149,6 @@ class SparseLinear(SparseLayer):
         mask = full(self.weight_mask)
         return mask.t() if self.transposed else mask
 
-    @property
-    def density(self) -> float:
-        mask = full(self.weight_mask)
-        return mask.sum().item() / mask.numel()
-
     def apply_mask_(self) -> None:
         with torch.no_grad():
             local(self.weight).mul_(self._local_mask())
