@@ -2,12 +2,15 @@
 import os
 import socket
 
-# Triton reads TRITON_INTERPRET when it is first imported; `import spdf` below may import it (through spdf.kernels),
-# so the kernel tests' CPU interpreter must be switched on here, before any test module is collected.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported; `import spdf` below may import it (through spdf.kernels),
+# so the choice is made here, before any test module is collected (importing torch does not import triton). Without
+# CUDA the kernel tests run Triton's CPU interpreter; on a GPU machine the suite runs the compiled kernels
+# (tests/kernels/test_cuda.py), and an interpreter would only slow CUDA paths down. An explicit setting wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import spdf
 

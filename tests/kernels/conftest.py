@@ -1,16 +1,10 @@
-"""Run the Triton kernels on CPU through the Triton interpreter.
+"""Fixtures of the kernel tests.
 
-TRITON_INTERPRET is read when triton decorates its own and our ``@triton.jit`` functions, i.e. when triton is first
-imported. If another test module imported triton earlier (torch.compile, spdf.kernels via spdf), the interpreter
-cannot be switched on any more and the Triton tests skip with that reason: set TRITON_INTERPRET=1 in the
-environment or at the top of the root tests/conftest.py to be safe.
+Triton's CPU interpreter (TRITON_INTERPRET=1) is chosen in the root tests/conftest.py, before triton is first
+imported; the Triton-on-CPU tests skip with that reason where it could not be switched on.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def _mask(shape, sparsity, pattern, block=16, seed=0):

@@ -61,6 +61,20 @@ def test_wide_tiles_two_bitmap_words(dtype, make_mask):
                                reference.sddmm(dy.float(), x.float(), layout), **tol)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_empty_layer_gives_bias_and_zeros(impl, dtype):
+    """Sparsity 1.0 (no stored tile): Y is the bias alone, dX zeros, dW an empty values gradient."""
+    layout, values = pack(torch.randn(SHAPE).to(dtype), torch.zeros(SHAPE, dtype=torch.bool), (16, 16))
+    assert values.numel() == 0
+    x, dy, bias = torch.randn(5, SHAPE[1]).to(dtype), torch.randn(5, SHAPE[0]).to(dtype), torch.randn(SHAPE[0]).to(dtype)
+    assert torch.equal(spmm(x, values, layout, bias, impl=impl), bias.expand(5, SHAPE[0]))
+    assert torch.equal(spmm(x, values, layout, None, impl=impl), torch.zeros(5, SHAPE[0], dtype=dtype))
+    assert torch.equal(spmm_t(dy, values, layout, impl=impl), torch.zeros(5, SHAPE[1], dtype=dtype))
+    dv = sddmm(dy, x, layout, impl=impl)
+    assert dv.shape == (0,) and dv.dtype == dtype
+
+
 def test_sddmm_token_split_is_summed(make_mask):
     """One stored tile and many tokens: the kernel splits tokens over programs and sums fp32 partials."""
     layout, values, x, dy, _ = _case((16, 16), (16, 16), 0.5, "unstructured", torch.float32, 600, make_mask)
