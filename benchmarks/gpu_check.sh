@@ -1,18 +1,63 @@
 #!/usr/bin/env bash
-# One prepared run for a lent GPU machine (e.g. the `device` tool): the CUDA tests, then the GPU benchmarks, results
-# into benchmarks/results/ (or $OUT when set, for machines that hand back only one folder). About 10 minutes on an
-# H100/H200; each step has its own time limit so one slow part cannot eat the rest.
+# One prepared run for a GPU machine with torch and triton preinstalled and no network (the `device` tool lends one
+# for ~15 minutes): install spdf offline, run the README's whole test suite on the GPU, then the GPU benchmarks. Each
+# part has its own time limit so one slow part cannot eat the rest; all of it fits in 8 minutes on an H100/H200.
+# Results go to benchmarks/results/gpu/ (commit them); with $OUT set (the device tool), they are also packed into
+# $OUT/gpu_results.tgz, since that tool hands back at most 8 files.
 #
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_wheels.sh        # first, where pip reaches the registry: .whl/ (carry it to the GPU machine)
+#   bash benchmarks/gpu_check.sh         # on the GPU machine, from anywhere
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-benchmarks/results}"
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-  | tee -a "$out/gpu.txt"
-# compiled Triton on CUDA tensors: the interpreter must be off for this file
-TRITON_INTERPRET=0 timeout 240 python -m pytest -q tests/kernels/test_cuda.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
-timeout 300 python benchmarks/kernels.py --out "$out" 2>&1 | tail -25
-timeout 180 python benchmarks/step_overhead.py --device cuda --d-model 2048 --layers 8 --batch 8 --seq 1024 \
-  --reps 30 --out "$out" 2>&1 | tail -12
+res=benchmarks/results/gpu
+mkdir -p "$res"
+summary="$res/summary.md"
+started=$(date +%s)
+
+part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log to $res/NAME.log, one line in the summary
+  local name=$1 limit=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$res/$name.log" 2>&1
+  rc=$?
+  local verdict=ok
+  [ "$rc" -eq 0 ] || verdict="FAILED (exit $rc)"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT after ${limit}s"
+  echo "| $name | $verdict | $(( $(date +%s) - t0 )) s | ${limit} s | $(tail -n 1 "$res/$name.log" | tr '|' '/') |" \
+    | tee -a "$summary"
+}
+
+{
+  echo "# gpu_check.sh, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+  '| cuda', torch.version.cuda, '| triton', triton.__version__)" 2>&1
+  echo '```'
+  echo
+  echo "| part | verdict | took | limit | last line of its log |"
+  echo "|---|---|---|---|---|"
+} >"$summary"
+
+# 1. spdf itself (offline: PEP 660 editable install with the machine's setuptools) and the carried [dev] wheels
+install() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl || return
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
+    python3 -c "import spdf, spdf.kernels; print('spdf from', spdf.__file__)"
+}
+part install 90 install
+# 2. the README's test command, whole suite, on the GPU: compiled Triton kernels (the interpreter is only chosen
+#    without CUDA), CUDA tests included; -p no:cacheprovider keeps the checkout clean
+part tests 270 python3 -m pytest -q -p no:cacheprovider
+# 3. the GPU benchmarks: whole training steps per backend at GPT-3 XL width, then the kernels on a reduced grid
+part gpu_step 100 python3 benchmarks/gpu_step.py --out "$res"
+part kernels 90 python3 benchmarks/kernels.py --quick --out "$res"
+
+echo "" >>"$summary"
+echo "whole run: $(( $(date +%s) - started )) s" | tee -a "$summary"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_results.tgz" "$res" && cp "$summary" "$OUT/summary.md"
+fi

@@ -1,5 +1,8 @@
-"""Shared fixtures: a seeded tiny GPT, token batches for it, and a network that really is unreachable."""
+"""Shared fixtures: a seeded tiny GPT, token batches for it, and a network that really is unreachable; the versions
+line at the top of every run."""
+import importlib.metadata
 import os
+import platform
 import socket
 
 import pytest
@@ -13,6 +16,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import spdf
+
+# The packages whose new releases have broken (or could break) the suite: a red run names what it was run against.
+REPORTED = ("torch", "triton", "transformers", "accelerate", "datasets", "evaluate", "kernels", "tokenizers")
+
+
+def pytest_sessionstart(session):
+    """One line of versions, printed even under -q (pytest's own header is not)."""
+
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    line = ", ".join([f"python {platform.python_version()}"] + [f"{n} {version(n)}" for n in REPORTED])
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"versions: {line}")
 
 
 @pytest.fixture

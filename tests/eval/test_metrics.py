@@ -6,6 +6,7 @@ spdf.eval.metrics) and the one pycocoevalcap's own scorer needs for the comparis
 """
 import math
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -117,6 +118,8 @@ def test_cider_matches_pycocoevalcap():
     assert expected > 0
 
 
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's METEOR needs java (spdf's own then says "
+                                                          "'skipped: needs java', tested below)")
 def test_meteor_matches_pycocoevalcap(coco_meteor):
     expected, _ = coco_meteor.compute_score(dict(enumerate(REFERENCES)), {i: [p] for i, p in enumerate(PREDICTIONS)})
     assert metrics.meteor(PREDICTIONS, REFERENCES) == pytest.approx(100 * expected, abs=1e-9)
