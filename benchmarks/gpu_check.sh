@@ -54,7 +54,7 @@ part install 90 install
 part tests 270 python3 -m pytest -q -p no:cacheprovider
 # 3. the GPU benchmarks: whole training steps per backend at GPT-3 XL width, then the kernels on a reduced grid
 part gpu_step 100 python3 benchmarks/gpu_step.py --out "$res"
-part kernels 90 python3 benchmarks/kernels.py --quick --out "$res"
+part kernel_speed 90 python3 benchmarks/kernel_speed.py --quick --out "$res"
 
 echo "" >>"$summary"
 echo "whole run: $(( $(date +%s) - started )) s" | tee -a "$summary"

@@ -1,4 +1,4 @@
-"""Other libraries' ways to compute Y = X W^T with a masked weight, measured beside spdf's kernels (kernels.py).
+"""Other libraries' ways to compute Y = X W^T with a masked weight, measured beside spdf's kernels (kernel_speed.py).
 
 - ``torch.sparse`` (inside torch): W as CSR and as 64x64 BSR;
 - ``torch-sparse`` (PyG's package, the optional ``[peers]`` extra): W as a ``torch_sparse.SparseTensor``.

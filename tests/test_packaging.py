@@ -30,9 +30,30 @@ def _distribution_installed(name: str) -> bool:
         return False
 
 
-def test_no_top_level_package_shadows_a_distribution():
-    packages = [d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file() and d.name not in OURS]
-    assert packages == [], f"top-level packages beside spdf: {packages} (they shadow any distribution of that name)"
+def _importable_names(folder: Path) -> dict[str, Path]:
+    """What `import NAME` finds in a folder on sys.path: modules and regular packages (a folder without __init__.py
+    is only a namespace portion, which any installed package of that name outranks)."""
+    found = {}
+    for child in folder.iterdir():
+        if child.suffix == ".py":
+            found[child.stem] = child
+        elif (child / "__init__.py").is_file():
+            found[child.name] = child
+    return found
+
+
+def test_nothing_on_our_sys_path_folders_shadows_a_distribution():
+    """The root (every process started there), benchmarks/ (each script's own folder) and the test folders (pytest
+    puts them on sys.path) must not hold a module named like an installed distribution's: `import kernels` once
+    found benchmarks/kernels.py whenever transformers imported Hugging Face's `kernels` from a benchmark."""
+    installed = importlib.metadata.packages_distributions()
+    folders = [ROOT, ROOT / "benchmarks", ROOT / "tests", *[d for d in (ROOT / "tests").iterdir() if d.is_dir()]]
+    clashes = {f"{path.relative_to(ROOT)} (distribution {', '.join(installed[name])})"
+               for folder in folders for name, path in _importable_names(folder).items()
+               if name in installed and name != "spdf"}
+    assert not clashes, f"these shadow installed distributions: {sorted(clashes)}"
+    ours = [name for name in _importable_names(ROOT) if name not in OURS]
+    assert ours == [], f"top-level modules or packages beside spdf: {ours} (they would shadow any distribution)"
 
 
 def test_transformers_builds_a_model_from_the_repository_root():

@@ -1,4 +1,4 @@
-"""The peers measured in benchmarks/kernels.py compute the product they are timed for: Y = X W^T of the masked W.
+"""The peers measured in benchmarks/kernel_speed.py compute the product they are timed for: Y = X W^T of the masked W.
 
 The torch-sparse tests run only where the optional `[peers]` extra is installed; CI installs `[dev]`, which does not
 include it (a source build of about 20 minutes), so there they are skipped with the import error as the reason.

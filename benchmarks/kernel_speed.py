@@ -1,7 +1,7 @@
 """Speed of the tiled sparse products vs dense GEMM and peers (torch.sparse CSR/BSR, torch-sparse) on GPT-3 shapes.
 
-    python benchmarks/kernels.py --out benchmarks/results          # GPU: full grid, bf16, Triton kernels
-    python benchmarks/kernels.py --out benchmarks/results --quick  # CPU: reduced grid, fp32, reference backend
+    python benchmarks/kernel_speed.py --out benchmarks/results          # GPU: full grid, bf16, Triton kernels
+    python benchmarks/kernel_speed.py --out benchmarks/results --quick  # CPU: reduced grid, fp32, reference backend
 
 On CUDA it writes kernels.{json,md,png}; without a GPU it says so and writes kernels_cpu.{json,md,png} (the CPU
 reference backend vs dense torch.matmul). Ratios are dense time / sparse time (higher = faster than dense),
@@ -131,7 +131,7 @@ def write_markdown(records, meta, targets, path):
     if not meta["gpu"]:
         out += ["**No GPU in this run.** Measured: the CPU *reference* backend (`spdf.kernels.reference`, "
                 "unpack-then-dense) vs dense `torch.matmul`, fp32, reduced grid. These files are "
-                "`kernels_cpu.*`; the GPU run (`python benchmarks/kernels.py --out benchmarks/results` on a CUDA "
+                "`kernels_cpu.*`; the GPU run (`python benchmarks/kernel_speed.py --out benchmarks/results` on a CUDA "
                 "machine) writes `kernels.*` with the Triton kernels in bf16.", ""]
     out += ["Ratio = dense time / sparse time (higher = faster than dense), both timed side by side in one run. "
             "`step` = (fwd + dX + dW dense) / (fwd + dX + dW sparse). Peers, forward (Y = X W^T) vs dense: "
