@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..export import finite_json
-from ..fswrite import write_text_atomic
+from ..fswrite import append_line, write_text_atomic
 
 
 class MetricsLog:
@@ -37,8 +37,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n")  # NaN -> null
+        append_line(self.path, json.dumps(finite_json(record), sort_keys=True, allow_nan=False))  # NaN -> null
         if self.accelerator is not None and self.accelerator.trackers:
             flat = {**record, **{f"{k}/{name}": n for k, v in record.items() if isinstance(v, dict)
                                  for name, n in v.items()}}  # tokens_by_source -> tokens_by_source/code, …
