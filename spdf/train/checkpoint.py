@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ..export import CheckpointError, read_json, write_json_atomic
 from ..fswrite import writing_dir
+from .nonfinite import all_finite, state_tensors
 from ..manifest import MANIFEST_FILE, ManifestError, has_manifest, verify_manifest, write_manifest
 
 CHECKPOINT_PREFIX = "step-"
@@ -116,7 +117,19 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
         bad = _damaged_file(path)  # accelerate's errors rarely say which file they were reading
         raise DamagedCheckpoint(f"checkpoint {path / bad if bad else path} could not be loaded (corrupt or "
                               f"truncated?): {first}") from None
+    if not _loaded_state_finite(accelerator):  # an older spdf saved diverged state: resuming it only fails again
+        raise DamagedCheckpoint(f"checkpoint {path} holds NaN or inf weights or optimizer state (saved after the "
+                                f"training diverged)")
     return meta
+
+
+def _loaded_state_finite(accelerator) -> bool:
+    """Whether every rank's loaded model and optimizer state is finite (the same answer on every rank)."""
+    finite = all(all_finite(state_tensors(m, o)) for m, o in zip(accelerator._models, accelerator._optimizers))
+    flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return not bool(flag[0] > 0)
 
 
 def _damaged_file(path: Path) -> str:

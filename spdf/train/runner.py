@@ -34,6 +34,7 @@ from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .nonfinite import all_finite, state_tensors
 from .parametrization import apply_supar_init
 from .rank_data import packed_splits
 from .preemption import StopRequest
@@ -325,4 +326,8 @@ def _initial_model(recipe: Recipe, config, init_from: Path | None):
         sparsifier = sparsify_recipe(recipe, model)
         apply_supar_init(model)  # SµPar: after the masks exist, since the std depends on each layer's density
         return model, sparsifier
-    return sparse_model(find_export(init_from), model)
+    model, sparsifier = sparse_model(find_export(init_from), model)
+    if not all_finite(state_tensors(model)):
+        raise CheckpointError(f"--from {init_from} holds NaN or inf weights (saved after its training diverged); "
+                              f"fine-tune from an earlier checkpoint")
+    return model, sparsifier
