@@ -191,7 +191,7 @@ def verify_export(path: Path) -> bool:
     if not has_manifest(path):
         return False
     try:
-        verify_manifest(path)
+        verify_manifest(path, required=(WEIGHTS_FILE, CONFIG_FILE if is_export(path) else CHECKPOINT_META))
     except ManifestError as e:
         raise CheckpointError(f"{path} is damaged: {e}; use another checkpoint") from None
     return True

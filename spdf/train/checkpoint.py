@@ -44,11 +44,25 @@ def verify_checkpoint(path: Path, content: bool = True) -> bool:
     (an older spdf's); DamagedCheckpoint otherwise."""
     if not has_manifest(path):
         return False
+    # nothing is added to a checkpoint after its manifest: it must list every file there
+    every_file = tuple(str(p.relative_to(path)) for p in sorted(Path(path).rglob("*"))
+                       if p.is_file() and p.name != MANIFEST_FILE)
     try:
-        verify_manifest(path, content)
+        verify_manifest(path, content, required=every_file)
     except ManifestError as e:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
     return True
+
+
+def check_checkpoint(path: Path, warn) -> None:
+    """Verify checkpoint `path` as resume and `--from` both do: DamagedCheckpoint if it does not match its manifest,
+    or has none while a sibling has one (then its manifest was lost); without any (an older spdf's), `warn` and
+    accept it unverified."""
+    if verify_checkpoint(path):
+        return
+    if any(has_manifest(p) for p in list_checkpoints(Path(path).parent)):
+        raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
+    warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
 
 
 def _state_bytes(accelerator) -> int:
@@ -150,15 +164,10 @@ def resume_checkpoint(accelerator, root: Path, expect: dict, warn) -> Path | Non
     damaged one is named through `warn`. If checkpoints exist but none is usable the run stops: starting over would
     let rotation delete them."""
     existing = list_checkpoints(root)
-    # Without a manifest a checkpoint is an older spdf's, unless a sibling has one: then its manifest was lost.
-    legacy = not any(has_manifest(p) for p in existing)
     problems = []
     for path in reversed(existing):
         try:
-            if not verify_checkpoint(path):
-                if not legacy:
-                    raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
-                warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
+            check_checkpoint(path, warn)
             load_checkpoint(accelerator, path, expect)
             return path
         except DamagedCheckpoint as e:

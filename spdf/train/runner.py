@@ -19,16 +19,18 @@ from pathlib import Path
 
 import torch
 
-from ..export import (CheckpointError, find_export, find_tokenizer, load_weights, read_json, sparse_model, verify_export,
-                      write_export, write_json_atomic)
+from ..export import (CheckpointError, find_export, find_tokenizer, is_checkpoint, is_export, load_weights, read_json,
+                      sparse_model, verify_export, write_export, write_json_atomic)
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
+from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
 from ..fswrite import replacing_file
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
+from .checkpoint import check_checkpoint
 from .downstream import DownstreamEval, check_metrics_available
 from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
@@ -107,12 +109,15 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
     if not tokenizer_file.is_file():
         raise RecipeError(f"tokenizer file not found: '{tokenizer_file}'")
     if kept.exists():
+        TextTokenizer(kept)  # a copy damaged since it was made is named as such (its recorded checksum)
         if kept.read_bytes() != tokenizer_file.read_bytes():
             raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
                               f"use another run_dir")
         return kept
+    TextTokenizer(tokenizer_file)  # verified where it comes from (a run directory's, against its record)
     with replacing_file(kept) as tmp:  # every rank copies the same bytes, each through its own temporary file
         shutil.copyfile(tokenizer_file, tmp)
+    record_tokenizer(kept, {"kind": "file"})  # its checksum, verified whenever the run loads it
     return kept
 
 
@@ -215,8 +220,8 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         except ImportError:
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install 'spdf[tensorboard]'), or set logging.tensorboard: false") from None
-    if init_from is not None:
-        verify_export(find_export(init_from))  # a bad --from is refused before the run directory is made
+    if init_from is not None:  # a bad --from is refused before the run directory is made
+        _verify_init_from(find_export(init_from))
     run_dir = recipe.run_path
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
@@ -237,6 +242,15 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop)
     finally:
         lock.release()
+
+
+def _verify_init_from(path: Path) -> None:
+    """A checkpoint given to --from is verified as a resume verifies it (a lost manifest is damage); an export
+    against its manifest."""
+    if is_checkpoint(path) and not is_export(path):
+        check_checkpoint(path, lambda message: print(f"spdf: warning: {message}", file=sys.stderr, flush=True))
+    else:
+        verify_export(path)
 
 
 def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop) -> dict:
@@ -280,7 +294,8 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             continue
         train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
+                             world_size=accelerator.num_processes, pad_id=tokenizer.eos_id,
+                             vocab_size=model.config.vocab_size)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
