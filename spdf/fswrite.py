@@ -104,6 +104,15 @@ def replacing_file(path: Path, what: str | None = None):
         raise
 
 
+def check_dir_target(path: Path, what: str) -> None:
+    """Refuse, before any work, a directory to write into that is a file or lies under one (which mkdir would only
+    report as "[Errno 17] File exists" or "[Errno 20] Not a directory")."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise WriteError(f"{what} {path}: {parent} is a file, not a directory; choose another directory")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with replacing_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -4,7 +4,7 @@ The size check alone lets a zeroed or overwritten stretch of `train.bin` train s
 CRC-32 per 64 MiB chunk (spdf.manifest's hash, for the same reason: accidental damage, 2-3 GB/s per core), written
 into meta.json when the entry is made and verified when a run starts, chunks in parallel threads (zlib releases the
 GIL). Chunks keep a damaged region locatable in the message and let the threads share one large file.
-benchmarks/results/data_checksum_cost.md measures the cost.
+benchmarks/results/integrity_cost.md measures the cost.
 """
 from __future__ import annotations
 

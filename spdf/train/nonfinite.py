@@ -8,7 +8,7 @@ A finite loss and gradient norm do not make a finite update: an absurd learning 
 infinite weights, and a huge gradient can overflow AdamW's second moment. So the state itself is checked before
 every checkpoint (and so before the export and done.json, which follow the phase's last checkpoint) and after every
 load: one fused max-abs per tensor (`torch._foreach_norm` with ord inf, NaN-propagating, no overflow) and one
-device sync; benchmarks/results/finite_check.md measures it against the checkpoint write it guards.
+device sync; benchmarks/results/integrity_cost.md measures it against the checkpoint write it guards.
 Stopping raises NonFiniteTraining (exit 3) before anything is written from the bad state.
 """
 from __future__ import annotations
