@@ -4,7 +4,7 @@
     python benchmarks/integrity_cost.py --layers 12 --cache-mb 2048 --reps 5 --out benchmarks/results
 
 - the finiteness check of weights + AdamW state before every checkpoint (spdf.train.nonfinite.check_state_finite:
-  one fused max-abs per tensor) against accelerate.save_state of the same state (the write it guards);
+  one fused 2-norm per tensor) against accelerate.save_state of the same state (the write it guards);
 - the data cache's chunk CRC-32s (spdf.data.checksums): made once when the cache is built, verified when a run
   starts, against reading the same file once (the floor for any check of its content), in MB/s;
 - the token-id range check of one micro-batch (spdf.train.batches: one max over the CPU batch) against that

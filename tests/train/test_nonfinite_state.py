@@ -19,7 +19,8 @@ def _finite_file(path) -> bool:
 
 
 def test_all_finite_sees_nan_and_inf_but_not_huge_values():
-    assert all_finite([torch.full((3,), 1e38), torch.zeros(0), torch.ones(2, dtype=torch.bfloat16)])
+    assert all_finite([torch.full((3,), 3e38), torch.zeros(0), torch.ones(2, dtype=torch.bfloat16)])  # norm overflows
+    assert all_finite([torch.full((4,), 3e38, dtype=torch.bfloat16), torch.full((2, 2), -3e38)])
     assert not all_finite([torch.ones(4), torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor([float("-inf")], dtype=torch.bfloat16)])
 

@@ -40,7 +40,7 @@ def test_from_a_model_of_another_depth_names_the_shape(finished_run, tmp_path, c
 
 @pytest.mark.parametrize("command, setting", [("pretrain", "phases.pretrain.steps=1000"),
                                               ("run", "phases.finetune.optimizer.lr=0.1"),
-                                              ("run", "seed=5")])
+                                              ("pretrain", "phases.pretrain.schedule.warmup_steps=5")])
 def test_a_finished_phase_cannot_be_changed(finished_copy, capsys, command, setting):
     run_dir, recipe = finished_copy
     before = tree_digest(run_dir)
