@@ -91,12 +91,16 @@ def record_recipe(recipe: Recipe) -> None:
 
 
 class RefusedStart:
-    """`with RefusedStart(run_dir, created) as start:` … `start.began()` once a phase may write state: a user error
-    (ValueError, which RecipeError, DataError and CheckpointError are, or an OSError: both exit 2) raised before
-    that, in a directory this start created, removes the directory again."""
+    """`with RefusedStart(run_dir) as start:` … `start.claim(created)` once this process holds the run's lock,
+    `start.began()` once a phase may write state: a user error (ValueError, which RecipeError, DataError and
+    CheckpointError are, or an OSError: both exit 2) raised in between, in a directory this start created, removes
+    the directory again. Only the lock holder removes anything: a second start refused by the lock never does."""
 
-    def __init__(self, run_dir: Path, created: bool, enabled: bool = True):
-        self.run_dir, self.created, self.enabled, self.started = Path(run_dir), created, enabled, False
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.created, self.started = Path(run_dir), False, False
+
+    def claim(self, created: bool) -> None:
+        self.created = created
 
     def began(self) -> None:
         self.started = True
@@ -105,7 +109,7 @@ class RefusedStart:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
-        if (self.enabled and self.created and not self.started and kind is not None
+        if (self.created and not self.started and kind is not None
                 and issubclass(kind, (ValueError, OSError)) and self.run_dir.is_dir()):
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.run_dir)

@@ -210,13 +210,14 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     use_fsdp2_on_cpu(accelerator)
     lock = RunLock(run_dir)
     try:
-        with StopRequest() as stop, RefusedStart(run_dir, created, accelerator.is_main_process) as start:
+        with StopRequest() as stop, RefusedStart(run_dir) as start:
             # One rank makes the run directory and takes its lock (the other ranks are the same run); it writes the
             # tokenizer, and the others then find everything complete.
             with accelerator.main_process_first():
                 if accelerator.is_main_process:
                     make_run_dir(run_dir)
                     lock.acquire()
+                    start.claim(created)  # removed again if this start made it and is refused
                     check_run_dir(recipe)  # again under the lock: another run may have claimed it meanwhile
                 tokenizer = _tokenizer(recipe, run_dir, init_from)
             return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop, start)

@@ -80,3 +80,21 @@ def test_messages_name_the_file(finished_run, tmp_path, capsys, monkeypatch, unt
     rc, _, err = run_cli(["evaluate", finished_run["run_dir"], "--task", "jsonl", "--task-path", bad, "--limit", "1"],
                          capsys)
     assert_user_error(rc, err, f"{bad}:2", "not UTF-8")
+
+
+def test_only_a_start_that_made_and_locked_the_directory_removes_it(tmp_path):
+    from spdf.recipe import RecipeError
+    from spdf.train.run_dir import RefusedStart
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for claim, began, kept in ((None, False, True), (False, False, True), (True, True, True), (True, False, False)):
+        run_dir.mkdir(exist_ok=True)
+        with pytest.raises(RecipeError):
+            with RefusedStart(run_dir) as start:
+                if claim is not None:  # None: refused by the lock (another start holds it), never claimed
+                    start.claim(claim)
+                if began:
+                    start.began()
+                raise RecipeError("refused")
+        assert run_dir.exists() == kept, (claim, began)
