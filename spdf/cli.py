@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Hugging Face schema, as .jsonl or .json")
     p.add_argument("--task-set", dest="task_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any other task setting, as in a recipe's task block (e.g. prompt_field=question)")
-    p.add_argument("--decoding", default="paper",
-                   help="paper (beam 10, length penalty 0.8, no-repeat 4-grams, 64 new tokens; the default), "
-                        "greedy or sample")
+    p.add_argument("--decoding", default=None,
+                   help="paper (beam 10, length penalty 0.8, no-repeat 4-grams, 64 new tokens), greedy or sample; "
+                        "default: the settings the run recorded for this task (its phase's eval.generate, prompts "
+                        "truncated as in training), else paper")
     p.add_argument("--num-beams", type=int, default=None, help="override the preset's beam width")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the preset's new-token cap")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N inputs of the split")
@@ -166,17 +168,26 @@ def _format_summary(summary: dict, command: str = "run") -> str:
 
 def _cmd_evaluate(args) -> int:
     from .data import TaskSpec, task_splits
-    from .eval.evaluate import check_limit, evaluate_export, format_table, write_report
+    from .eval.evaluate import check_limit, evaluate_export, format_table, recorded_generation, write_report
     from .eval.generate import DecodingConfig
     import yaml
 
+    from .fswrite import check_dir_target
     from .typed_spec import RecipeError, build
 
     # Everything that can be checked without the model is checked first, and nothing is written before the end.
     check_limit(args.limit)
+    # Unless --decoding says otherwise, a run is evaluated as it evaluated itself (its recorded eval.generate);
+    # each flag given still overrides its own setting.
+    recorded = recorded_generation(args.path, args.task) if args.decoding is None else None
+    decoding_name = args.decoding or (recorded or {}).get("decoding") or "paper"
     overrides = {k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
                  if v is not None}
-    decoding = DecodingConfig.from_name(args.decoding, **overrides)
+    if recorded:
+        overrides = {**{k: recorded[k] for k in ("num_beams", "max_new_tokens") if recorded[k] is not None},
+                     **overrides}
+    decoding = DecodingConfig.from_name(decoding_name, **overrides)
+    truncate = args.truncate_prompts or recorded is not None  # the phase's evaluation cut prompts as training does
     task_data = {"task": args.task, **({"path": str(args.task_path)} if args.task_path else {})}
     for setting in args.task_sets:
         key, sep, text = setting.partition("=")
@@ -187,11 +198,17 @@ def _cmd_evaluate(args) -> int:
         except yaml.YAMLError:
             raise RecipeError(f"--task-set {setting!r}: cannot parse the value {text!r}") from None
     task = build(TaskSpec, task_data, "task")
-    split = args.split or task_splits(task.task)[-1]
-    report = evaluate_export(args.path, task, split, decoding, args.decoding, limit=args.limit,
-                             batch_size=args.batch_size, truncate_prompts=args.truncate_prompts, progress=True)
-    json_path, md_path = write_report(report, args.out if args.out is not None else Path(args.path) / "eval")
+    out_dir = args.out if args.out is not None else Path(args.path) / "eval"
+    check_dir_target(out_dir, "--out" if args.out is not None else "the report folder")
+    split = args.split or (recorded or {}).get("split") or task_splits(task.task)[-1]
+    report = evaluate_export(args.path, task, split, decoding, decoding_name, limit=args.limit,
+                             batch_size=args.batch_size, truncate_prompts=truncate, progress=True)
+    json_path, md_path = write_report(report, out_dir)
     print(format_table(report))
+    if recorded:
+        print(f"  settings: the run's own ({recorded['where']}): {decoding_name} decoding, "
+              f"{decoding.max_new_tokens} new tokens, split {split}, long prompts cut as in training; --decoding, "
+              f"--max-new-tokens, --split override")
     print(f"  report: {json_path} and {md_path.name}")
     return 0
 
@@ -352,7 +369,7 @@ def main(argv=None) -> int:
         if args.command == "export":
             from .integrations.hf_gpt2 import export_hf
 
-            print(export_hf(args.path, args.out))
+            print(export_hf(args.path, Path(os.path.abspath(args.out))))  # "." or "..": a directory with a name
             return 0
         return _cmd_flops(args)
     except BrokenPipeError:  # `spdf inspect … | head`

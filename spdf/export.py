@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .fswrite import writing_dir
+from .fswrite import write_text_atomic, writing_dir
 from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 from .model import GPT, GPTConfig
 from .model.gpt import HF_CONV1D_WEIGHTS
@@ -56,12 +56,8 @@ def finite_json(value):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temp file
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(finite_json(data), f, indent=2, sort_keys=True, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # a temporary file per call (two writers never share one), removed on any error; a full disk names `path`
+    write_text_atomic(path, json.dumps(finite_json(data), indent=2, sort_keys=True, allow_nan=False))
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -195,7 +191,7 @@ def verify_export(path: Path) -> bool:
     if not has_manifest(path):
         return False
     try:
-        verify_manifest(path)
+        verify_manifest(path, required=(WEIGHTS_FILE, CONFIG_FILE if is_export(path) else CHECKPOINT_META))
     except ManifestError as e:
         raise CheckpointError(f"{path} is damaged: {e}; use another checkpoint") from None
     return True

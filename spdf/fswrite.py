@@ -1,6 +1,12 @@
-"""Directory writes that fail as one clear line: disk full or a read-only/forbidden destination becomes a WriteError
-naming the path (and, for a full disk, the space needed), after the partial temporary directory is removed; and
-single files replaced atomically (temporary file, then rename)."""
+"""Writes that fail as one clear line: disk full or a read-only/forbidden destination becomes a WriteError naming
+the path (and, for a full disk, the space needed), after the partial temporary file or directory is removed; and
+single files replaced atomically (temporary file, then rename).
+
+Not every writer says "disk full" the same way: Python raises OSError(ENOSPC), safetensors a SafetensorError whose
+text holds "No space left on device (os error 28)", and torch.save's C++ stream writer a RuntimeError ("unexpected
+pos …", "basic_ios::clear: iostream error", "file write failed") with no errno at all. write_failure() recognises
+each of them; for torch's, by the free space left on the device when it failed.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -19,37 +25,70 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
+# torch.save's PyTorchStreamWriter (inline_container.cc) reports a failed write without an errno
+_TORCH_WRITER_TEXTS = ("inline_container", "pytorchstreamwriter", "iostream error", "file write failed",
+                       "unexpected pos")
+_ROOM = 64 << 20  # a device with less than this free after a failed torch.save counts as full
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def write_failure(e: BaseException, what: str, target: Path, needed_bytes: int = 0) -> WriteError | None:
+    """The WriteError to report for a failed write of `what` into `target`, or None if `e` is no filesystem problem
+    (a bug, an interrupt: it must pass through as it is)."""
+    text = str(e).lower()
+    code = e.errno if isinstance(e, OSError) else None
+    full = code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(e, Exception) and any(t in text for t in _FULL_TEXTS))
+    if not full and isinstance(e, RuntimeError) and any(t in text for t in _TORCH_WRITER_TEXTS):
+        free = _free_bytes(target)
+        full = free is not None and free < max(_ROOM, needed_bytes // 100)
+        if not full:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return WriteError(f"could not write {what} into {target}: {first}")
+    if full:
+        free = _free_bytes(target) or 0
+        need = f"it needs about {_mb(needed_bytes)}, " if needed_bytes else ""
+        return WriteError(f"no space left on the device writing {what} into {target}: {need}{_mb(free)} free; free "
+                          f"some space and run the same command again (temporary files removed)")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteError(f"cannot write {what} into {target}: {e.strerror}")
+    return None
+
+
 @contextlib.contextmanager
 def writing_dir(tmp: Path, what: str, needed_bytes: int):
-    """Run the body, which fills the temporary directory `tmp`; on a filesystem error remove `tmp` and raise a
-    WriteError (other errors pass through, `tmp` removed too: a half-written directory is never left behind)."""
+    """Run the body, which fills the temporary directory `tmp`; on a filesystem error (disk full, read-only,
+    forbidden; whichever writer raised it) remove `tmp` and raise a WriteError. Other errors pass through, `tmp`
+    removed too: a half-written directory is never left behind."""
     try:
         yield
-    except OSError as e:
+    except BaseException as e:
+        failure = write_failure(e, what, Path(tmp).parent, needed_bytes)  # before the removal frees the space
         shutil.rmtree(tmp, ignore_errors=True)
-        target = Path(tmp).parent
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            try:
-                free = shutil.disk_usage(target).free
-            except OSError:
-                free = 0
-            raise WriteError(f"no space left on the device writing {what} into {target}: it needs about "
-                             f"{_mb(needed_bytes)}, {_mb(free)} free; free some space and run the same command "
-                             f"again (temporary files removed)") from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise WriteError(f"cannot write {what} into {target}: {e.strerror}") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from None
         raise
 
 
 @contextlib.contextmanager
-def replacing_file(path: Path):
+def replacing_file(path: Path, what: str | None = None):
     """Yield a temporary path beside `path` for the body to fill, then rename it onto `path`: a reader sees the old
-    file or the new one, never half of one. On any error the temporary file is removed and `path` is untouched."""
+    file or the new one, never half of one. On any error the temporary file is removed and `path` is untouched; a
+    full disk or a forbidden write is a WriteError naming `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        failure = write_failure(e, what or path.name, path.parent)
+        if failure is not None:
+            raise failure from None
+        raise
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -57,11 +96,38 @@ def replacing_file(path: Path):
         os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's owner-only 0600
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        failure = write_failure(e, what or path.name, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from None
         raise
+
+
+def check_dir_target(path: Path, what: str) -> None:
+    """Refuse, before any work, a directory to write into that is a file or lies under one (which mkdir would only
+    report as "[Errno 17] File exists" or "[Errno 20] Not a directory")."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise WriteError(f"{what} {path}: {parent} is a file, not a directory; choose another directory")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     with replacing_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only show at the flush; a rename must not publish a short file
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log file (metrics.jsonl); a full disk is a WriteError naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        failure = write_failure(e, str(path), Path(path).parent)
+        if failure is not None:
+            raise failure from None
+        raise

@@ -28,13 +28,21 @@ HASH = "crc32"
 _BLOCK = 8 << 20
 
 
-def _digest(path: Path) -> str:
+def crc32_of(path: Path, start: int = 0, length: int | None = None) -> str:
+    """CRC-32 (8 hex digits) of `length` bytes of `path` from `start` (to the end if None), read in 8 MiB blocks."""
     crc, buf = 0, bytearray(_BLOCK)
     view = memoryview(buf)
+    left = length if length is not None else float("inf")
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+        f.seek(start)
+        while left > 0 and (n := f.readinto(view[:int(min(_BLOCK, left))])):
             crc = zlib.crc32(view[:n], crc)
+            left -= n
     return f"{crc:08x}"
+
+
+def _digest(path: Path) -> str:
+    return crc32_of(path)
 
 
 def _digests(paths: list[Path]) -> list[str]:
@@ -61,20 +69,28 @@ def has_manifest(directory: Path) -> bool:
     return (Path(directory) / MANIFEST_FILE).is_file()
 
 
-def verify_manifest(directory: Path, content: bool = True) -> int:
+def verify_manifest(directory: Path, content: bool = True, required: tuple[str, ...] = ()) -> int:
     """Check every file the manifest names (size, then with `content` its CRC-32); returns how many. Raises
-    ManifestError naming the first file that differs. Files the manifest does not name are ignored (e.g. an
-    evaluation report later written into an export)."""
+    ManifestError naming the first file that differs, or the first of `required` (the files a checkpoint or export
+    must have) that the manifest does not name: a manifest listing nothing proves nothing. Files the manifest does
+    not name are otherwise ignored (e.g. an evaluation report later written into an export)."""
     directory = Path(directory)
     try:
         manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
         files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files")
         if manifest["hash"] != HASH:
             raise ValueError(f"unknown hash {manifest['hash']!r}")
     except FileNotFoundError:
         raise ManifestError(f"{directory} has no {MANIFEST_FILE}") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"{directory / MANIFEST_FILE} is unreadable ({type(e).__name__})") from None
+    if not files:
+        raise ManifestError(f"{directory / MANIFEST_FILE} lists no files (it must name every file of the directory)")
+    unlisted = [name for name in required if name not in files]
+    if unlisted:
+        raise ManifestError(f"{directory / MANIFEST_FILE} does not list {unlisted[0]}, which the directory must have")
     names = sorted(files)
     for name in names:
         path = directory / name

@@ -344,6 +344,6 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     rc = main(["flops", "--table", str(tmp_path)])
-    _user_error(rc, capsys.readouterr().err, "No space left on device")
+    _user_error(rc, capsys.readouterr().err, "no space left on the device writing flops.png", str(tmp_path))
     assert (tmp_path / "flops.png").read_bytes() == b"previous plot"
     assert {p.name for p in tmp_path.iterdir()} == TABLE_FILES  # the md and json written whole, no temporary file

@@ -2,7 +2,8 @@
 
 Layout of one cache entry, `cache_dir/<key>/`: `train.bin`, `val.bin` (flat token streams, uint16 when the vocab
 has fewer than 65536 tokens, else uint32; every document is followed by EOS) and `meta.json`, written last and
-atomically, so an entry with a meta.json is complete. Sequence i of a split is tokens[i*seq_len : i*seq_len+seq_len+1]:
+atomically, so an entry with a meta.json is complete; it holds a CRC-32 per 64 MiB chunk of each token file,
+verified whenever the entry is reused (spdf.data.checksums). Sequence i of a split is tokens[i*seq_len : i*seq_len+seq_len+1]:
 seq_len+1 tokens (inputs = row[:-1], targets = row[1:]); consecutive rows share one boundary token, so every token
 after the first is a target exactly once. The tail that does not fill a row is dropped (meta "dropped_tokens").
 While an entry is being built it holds `.train.bin.partial`, `.val.bin.partial` and `.progress.json` (spdf.data.prepare:
@@ -14,11 +15,13 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 import numpy as np
 import torch
 
+from .checksums import chunk_checksums, verify_chunk_checksums
 from .errors import DataError
 from ..fswrite import write_text_atomic
 from ..typed_spec import to_plain
@@ -89,7 +92,12 @@ def _load_cached(entry: Path, key: str) -> dict | None:
     meta_path = entry / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta["splits"].values()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"data cache {meta_path} is unreadable ({type(e).__name__}: damaged); delete {entry} and run "
+                        f"again to rebuild it from the source") from None
     itemsize = np.dtype(meta["dtype"]).itemsize
     intact = meta.get("key") == key and all(
         (entry / s["file"]).is_file() and (entry / s["file"]).stat().st_size == s["tokens"] * itemsize
@@ -97,9 +105,21 @@ def _load_cached(entry: Path, key: str) -> dict | None:
     return meta if intact else None
 
 
+def verify_entry(entry: Path, meta: dict) -> None:
+    """Check the token files of a complete cache entry against the chunk checksums in its meta.json (an entry of an
+    older spdf has none: checked by size only, with a warning)."""
+    for split in meta["splits"].values():
+        recorded = split.get("checksums")
+        if recorded is None:
+            print(f"spdf: warning: data cache {entry} was made by an older spdf without checksums: checked by size "
+                  f"only (delete it to rebuild it with them)", file=sys.stderr, flush=True)
+            return
+        verify_chunk_checksums(entry / split["file"], recorded, entry)
+
+
 def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: str | os.PathLike, seq_len: int,
-                        batch_docs: int = 256, progress: bool = True,
-                        ranks: tuple[int, int] = (0, 1)) -> tuple[PackedDataset, PackedDataset, dict]:
+                        batch_docs: int = 256, progress: bool = True, ranks: tuple[int, int] = (0, 1),
+                        verify: bool = True) -> tuple[PackedDataset, PackedDataset, dict]:
     """(train, val, meta): packed splits of `source`, built once into `cache_dir/<key>/` and reused afterwards.
 
     `source.max_tokens` stops tokenizing after that many tokens (EOS included), so a streaming corpus yields shards
@@ -109,7 +129,8 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     one per available core); the output is the same for any count, and an interrupted build resumes from its last
     committed chunk. With `ranks` = (rank, world) of a multi-process launch every rank calls this at once: each
     tokenizes its share of the batches (spdf.data.rank_share; the cache directory must be on a file system they all
-    see), rank 0 writes the entry, and meta has "rank_batches", the batches this rank tokenized.
+    see), rank 0 writes the entry, and meta has "rank_batches", the batches this rank tokenized. With `verify`, an
+    entry found complete is checked against its content checksums (spdf.data.checksums) before it is used.
     """
     if not isinstance(seq_len, int) or seq_len < 1:
         raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -118,6 +139,8 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     entry = Path(cache_dir) / key[:24]
     meta = _load_cached(entry, key)
     cache_hit = meta is not None
+    if cache_hit and verify:
+        verify_entry(entry, meta)
     rank, world = ranks
     share = (RankShare(entry, rank, world, batch_docs, complete=lambda: _load_cached(entry, key) is not None)
              if world > 1 and meta is None else None)
@@ -192,7 +215,8 @@ def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: Text
         n = counts[s]["tokens"]
         rows = max(0, (n - 1) // seq_len)
         splits[s] = {"file": f"{s}.bin", "tokens": n, "documents": counts[s]["documents"], "sequences": rows,
-                     "dropped_tokens": n - rows * seq_len - 1 if rows else n}
+                     "dropped_tokens": n - rows * seq_len - 1 if rows else n,
+                     "checksums": chunk_checksums(entry / f"{s}.bin")}  # verified whenever a run reuses the entry
     meta = {"version": FORMAT_VERSION, "key": key, "source": _keyed_source(source),
             "tokenizer_hash": tokenizer.file_hash,
             "tokenizer_path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,

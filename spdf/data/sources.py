@@ -137,8 +137,12 @@ def _field(row: dict, field: str, where: str):
 
 def read_jsonl(path: Path) -> Iterator[dict]:
     """Rows of a .jsonl file; a line that is not a JSON object is a DataError naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded per line, so a byte that is not UTF-8 is named with its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -134,7 +134,7 @@ def _curation_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
         f, rows = None, read_jsonl(p)
     out = []
     try:
-        for row in rows:
+        for row in _named_decode_errors(rows, p):
             article, summary = _row(row, article_field, p).strip(), _row(row, summary_field, p).strip()
             if not article:  # the scraper leaves an empty article where a page could not be fetched
                 continue
@@ -144,6 +144,14 @@ def _curation_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
         if f:
             f.close()
     return out
+
+
+def _named_decode_errors(rows, path: Path):
+    """`rows` of a file read as text, a byte that is not UTF-8 named with the file (csv's reader does not)."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
 
 
 def _column(obj, key: str) -> list:
@@ -171,7 +179,10 @@ def _data_to_text(task: str, rows, where: str) -> list[tuple[str, str]]:
 def _read_rows(path: Path) -> list[dict]:
     """Rows of a local .jsonl (one object per line) or .json (a list of objects, or JSON lines) file."""
     if path.suffix.lower() == ".json":
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if text.lstrip().startswith("["):
             try:
                 rows = json.loads(text)

@@ -17,12 +17,13 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
-from ..fswrite import replacing_file, write_text_atomic
+from ..fswrite import write_text_atomic
 from .specs import TokenizerSpec
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 _MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
+RECORD_FILE = "tokenizer_spec.json"  # beside a run directory's tokenizer.json: how it was made, its sha256
 
 
 class TextTokenizer:
@@ -35,6 +36,7 @@ class TextTokenizer:
         except Exception as e:
             raise DataError(f"cannot read tokenizer file '{self.path}': {' '.join(str(e).split())[:200]}") from None
         self.file_hash = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        check_recorded_hash(self.path, self.file_hash)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         eos = next((t for t in _EOS_CANDIDATES if self.tokenizer.token_to_id(t) is not None), None)
         if eos is None:
@@ -54,9 +56,43 @@ class TextTokenizer:
         return f"TextTokenizer('{self.path}', vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
-def _save_atomic(tokenizer: Tokenizer, path: Path) -> None:
-    with replacing_file(path) as tmp:
-        tokenizer.save(str(tmp))
+def read_record(record_path: Path) -> dict | None:
+    """The sidecar that says how a run directory's tokenizer.json was made (None if there is none)."""
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise DataError(f"{record_path} is unreadable ({type(e).__name__}); restore it or make the run again") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{record_path} is not a tokenizer record (expected a JSON object)")
+    return record
+
+
+def check_recorded_hash(path: Path, file_hash: str) -> None:
+    """A run directory's tokenizer.json must match the sha256 its sidecar recorded when it was made: a flipped bit
+    can leave valid JSON (and a different vocabulary) that would otherwise load without a word."""
+    record = read_record(path.parent / RECORD_FILE) if path.name == "tokenizer.json" else None
+    recorded = record.get("sha256") if record else None
+    if recorded is not None and recorded != file_hash:
+        raise DataError(f"{path} does not match the checksum recorded in {path.parent / RECORD_FILE} when it was "
+                        f"made (damaged or edited); restore it (each export of the run holds a copy: "
+                        f"phases/<phase>/export/tokenizer.json)")
+
+
+def record_tokenizer(path: Path, record: dict) -> None:
+    """Write the sidecar of `path` with `record` plus the file's sha256 (a file copied into a run directory)."""
+    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    write_text_atomic(Path(path).parent / RECORD_FILE, json.dumps({**record, "sha256": sha}))
+
+
+def _save_with_record(tokenizer: Tokenizer, path: Path, record: dict) -> None:
+    """The sidecar (how it was made, and the file's sha256) first, the tokenizer last: its presence means the pair
+    is complete."""
+    text = tokenizer.to_str(pretty=True)
+    write_text_atomic(path.parent / RECORD_FILE,
+                      json.dumps({**record, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}))
+    write_text_atomic(path, text)
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int, max_bytes: int | None = None) -> Tokenizer:
@@ -104,14 +140,16 @@ def load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    path, record_path = save_dir / "tokenizer.json", save_dir / "tokenizer_spec.json"
+    path, record_path = save_dir / "tokenizer.json", save_dir / RECORD_FILE
     # A sidecar records how the saved file was made, so a changed spec never silently reuses the wrong vocab.
     if spec.kind == "hub":
         record = {"kind": "hub", "name": spec.name}
     else:
         record = {"kind": "train", "vocab_size": spec.vocab_size, "max_bytes": spec.max_bytes}
     if path.is_file():
-        previous = json.loads(record_path.read_text()) if record_path.is_file() else None
+        previous = read_record(record_path)
+        if previous is not None:
+            previous = {k: v for k, v in previous.items() if k != "sha256"}  # the file's checksum, not the spec
         if previous != record:
             raise DataError(f"'{path}' was made with {previous} but the spec asks {record}; "
                             f"delete it or choose another save_dir")
@@ -127,6 +165,5 @@ def load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None
         raise DataError("tokenizer kind 'train' needs documents to train on")
     else:
         tok = train_bpe(documents, record["vocab_size"], record["max_bytes"])
-    write_text_atomic(record_path, json.dumps(record))
-    _save_atomic(tok, path)  # last: its presence means the pair is complete
+    _save_with_record(tok, path, record)
     return TextTokenizer(path)

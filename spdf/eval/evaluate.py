@@ -157,6 +157,32 @@ def evaluate_export(path, task: TaskSpec, split: str, decoding: DecodingConfig, 
 
 
 # ---- reports -----------------------------------------------------------------------------------------------------
+def recorded_generation(path, task: str) -> dict | None:
+    """The `eval.generate` settings a run recorded for the phase whose export `path` leads to, if that phase scored
+    the same task: {"where", "decoding", "max_new_tokens", "num_beams", "split"} (None where it recorded none), so
+    evaluating a run afterwards repeats how the run evaluated itself. None for an export outside a run directory."""
+    try:
+        export = find_export(path)
+    except CheckpointError:
+        return None  # said by load_for_evaluation, with the reason
+    run_dir, phase_name = export.parent.parent.parent, export.parent.name
+    recipe_file = run_dir / "recipe.yaml"
+    if export.name != "export" or export.parent.parent.name != "phases" or not recipe_file.is_file():
+        return None
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        phase = next(p for p in recorded["phases"] if p.get("name") == phase_name)
+        generate_spec, task_spec = (phase.get("eval") or {}).get("generate"), phase.get("task") or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):
+        return None  # no usable record: the flags' defaults apply
+    if not generate_spec or task_spec.get("task") != task:
+        return None
+    return {"where": f"phases.{phase_name}.eval.generate of {recipe_file}",
+            **{k: generate_spec.get(k) for k in ("decoding", "max_new_tokens", "num_beams", "split")}}
+
+
 def _value(value) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else str(value)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..data.tokenizer import TextTokenizer
 from ..export import CheckpointError, find_export, read_export
+from ..fswrite import writing_dir
 from ..sparsity import sparse_layers, sparsify
 from .hf_save import save_pretrained
 
@@ -39,10 +40,11 @@ def export_hf(source, out_dir) -> Path:
             layer.target_sparsity = float(exported.config.get("targets", {}).get(name, layer.target_sparsity))
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(hf, tmp, sparsifier=sparsifier)
-    if tokenizer is not None:
-        transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.path), eos_token=tokenizer.eos_token,
-                                             bos_token=tokenizer.eos_token).save_pretrained(tmp)
+    with writing_dir(tmp, "the Hugging Face export", sum(p.numel() * p.element_size() for p in hf.parameters())):
+        save_pretrained(hf, tmp, sparsifier=sparsifier)  # a full disk: one line, the temporary directory removed
+        if tokenizer is not None:
+            transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.path), eos_token=tokenizer.eos_token,
+                                                 bos_token=tokenizer.eos_token).save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

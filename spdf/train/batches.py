@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import FinetuneDataset, PackedDataset, ResumableSampler, pad_collate
+from ..data import DataError, FinetuneDataset, PackedDataset, ResumableSampler, pad_collate
 from ..data.mixture import MixedDataset, MixtureSampler
 
 
@@ -23,8 +23,9 @@ class BatchSource:
     A MixedDataset (a pre-training mixture) is drawn from by a MixtureSampler, and its validation slice is in the
     mixture's proportions; tokens_by_source() then counts the tokens drawn from each source."""
 
-    def __init__(self, train, val, seed: int, rank: int, world_size: int, pad_id: int = 0):
-        self.train, self.val = train, val
+    def __init__(self, train, val, seed: int, rank: int, world_size: int, pad_id: int = 0,
+                 vocab_size: int | None = None):
+        self.train, self.val, self.vocab_size = train, val, vocab_size
         self.rank, self.world_size = rank, world_size
         if isinstance(train, MixedDataset):
             self.sampler = MixtureSampler(train, seed=seed, rank=rank, world_size=world_size)
@@ -38,8 +39,20 @@ class BatchSource:
             raise TypeError(f"unsupported dataset type {type(train).__name__}")
 
     def next_step(self, accum_steps: int, micro_batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [self.collate([self.train[self.sampler.draw()] for _ in range(micro_batch_size)])
-                for _ in range(accum_steps)]
+        return [self._in_vocab(self.collate([self.train[self.sampler.draw()] for _ in range(micro_batch_size)]),
+                               self.train, "training") for _ in range(accum_steps)]
+
+    def _in_vocab(self, batch: tuple[torch.Tensor, torch.Tensor], dataset, split: str):
+        """`batch`, if every input id is inside the model's vocabulary; the embedding would raise an IndexError
+        (or, on a GPU, a device-side assert) on one outside it. One max over a CPU batch, negligible per step."""
+        idx = batch[0]
+        if self.vocab_size is not None and idx.numel() and int(idx.max()) >= self.vocab_size:
+            where = getattr(dataset, "path", None) or ", ".join(
+                str(getattr(part, "path", part)) for part in getattr(dataset, "parts", {}).values())
+            raise DataError(f"token id {int(idx.max())} in the {split} data ({where}) is outside the model's "
+                            f"vocabulary of {self.vocab_size} tokens: the data was not made with this run's "
+                            f"tokenizer, or is damaged; delete that data cache entry and run again")
+        return batch
 
     def val_batches(self, n_batches: int, batch_size: int = 8):
         """The first n_batches·batch_size·world validation items, this rank's share, in order."""
@@ -47,7 +60,8 @@ class BatchSource:
         order = self.val.interleaved(wanted) if isinstance(self.val, MixedDataset) else range(len(self.val))
         mine = list(order[self.rank::self.world_size])[: n_batches * batch_size]
         for start in range(0, len(mine), batch_size):
-            yield self.collate([self.val[i] for i in mine[start:start + batch_size]])
+            yield self._in_vocab(self.collate([self.val[i] for i in mine[start:start + batch_size]]), self.val,
+                                 "validation")
 
     def tokens_by_source(self) -> dict[str, int] | None:
         """Input tokens all ranks have drawn from each source of a mixture in this phase (None: not a mixture)."""

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ..export import CheckpointError, read_json, write_json_atomic
 from ..fswrite import writing_dir
+from .nonfinite import all_finite, state_tensors
 from ..manifest import MANIFEST_FILE, ManifestError, has_manifest, verify_manifest, write_manifest
 
 CHECKPOINT_PREFIX = "step-"
@@ -43,11 +44,25 @@ def verify_checkpoint(path: Path, content: bool = True) -> bool:
     (an older spdf's); DamagedCheckpoint otherwise."""
     if not has_manifest(path):
         return False
+    # nothing is added to a checkpoint after its manifest: it must list every file there
+    every_file = tuple(str(p.relative_to(path)) for p in sorted(Path(path).rglob("*"))
+                       if p.is_file() and p.name != MANIFEST_FILE)
     try:
-        verify_manifest(path, content)
+        verify_manifest(path, content, required=every_file)
     except ManifestError as e:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
     return True
+
+
+def check_checkpoint(path: Path, warn) -> None:
+    """Verify checkpoint `path` as resume and `--from` both do: DamagedCheckpoint if it does not match its manifest,
+    or has none while a sibling has one (then its manifest was lost); without any (an older spdf's), `warn` and
+    accept it unverified."""
+    if verify_checkpoint(path):
+        return
+    if any(has_manifest(p) for p in list_checkpoints(Path(path).parent)):
+        raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
+    warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
 
 
 def _state_bytes(accelerator) -> int:
@@ -116,7 +131,19 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
         bad = _damaged_file(path)  # accelerate's errors rarely say which file they were reading
         raise DamagedCheckpoint(f"checkpoint {path / bad if bad else path} could not be loaded (corrupt or "
                               f"truncated?): {first}") from None
+    if not _loaded_state_finite(accelerator):  # an older spdf saved diverged state: resuming it only fails again
+        raise DamagedCheckpoint(f"checkpoint {path} holds NaN or inf weights or optimizer state (saved after the "
+                                f"training diverged)")
     return meta
+
+
+def _loaded_state_finite(accelerator) -> bool:
+    """Whether every rank's loaded model and optimizer state is finite (the same answer on every rank)."""
+    finite = all(all_finite(state_tensors(m, o)) for m, o in zip(accelerator._models, accelerator._optimizers))
+    flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return not bool(flag[0] > 0)
 
 
 def _damaged_file(path: Path) -> str:
@@ -137,15 +164,10 @@ def resume_checkpoint(accelerator, root: Path, expect: dict, warn) -> Path | Non
     damaged one is named through `warn`. If checkpoints exist but none is usable the run stops: starting over would
     let rotation delete them."""
     existing = list_checkpoints(root)
-    # Without a manifest a checkpoint is an older spdf's, unless a sibling has one: then its manifest was lost.
-    legacy = not any(has_manifest(p) for p in existing)
     problems = []
     for path in reversed(existing):
         try:
-            if not verify_checkpoint(path):
-                if not legacy:
-                    raise DamagedCheckpoint(f"checkpoint {path} has lost its {MANIFEST_FILE}")
-                warn(f"checkpoint {path} has no {MANIFEST_FILE} (written by an older spdf): loaded unverified")
+            check_checkpoint(path, warn)
             load_checkpoint(accelerator, path, expect)
             return path
         except DamagedCheckpoint as e:

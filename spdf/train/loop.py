@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..export import layout_meta
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsLog
-from .nonfinite import NonFiniteGuard
+from .nonfinite import NonFiniteGuard, check_state_finite
 from .preemption import Preempted
 from .optim import build_adamw
 from .parametrization import LearningRates
@@ -114,7 +114,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     algorithm updated, after each real optimizer step (not after a step skipped by AMP, not mid-accumulation).
     `downstream(model, scope, step, tokens)`, if given, scores generations (spdf.train.downstream.DownstreamEval).
     `stop` (spdf.train.preemption.StopRequest), if given and signalled, ends the phase after the current step with a
-    checkpoint and raises Preempted. A step with a non-finite loss or gradient norm is skipped (NonFiniteGuard).
+    checkpoint and raises Preempted. A step with a non-finite loss or gradient norm is skipped (NonFiniteGuard); state
+    that is non-finite anyway is never checkpointed (check_state_finite: exit 3).
     """
     optimizer = build_adamw(model, plan.lr, plan.betas, plan.eps, plan.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -140,6 +141,8 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     guard = NonFiniteGuard(plan.name, plan.max_nonfinite_steps)
     saved_at = {"step": state.step if resumed is not None else None}  # the step of the newest checkpoint on disk
     def checkpoint() -> None:
+        # never a checkpoint (nor, after the phase's last one, an export or done.json) of non-finite state
+        check_state_finite(accelerator, model, optimizer, plan.name, state.step, saved_at["step"])
         state.data = source.state_dict()
         state.sparsity = sparsifier.state_dict() if sparsifier is not None else None
         totals = accelerator.reduce(window_loss.clone(), reduction="sum")
@@ -197,7 +200,7 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
         flags = torch.tensor([float(bad), float(stop is not None and stop.requested)], device=accelerator.device)
         flags = accelerator.reduce(flags, reduction="sum") if accelerator.num_processes > 1 else flags
         bad, stopping = bool(flags[0] > 0), bool(flags[1] > 0)
-        if guard.skip(bad, state.step + 1):
+        if guard.skip(bad, state.step + 1, saved_at["step"]):
             # no optimizer.step(): the sparsifier's step hooks do not run either, so the masks stay as they are
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:  # close the scaler's step (clip unscaled the grads) and lower its scale

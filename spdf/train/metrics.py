@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..export import finite_json
-from ..fswrite import write_text_atomic
+from ..fswrite import append_line, write_text_atomic
 
 
 class MetricsLog:
@@ -23,11 +23,11 @@ class MetricsLog:
         if not self.enabled or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                continue  # a line cut short by a kill (or damaged: an undecodable byte is replaced)
             if (record.get("phase") == phase and record.get("step", 0) > step) or record.get("phase") in later_phases:
                 continue
             kept.append(line)
@@ -37,8 +37,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(finite_json(record), sort_keys=True, allow_nan=False) + "\n")  # NaN -> null
+        append_line(self.path, json.dumps(finite_json(record), sort_keys=True, allow_nan=False))  # NaN -> null
         if self.accelerator is not None and self.accelerator.trackers:
             flat = {**record, **{f"{k}/{name}": n for k, v in record.items() if isinstance(v, dict)
                                  for name, n in v.items()}}  # tokens_by_source -> tokens_by_source/code, …
@@ -50,7 +49,7 @@ class MetricsLog:
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:

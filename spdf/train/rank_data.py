@@ -37,7 +37,9 @@ def packed_splits(accelerator, spec, tokenizer, cache_dir: Path, seq_len: int, p
     if accelerator.num_processes > 1 and _cache_shared(accelerator, Path(cache_dir)):
         return build_packed_splits(spec, tokenizer, cache_dir, seq_len, progress=progress and
                                    accelerator.is_main_process, ranks=(accelerator.process_index,
-                                                                       accelerator.num_processes))
-    with accelerator.main_process_first():  # one rank tokenizes, the others read its cache
+                                                                       accelerator.num_processes),
+                                   verify=accelerator.is_main_process)
+    # one rank tokenizes (or verifies the checksums of) the entry, the others read it after
+    with accelerator.main_process_first():
         return build_packed_splits(spec, tokenizer, cache_dir, seq_len, progress=progress and
-                                   accelerator.is_main_process)
+                                   accelerator.is_main_process, verify=accelerator.is_main_process)

@@ -1,8 +1,10 @@
 """From a recipe to a finished run: tokenizer, model, sparsity, then each phase through the one loop.
 
 Layout of a run directory (an export's own format is spdf.export's):
-    recipe.yaml              the resolved recipe (and its fingerprint, to refuse another recipe's directory)
+    recipe.yaml              the resolved recipe (and its fingerprint, to refuse another recipe's directory),
+                             written once a start has passed every check (spdf.train.run_dir)
     tokenizer.json           trained offline on the corpus, or a copy of the file/hub tokenizer
+    tokenizer_spec.json      how tokenizer.json was made, and its sha256 (checked whenever the run loads it)
     metrics.jsonl            every logged step and validation, all phases
     phases/<name>/checkpoints/step-XXXXXXXX/   resumable training state (last K kept)
     phases/<name>/export/    model.safetensors + config.json (+ masks.safetensors) + tokenizer.json
@@ -19,24 +21,28 @@ from pathlib import Path
 
 import torch
 
-from ..export import (CheckpointError, find_export, find_tokenizer, load_weights, read_json, sparse_model, verify_export,
-                      write_export, write_json_atomic)
+from ..export import (CHECKPOINT_META, CONFIG_FILE, CheckpointError, find_export, find_tokenizer, is_checkpoint,
+                      is_export, load_weights, read_json, sparse_model, verify_export, write_export, write_json_atomic)
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
+from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
-from ..fswrite import replacing_file
+from ..fswrite import check_dir_target, replacing_file
 from ..model import GPT
-from ..recipe import PhaseSpec, Recipe, RecipeError, dump_recipe, model_config, recipe_fingerprint
+from ..recipe import PhaseSpec, Recipe, RecipeError, model_config
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
+from .checkpoint import check_checkpoint
 from .downstream import DownstreamEval, check_metrics_available
 from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
 from .loop import PhasePlan, TrainState, run_phase
 from .metrics import MetricsLog
+from .nonfinite import all_finite, state_tensors
 from .parametrization import apply_supar_init
 from .rank_data import packed_splits
 from .preemption import StopRequest
+from .run_dir import RefusedStart, check_run_dir, make_run_dir, record_recipe
 from .sparsity_plan import sparsify_recipe
 
 
@@ -52,35 +58,6 @@ def _mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no"}.get(precision, precision)
-
-
-def claim_run_dir(recipe: Recipe) -> Path:
-    """Create the run directory, or check that an existing one was made by a compatible recipe."""
-    run_dir = recipe.run_path
-    saved = run_dir / "recipe.yaml"
-    fingerprint = recipe_fingerprint(recipe)
-    if saved.is_file():
-        previous = read_json(run_dir / "fingerprint.json", "run directory").get("fingerprint")
-        if previous != fingerprint:
-            raise RecipeError(
-                f"run directory {run_dir} was made by a different recipe (model, sparsity, tokenizer or data differ); "
-                f"choose another run_dir (--set run_dir=...) or delete it")
-    dump_recipe(recipe, saved)
-    write_json_atomic(run_dir / "fingerprint.json", {"fingerprint": fingerprint})
-    return run_dir
-
-
-def make_run_dir(run_dir: Path) -> None:
-    """Create the run directory, or say in one line why it cannot be (a file, under a file, not writable)."""
-    for parent in (run_dir, *run_dir.parents):
-        if parent.exists() and not parent.is_dir():
-            raise RecipeError(f"run_dir {run_dir}: {parent} is a file, not a directory; choose another run_dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RecipeError(f"run_dir {run_dir} cannot be created: {e.strerror}") from None
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise RecipeError(f"run_dir {run_dir} is not writable; choose another run_dir (--set run_dir=...)")
 
 
 def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
@@ -106,12 +83,15 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
     if not tokenizer_file.is_file():
         raise RecipeError(f"tokenizer file not found: '{tokenizer_file}'")
     if kept.exists():
+        TextTokenizer(kept)  # a copy damaged since it was made is named as such (its recorded checksum)
         if kept.read_bytes() != tokenizer_file.read_bytes():
             raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
                               f"use another run_dir")
         return kept
+    TextTokenizer(tokenizer_file)  # verified where it comes from (a run directory's, against its record)
     with replacing_file(kept) as tmp:  # every rank copies the same bytes, each through its own temporary file
         shutil.copyfile(tokenizer_file, tmp)
+    record_tokenizer(kept, {"kind": "file"})  # its checksum, verified whenever the run loads it
     return kept
 
 
@@ -180,11 +160,14 @@ def prepare_recipe(recipe: Recipe) -> list[dict]:
     then the packed cache entry of every pre-training corpus (each named source once, however many phases mix it);
     return [{"phase", "source", "dir", "cache_hit", "splits"}] ("source": the source's name, None for `data`)."""
     run_dir = recipe.run_path
+    check_run_dir(recipe)
+    check_dir_target(data_cache_dir(), "the data cache (SPDF_CACHE_DIR)")
     make_run_dir(run_dir)
     lock = RunLock(run_dir).acquire()  # the tokenizer file is the run directory's: no run may write it meanwhile
     try:
-        claim_run_dir(recipe)
+        check_run_dir(recipe)  # again under the lock: another run may have claimed it meanwhile
         tokenizer = _tokenizer(recipe, run_dir, None)
+        record_recipe(recipe)
         out, done = [], set()
         for phase in recipe.phases:
             if phase.kind != "pretrain":
@@ -214,9 +197,12 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         except ImportError:
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install 'spdf[tensorboard]'), or set logging.tensorboard: false") from None
-    if init_from is not None:
-        verify_export(find_export(init_from))  # a bad --from is refused before the run directory is made
+    if init_from is not None:  # a bad --from is refused before the run directory is made
+        _verify_init_from(find_export(init_from), recipe)
+    check_run_dir(recipe)
+    check_dir_target(data_cache_dir(), "the data cache (SPDF_CACHE_DIR)")
     run_dir = recipe.run_path
+    created = not run_dir.exists()
     # cpu=True on a machine without CUDA is what makes accelerate see a torchrun/accelerate-launch world of CPU
     # processes (gloo); without it every process would train alone.
     accelerator = Accelerator(mixed_precision=_mixed_precision(recipe.precision), log_with=log_with,
@@ -224,21 +210,42 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     use_fsdp2_on_cpu(accelerator)
     lock = RunLock(run_dir)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, RefusedStart(run_dir) as start:
             # One rank makes the run directory and takes its lock (the other ranks are the same run); it writes the
             # tokenizer, and the others then find everything complete.
             with accelerator.main_process_first():
                 if accelerator.is_main_process:
                     make_run_dir(run_dir)
                     lock.acquire()
-                claim_run_dir(recipe)
+                    start.claim(created)  # removed again if this start made it and is refused
+                    check_run_dir(recipe)  # again under the lock: another run may have claimed it meanwhile
                 tokenizer = _tokenizer(recipe, run_dir, init_from)
-            return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop)
+            return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop, start)
     finally:
         lock.release()
 
 
-def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop) -> dict:
+def _verify_init_from(path: Path, recipe: Recipe) -> None:
+    """A checkpoint given to --from is verified as a resume verifies it (a lost manifest is damage), an export
+    against its manifest; and its model must have the recipe's shape (said as such, before anything is built)."""
+    checkpoint = is_checkpoint(path) and not is_export(path)
+    if checkpoint:
+        check_checkpoint(path, lambda message: print(f"spdf: warning: {message}", file=sys.stderr, flush=True))
+    else:
+        verify_export(path)
+    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), "--from")
+    theirs = config.get("model") if isinstance(config.get("model"), dict) else None
+    if theirs is None:  # a Hugging Face GPT-2 directory: read_export maps (or refuses) its config
+        return
+    ours = model_config(recipe).to_dict()
+    differ = [k for k in ours if k not in ("name", "vocab_size") and k in theirs and theirs[k] != ours[k]]
+    if differ:
+        raise CheckpointError(f"--from {path} holds a model with {', '.join(f'{k}={theirs[k]}' for k in differ)} "
+                              f"where the recipe asks {', '.join(f'model.{k}={ours[k]}' for k in differ)}; set "
+                              f"those model keys to match, or fine-tune a checkpoint of the recipe's shape")
+
+
+def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop, start) -> dict:
     from accelerate.utils import set_seed
 
     run_dir = recipe.run_path
@@ -258,6 +265,8 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
         _micro_batch(phase, accelerator.num_processes)
         if phase.eval.generate is not None:
             check_metrics_available(phase)
+    if accelerator.is_main_process:  # every check of the start passed: what this run trains is recorded
+        record_recipe(recipe)
     summaries = []
     for i, phase in enumerate(recipe.phases):
         phase_dir = run_dir / "phases" / phase.name
@@ -278,8 +287,10 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
         train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
+        start.began()  # from here on the phase writes state that a refused start must not take away
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, pad_id=tokenizer.eos_id)
+                             world_size=accelerator.num_processes, pad_id=tokenizer.eos_id,
+                             vocab_size=model.config.vocab_size)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
         model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
@@ -325,4 +336,8 @@ def _initial_model(recipe: Recipe, config, init_from: Path | None):
         sparsifier = sparsify_recipe(recipe, model)
         apply_supar_init(model)  # SµPar: after the masks exist, since the std depends on each layer's density
         return model, sparsifier
-    return sparse_model(find_export(init_from), model)
+    model, sparsifier = sparse_model(find_export(init_from), model)
+    if not all_finite(state_tensors(model)):
+        raise CheckpointError(f"--from {init_from} holds NaN or inf weights (saved after its training diverged); "
+                              f"fine-tune from an earlier checkpoint")
+    return model, sparsifier

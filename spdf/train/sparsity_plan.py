@@ -61,6 +61,17 @@ def sparsify_recipe(recipe: Recipe, model: nn.Module) -> Sparsifier | None:
     sp = recipe.sparsity
     if sp.method == "none":
         return None
-    return sparsify(model, sparsity=sp.level, init=mask_init(sp), seed=recipe.sparsity_seed,
-                    param_filter=list(sp.filter) if sp.filter else None, overrides=dict(sp.overrides) or None,
-                    backend=sp.backend, algorithm=algorithm(recipe))
+    try:
+        return sparsify(model, sparsity=sp.level, init=mask_init(sp), seed=recipe.sparsity_seed,
+                        param_filter=list(sp.filter) if sp.filter else None, overrides=dict(sp.overrides) or None,
+                        backend=sp.backend, algorithm=algorithm(recipe))
+    except ValueError as e:  # the library's words (param_filter, n, m, …): said as the recipe's keys that chose them
+        raise RecipeError(f"sparsity ({_settings(sp)}) does not fit the model: {e}") from None
+
+
+def _settings(sp: SparsitySpec) -> str:
+    name = sp.init if sp.dynamic else sp.method
+    keys = ["method", "level"] + {"nm": ["n", "m"], "block": ["block_size"]}.get(name, [])
+    keys += [k for k in ("filter", "overrides") if getattr(sp, k)]
+    return ", ".join(f"sparsity.{k}={getattr(sp, k)!r}" if not isinstance(getattr(sp, k), str)
+                     else f"sparsity.{k}={getattr(sp, k)}" for k in keys)
