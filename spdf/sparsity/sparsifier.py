@@ -25,7 +25,11 @@ from .sharding import SUPPORTED, canonical_name, check_masks_agree, optimizer_pr
 STATE_VERSION = 2
 
 # Optimizers whose update leaves a state entry and a weight at exactly zero when the gradient there is zero and the
-# state entry is zero (moments decay from 0 to 0; decoupled or L2 weight decay of a zero weight is zero).
+# state entry is zero (moments decay from 0 to 0, so Adam's update m / (sqrt(v) + eps) is 0 / eps; decoupled or L2
+# weight decay of a zero weight is zero; SGD's momentum buffer stays 0). Under these the Sparsifier zeroes each state
+# tensor once and never re-zeroes the weights after a step: that would be a provable no-op costing two passes over
+# every sparse weight (benchmarks/step_overhead.py). Exact types only: a subclass may change the update rule. Any
+# other optimizer gets weights and state re-zeroed after every step.
 ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 TOTAL_ROW = "(all sparse layers)"
 
@@ -43,6 +47,17 @@ def _slow_cpu_variant(optimizer) -> bool:
         return False
     on_cpu = any(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
     return on_cpu and not any(g.get("fused") for g in optimizer.param_groups)
+
+
+class _Attached:
+    """One attached optimizer: its hook handles and what the Sparsifier knows is zero in it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, zero_preserving: bool):
+        self.optimizer = optimizer
+        self.handles: list = []
+        self.zero_preserving = zero_preserving
+        self.zeroed: dict = {}  # id(state tensor) -> weakref: zeroed once already (zero-preserving optimizers)
+        self.versions: tuple = ()  # the layers' zeros_version when weights and state were last zeroed in full
 
 
 class Sparsifier:
@@ -63,7 +78,7 @@ class Sparsifier:
                 raise ValueError(f"sparsity algorithm {self.algorithm.name!r} changes masks during training, which "
                                  f"the {type(self.layers[static[0]]).__name__} backend does not support (static "
                                  f"masks only); use backend 'masked'")
-        self._optimizers: list[tuple[torch.optim.Optimizer, list, dict | None]] = []
+        self._optimizers: list[_Attached] = []
 
     @property
     def layers(self) -> dict[str, SparseLayer]:
@@ -97,22 +112,22 @@ class Sparsifier:
             warnings.warn("a non-fused Adam/AdamW on CPU is attached: its step is slower on the zeros of sparse "
                           "weights (about 1.05-1.08x dense); torch.optim.AdamW(..., fused=True) costs about "
                           "1.01x (benchmarks/results/step_overhead.md)", stacklevel=2)
-        zeroed = {} if type(optimizer) in ZERO_PRESERVING else None  # state tensors already zeroed once
-        handles = [
+        attached = _Attached(optimizer, type(optimizer) in ZERO_PRESERVING)
+        attached.handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt, zeroed)),
-            optimizer.register_load_state_dict_post_hook(lambda opt: self._rezero(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(attached)),
+            optimizer.register_load_state_dict_post_hook(lambda opt: self._rezero(attached)),
         ]
-        self._optimizers.append((optimizer, handles, zeroed))
+        self._optimizers.append(attached)
         for layer in self.layers.values():
             layer.optimizer_attached = True
         self._arm()
-        self.enforce(optimizer)
+        self._rezero(attached)
         return self
 
     def detach(self) -> None:
-        for _, handles, _ in self._optimizers:
-            for h in handles:
+        for attached in self._optimizers:
+            for h in attached.handles:
                 h.remove()
         self._optimizers.clear()
         for layer in self.layers.values():
@@ -124,12 +139,24 @@ class Sparsifier:
         for layer in self.layers.values():
             layer.enforce(optimizer, zeroed_state)
 
-    def _rezero(self, optimizer) -> None:
-        # A loaded optimizer state holds new tensors: zero them (and forget the "zeroed once" record).
-        for opt, _, zeroed in self._optimizers:
-            if opt is optimizer and zeroed is not None:
-                zeroed.clear()
-        self.enforce(optimizer)
+    def _rezero(self, attached: _Attached) -> None:
+        """Zero the weights and all of `attached`'s state afresh (attach, a loaded optimizer state, changed masks)."""
+        attached.zeroed.clear()
+        layers = self.layers.values()
+        self.enforce(attached.optimizer, attached.zeroed if attached.zero_preserving else None)
+        attached.versions = tuple(layer.zeros_version for layer in layers)
+
+    @torch.no_grad()
+    def _keep_zeros(self, attached: _Attached) -> None:
+        """After a step: under a zero-preserving optimizer only state tensors that are new (created by this step)
+        are zeroed, unless a weight or mask changed outside the steps since (a load, a mask update); under any
+        other optimizer weights and state are re-zeroed every step."""
+        layers = self.layers.values()
+        if not attached.zero_preserving or tuple(layer.zeros_version for layer in layers) != attached.versions:
+            self._rezero(attached)
+            return
+        for layer in layers:
+            layer.zero_new_state(attached.optimizer, attached.zeroed)
 
     def _arm(self) -> None:
         """Let the next step's gradients stay dense where the algorithm needs them (RigL's update steps only)."""
@@ -146,9 +173,10 @@ class Sparsifier:
         for layer in self.layers.values():
             layer.mask_grad_()  # sharded weights' gradients, which no hook reaches
 
-    def _after_step(self, optimizer, zeroed) -> None:
-        self.enforce(optimizer, zeroed)
-        if optimizer is not self._optimizers[0][0]:
+    def _after_step(self, attached: _Attached) -> None:
+        self._keep_zeros(attached)
+        optimizer = attached.optimizer
+        if attached is not self._optimizers[0]:
             return  # only the first attached optimizer counts steps
         # A fused optimizer under an AMP grad scaler is called even for a step the scaler skips (it skips inside,
         # given `found_inf`): that step did not happen.
@@ -164,16 +192,13 @@ class Sparsifier:
     def update_masks(self) -> None:
         """One update of the algorithm after optimizer step `self.step`; optimizer state of changed entries reset."""
         seed = self.config.get("seed", 0)
-        optimizers = [opt for opt, _, _ in self._optimizers]
+        optimizers = [attached.optimizer for attached in self._optimizers]
         self.last_update = {}
         for name, layer in self.layers.items():
             mask, dropped, grown = self.algorithm.new_mask(name, layer, self.step, seed)
-            layer.set_mask(mask, optimizers)
+            layer.set_mask(mask, optimizers)  # bumps its zeros_version: everything is zeroed afresh next step
             layer.dense_grad = None  # kept for this update only
             self.last_update[name] = (dropped, grown)
-        for _, _, zeroed in self._optimizers:
-            if zeroed is not None:
-                zeroed.clear()  # the masks moved: every state tensor is zeroed afresh at the next step
         self.mask_version += 1
 
     # ---- reporting ---------------------------------------------------------------------------------------------
@@ -189,11 +214,8 @@ class Sparsifier:
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
         """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks)."""
-        set_masks(self.model, masks, [opt for opt, _, _ in self._optimizers])
-        for _, _, zeroed in self._optimizers:
-            if zeroed is not None:
-                zeroed.clear()  # changed entries had their state reset: zero every state tensor afresh once
-        self.mask_version += 1
+        set_masks(self.model, masks, [attached.optimizer for attached in self._optimizers])
+        self.mask_version += 1  # the layers' zeros_version moved too: state and weights are zeroed afresh
 
     # ---- saving and restoring ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -226,8 +248,8 @@ class Sparsifier:
         self.config = dict(state["config"])
         self.step = int(state.get("step", 0))
         self.enforce()
-        for optimizer, _, _ in self._optimizers:
-            self.enforce(optimizer)
+        for attached in self._optimizers:
+            self._rezero(attached)
         self._arm()
 
 
