@@ -213,8 +213,14 @@ class Sparsifier:
                 for name, layer in self.layers.items()}
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks)."""
-        set_masks(self.model, masks, [attached.optimizer for attached in self._optimizers])
+        """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks).
+
+        Under a static algorithm each mask must keep as many entries as the layer's mask does now (its target
+        sparsity): other masks would silently train at another sparsity than the one recorded and reported."""
+        self._install_masks(masks, same_sparsity=not self.algorithm.dynamic)
+
+    def _install_masks(self, masks: dict[str, torch.Tensor], same_sparsity: bool) -> None:
+        set_masks(self.model, masks, [attached.optimizer for attached in self._optimizers], same_sparsity)
         self.mask_version += 1  # the layers' zeros_version moved too: state and weights are zeroed afresh
 
     # ---- saving and restoring ----------------------------------------------------------------------------------
@@ -242,7 +248,9 @@ class Sparsifier:
             shape = tuple(theirs[name]["shape"])
             if tuple(layer.mask.shape) != shape:
                 raise ValueError(f"mask of {name!r} has shape {shape}, the model's layer has {tuple(layer.mask.shape)}")
-        self.load_masks({name: unpack_bits(theirs[name]["bits"], tuple(theirs[name]["shape"])) for name in ours})
+        # the saved state brings its own targets: installed as saved
+        self._install_masks({name: unpack_bits(theirs[name]["bits"], tuple(theirs[name]["shape"])) for name in ours},
+                            same_sparsity=False)
         for name, layer in ours.items():
             layer.target_sparsity = float(theirs[name]["target"])
         self.config = dict(state["config"])
@@ -275,10 +283,11 @@ def layer_stats(model: nn.Module) -> list[dict]:
     return rows
 
 
-def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -> None:
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=(), same_sparsity: bool = False) -> None:
     """Install masks on every sparse layer of `model`: keyed by parameter name ("x.weight", mask shaped like that
     parameter, as Sparsifier.masks() gives them) or by module name ("x", (out, in) orientation, as exports store
-    them). Entries that change start at zero, with their optimizer state reset."""
+    them). Entries that change start at zero, with their optimizer state reset. With same_sparsity, a mask that
+    keeps another number of entries than the layer's current one is refused before any mask is installed."""
     layers, new = {canonical_name(n): layer for n, layer in sparse_layers(model).items()}, {}
     for key, mask in masks.items():
         key = canonical_name(key)
@@ -289,6 +298,14 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -
     missing = sorted(set(layers) - set(new))
     if missing:
         raise ValueError(f"no mask given for sparse layers {missing[:3]}")
+    for name, mask in new.items() if same_sparsity else ():
+        layer, kept = layers[name], int(mask.bool().sum())
+        current = int(layer.mask.sum())
+        if kept != current:
+            raise ValueError(f"the mask for {name!r} keeps {kept} of {mask.numel()} entries (sparsity "
+                             f"{1 - kept / mask.numel():.4f}), the layer keeps {current} (target sparsity "
+                             f"{layer.target_sparsity:.4f}): load_masks keeps each layer's sparsity; to start from "
+                             f"masks of another sparsity, sparsify the dense model with init=masks")
     for name, mask in new.items():
         layers[name].set_mask(mask.bool(), optimizers)
 
