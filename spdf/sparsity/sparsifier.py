@@ -42,11 +42,30 @@ def _unwrap(optimizer):
 
 
 def _slow_cpu_variant(optimizer) -> bool:
-    """A CPU Adam/AdamW that is not fused: its vectorised sqrt is slow on the exact zeros a sparse state holds."""
+    """A CPU Adam/AdamW that is not fused: torch's vectorised sqrt is ~10x slower on exact zeros (AVX-512), and the
+    second moment of a sparse weight is exactly zero at every masked position."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
     on_cpu = any(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
     return on_cpu and not any(g.get("fused") for g in optimizer.param_groups)
+
+
+def _use_fused_kernel(optimizer) -> bool:
+    """Switch a CPU Adam/AdamW left at torch's defaults (fused and foreach unset, no state yet) to torch's fused
+    kernel: the same update rule in one pass per tensor, without the slow sqrt on zeros, so a user's own loop with a
+    default AdamW costs what spdf's loop does. An explicit choice is kept. Contiguous floating-point parameters only:
+    torch 2.13's CPU fused kernel updates a non-contiguous parameter wrongly (spdf.train.optim says the same)."""
+    groups = optimizer.param_groups
+    params = [p for g in groups for p in g["params"]]
+    if (not _slow_cpu_variant(optimizer) or optimizer.state or not params
+            or any(g.get("fused") is not None or g.get("foreach") is not None or g.get("differentiable")
+                   for g in groups)
+            or not all(p.device.type == "cpu" and p.is_floating_point() and p.is_contiguous() for p in params)):
+        return False
+    for g in groups:
+        g["fused"] = True
+    optimizer.defaults["fused"] = True
+    return True
 
 
 class _Attached:
@@ -89,6 +108,9 @@ class Sparsifier:
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
         """Hook `optimizer`: after every real step re-zero masked weights and optimizer state, and run the algorithm.
 
+        A CPU Adam/AdamW left at torch's defaults (fused and foreach unset) is switched to fused=True: the same update
+        rule, without a slow path of torch's for-loop/foreach sqrt on the zeros a sparse model's state holds.
+
         Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`.
         Refuses (ValueError) a wrapping or sharding under which masked weights would train dense (FSDP1, DeepSpeed
         ZeRO), and, under torch.distributed, masks that differ across ranks (a collective: call it on every rank)."""
@@ -107,11 +129,12 @@ class Sparsifier:
         if self.algorithm.dynamic and self._optimizers:
             raise ValueError(f"sparsity algorithm {self.algorithm.name!r} counts the steps of one optimizer: "
                              f"detach() the attached one first")
-        if _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
+        if not _use_fused_kernel(optimizer) and _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
             Sparsifier._hinted = True
-            warnings.warn("a non-fused Adam/AdamW on CPU is attached: its step is slower on the zeros of sparse "
-                          "weights (about 1.05-1.08x dense); torch.optim.AdamW(..., fused=True) costs about "
-                          "1.01x (benchmarks/results/step_overhead.md)", stacklevel=2)
+            warnings.warn("a CPU Adam/AdamW explicitly set to foreach/for-loop is attached: torch's sqrt is slow on "
+                          "the exact zeros of a sparse model's AdamW state, so its steps cost more than dense ones; "
+                          "leave fused/foreach unset or pass fused=True (benchmarks/results/step_overhead.md)",
+                          stacklevel=2)
         attached = _Attached(optimizer, type(optimizer) in ZERO_PRESERVING)
         attached.handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
