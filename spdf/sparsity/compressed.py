@@ -95,7 +95,7 @@ class CompressedSparseLinear(SparseLayer):
     def weight_parameters(self) -> list[nn.Parameter]:
         return [self.values]
 
-    def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
+    def enforce(self, optimizer=None) -> None:
         pass  # masked entries are not stored, so there is nothing to zero
 
     def sharding_problem(self, dynamic: bool) -> str | None:

@@ -11,7 +11,6 @@ the CLI -- talks to a layer through these members only:
     dense_weight()       a dense (out, in) copy of the weight, zeros in place
     to_dense()           the original module type (nn.Linear, Conv1D, ...) with a dense trainable weight
     enforce(optimizer)   make masked entries exactly zero in the weight and the optimizer state
-    zero_new_state(o, z) zero masked entries of optimizer state tensors not zeroed before (z records them)
     weight_parameters()  the parameters that carry the weight: they take weight decay like any matrix
     set_mask(mask)       install another mask (a loaded state, a dynamic update)
     zeros_version        bumped when the weight or mask changed outside a step (the Sparsifier re-zeroes then)
@@ -68,12 +67,8 @@ class SparseLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
-    def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         raise NotImplementedError
-
-    def zero_new_state(self, optimizer: torch.optim.Optimizer, zeroed_state: dict) -> None:
-        """Zero masked entries of optimizer state tensors not yet in `zeroed_state` (id -> weakref), recording them
-        (nothing to do for a backend that stores no masked entries)."""
 
     def weight_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError

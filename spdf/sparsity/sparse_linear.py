@@ -188,29 +188,14 @@ class SparseLinear(SparseLayer):
         return [v for v in state.values() if torch.is_tensor(v) and v.shape == self.weight.shape]
 
     @torch.no_grad()
-    def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
-        """Zero masked entries of the weight and of `optimizer`'s state tensors of the weight's shape (with
-        `zeroed_state`: only state tensors not zeroed since they appeared, see zero_new_state)."""
+    def enforce(self, optimizer=None) -> None:
+        """Zero masked entries of the weight and of `optimizer`'s state tensors of the weight's shape."""
         # One in-place multiply by the uint8 view of the mask: faster on CPU than torch._foreach_mul_, which falls
         # back to a slow per-tensor path for mixed dtypes, and no float copy of the mask (4x its memory).
-        local(self.weight).mul_(self._local_mask())
-        if zeroed_state is None:
-            for value in self._state_tensors(optimizer):
-                local(value).mul_(self._local_mask())
-        else:
-            self.zero_new_state(optimizer, zeroed_state)
-
-    @torch.no_grad()
-    def zero_new_state(self, optimizer, zeroed_state: dict) -> None:
-        """Zero the masked entries of `optimizer`'s state tensors that `zeroed_state` (id -> weakref, kept by the
-        Sparsifier per zero-preserving optimizer) has not seen, and record them: under those optimizers masked
-        gradients keep a zero entry zero, so zeroing again every step would only cost passes over memory."""
+        keep = self._local_mask()
+        local(self.weight).mul_(keep)
         for value in self._state_tensors(optimizer):
-            seen = zeroed_state.get(id(value))
-            if seen is not None and seen() is value:
-                continue
-            zeroed_state[id(value)] = weakref.ref(value)
-            local(value).mul_(self._local_mask())
+            local(value).mul_(keep)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor, optimizers=()) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     sp = spdf.sparsify(model, sparsity=0.75, init="random", seed=0)      # or algorithm=RigL(...)
     opt = torch.optim.AdamW(model.parameters(), ...)
-    sp.attach(opt)          # after every real opt.step(): masked weights and optimizer state re-zeroed, masks updated
+    sp.attach(opt)          # after every real opt.step(): masked weights and optimizer state exactly zero, masks updated
     ...
     spdf.densify(model)     # plain modules again, zeros in place, every weight trainable
 
@@ -26,10 +26,11 @@ STATE_VERSION = 2
 
 # Optimizers whose update leaves a state entry and a weight at exactly zero when the gradient there is zero and the
 # state entry is zero (moments decay from 0 to 0, so Adam's update m / (sqrt(v) + eps) is 0 / eps; decoupled or L2
-# weight decay of a zero weight is zero; SGD's momentum buffer stays 0). Under these the Sparsifier zeroes each state
-# tensor once and never re-zeroes the weights after a step: that would be a provable no-op costing two passes over
-# every sparse weight (benchmarks/step_overhead.py). Exact types only: a subclass may change the update rule. Any
-# other optimizer gets weights and state re-zeroed after every step.
+# weight decay of a zero weight is zero; SGD's momentum buffer stays 0; state they create starts at zero or as a
+# copy of the masked gradient). Under these the Sparsifier zeroes weights and state once (attach, a load, a mask
+# change) and does nothing after a step: re-zeroing would be a provable no-op costing passes over every sparse weight
+# (benchmarks/step_overhead.py). Exact types only: a subclass may change the update rule. Any other optimizer gets
+# weights and state re-zeroed after every step.
 ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 TOTAL_ROW = "(all sparse layers)"
 
@@ -75,7 +76,6 @@ class _Attached:
         self.optimizer = optimizer
         self.handles: list = []
         self.zero_preserving = zero_preserving
-        self.zeroed: dict = {}  # id(state tensor) -> weakref: zeroed once already (zero-preserving optimizers)
         self.versions: tuple = ()  # the layers' zeros_version when weights and state were last zeroed in full
 
 
@@ -106,7 +106,8 @@ class Sparsifier:
 
     # ---- keeping the zeros, updating the masks ---------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
-        """Hook `optimizer`: after every real step re-zero masked weights and optimizer state, and run the algorithm.
+        """Hook `optimizer`: after every real step masked weights and optimizer state are exactly zero (zeroed where
+        the update rule could have moved them, see ZERO_PRESERVING), and the algorithm runs.
 
         A CPU Adam/AdamW left at torch's defaults (fused and foreach unset) is switched to fused=True: the same update
         rule, without a slow path of torch's for-loop/foreach sqrt on the zeros a sparse model's state holds.
@@ -157,32 +158,30 @@ class Sparsifier:
             layer.keep_dense_grad = False
 
     @torch.no_grad()
-    def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
-        """Zero masked entries of the weights and of `optimizer`'s state (once per state tensor with zeroed_state)."""
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero masked entries of the weights and of `optimizer`'s state."""
         for layer in self.layers.values():
-            layer.enforce(optimizer, zeroed_state)
-
-    def _rezero(self, attached: _Attached) -> None:
-        """Zero the weights and all of `attached`'s state afresh (attach, a loaded optimizer state, changed masks)."""
-        attached.zeroed.clear()
-        layers = self.layers.values()
-        self.enforce(attached.optimizer, attached.zeroed if attached.zero_preserving else None)
-        attached.versions = tuple(layer.zeros_version for layer in layers)
+            layer.enforce(optimizer)
 
     @torch.no_grad()
-    def _keep_zeros(self, attached: _Attached) -> None:
-        """After a step: under a zero-preserving optimizer only state tensors that are new (created by this step)
-        are zeroed, unless a weight or mask changed outside the steps since (a load, a mask update); under any
-        other optimizer weights and state are re-zeroed every step."""
-        layers = self.layers.values()
-        if not attached.zero_preserving or tuple(layer.zeros_version for layer in layers) != attached.versions:
-            self._rezero(attached)
-            return
+    def _rezero(self, attached: _Attached, layers: list[SparseLayer] | None = None) -> None:
+        """Zero the weights and all of `attached`'s state (attach, a loaded optimizer state, changed masks)."""
+        layers = list(self.layers.values()) if layers is None else layers
         for layer in layers:
-            layer.zero_new_state(attached.optimizer, attached.zeroed)
+            layer.enforce(attached.optimizer)
+        attached.versions = tuple(layer.zeros_version for layer in layers)
+
+    def _keep_zeros(self, attached: _Attached, layers: list[SparseLayer]) -> None:
+        """After a step: nothing to do under a zero-preserving optimizer unless a weight or mask changed outside the
+        steps since the last zeroing (a load, a mask update); any other optimizer's weights and state are re-zeroed
+        after every step."""
+        if not attached.zero_preserving or tuple(layer.zeros_version for layer in layers) != attached.versions:
+            self._rezero(attached, layers)
 
     def _arm(self) -> None:
         """Let the next step's gradients stay dense where the algorithm needs them (RigL's update steps only)."""
+        if not self.algorithm.dynamic:  # a static algorithm never does; the flags stay False
+            return
         dense = self.algorithm.needs_dense_grad(self.step + 1)
         for layer in self.layers.values():
             if layer.supports_dynamic:
@@ -190,14 +189,17 @@ class Sparsifier:
 
     def _before_step(self) -> None:
         # Gradients are final here (accumulated, all-reduced, unscaled, clipped): keep the dense copy, then mask.
+        # The layers are walked once per step (the walk costs about as much as the rest of the hooks' Python).
+        self._step_layers = layers = list(self.layers.values())
         if self.algorithm.needs_dense_grad(self.step + 1):
-            for layer in self.layers.values():
+            for layer in layers:
                 layer.take_dense_grad()
-        for layer in self.layers.values():
+        for layer in layers:
             layer.mask_grad_()  # sharded weights' gradients, which no hook reaches
 
     def _after_step(self, attached: _Attached) -> None:
-        self._keep_zeros(attached)
+        layers = self.__dict__.pop("_step_layers", None)
+        self._keep_zeros(attached, list(self.layers.values()) if layers is None else layers)
         optimizer = attached.optimizer
         if attached is not self._optimizers[0]:
             return  # only the first attached optimizer counts steps
