@@ -22,19 +22,16 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from memory import live_bytes, live_storages  # benchmarks/memory.py: process-level memory on CPU
+from step_overhead import machine  # one description of the machine for every result file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory import live_bytes, live_storages  # noqa: E402  (process-level memory on CPU)
-from step_overhead import machine  # noqa: E402  (one description of the machine for every result file)
-
-import spdf  # noqa: E402
-from spdf.flops import analytic_flops  # noqa: E402
-from spdf.sparsity import sparse_layers  # noqa: E402
+import spdf
+from spdf.flops import analytic_flops
+from spdf.sparsity import sparse_layers
 
 XL8 = dict(n_layer=8, n_head=16, d_model=2048, d_ff=8192, n_ctx=1024, vocab_size=50304)
 TINY = dict(n_layer=2, n_head=2, d_model=64, d_ff=256, n_ctx=64, vocab_size=256)

@@ -17,8 +17,14 @@ import spdf
 from spdf.sparsity import SparseLinear, sparse_layers
 from spdf.sparsity.compressed import CompressedSparseLinear
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from memory import live_bytes, live_storages  # noqa: E402  (benchmarks/memory.py)
+# benchmarks/memory.py, with benchmarks/ on sys.path only while it imports (its kernels.py would shadow Hugging
+# Face's `kernels` package for every later test)
+_BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
+sys.path.insert(0, _BENCHMARKS)
+try:
+    from memory import live_bytes, live_storages
+finally:
+    sys.path.remove(_BENCHMARKS)
 
 # Shapes chosen so that no non-sparse tensor has a sparse weight's shape (in either orientation).
 SHAPE = dict(n_layer=2, n_head=2, d_model=64, d_ff=256, n_ctx=32, vocab_size=200)
