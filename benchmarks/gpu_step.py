@@ -1,6 +1,7 @@
 """One GPU training step, dense vs masked vs compressed: time, tokens/s, allocator memory, exact zeros (issue 19).
 
     python benchmarks/gpu_step.py                       # on a CUDA machine: ~2 minutes on an H200
+    python benchmarks/gpu_step.py --profile             # + gpu_step_profile.md: top operations of 3 steps each
     python benchmarks/gpu_step.py --tiny --out DIR      # CPU smoke test of the script itself (not GPU figures)
 
 GPT-3 XL width with 8 layers (d_model 2048, d_ff 8192, 16 heads, context 1024, vocabulary 50304), 75% random masks
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per batch size (default 5; --tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 20; --tiny 2)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps per backend at the first batch size (torch.profiler): the top operations "
+                        "by self time go to gpu_step_profile.md, to see where a backend's time goes")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
@@ -141,11 +145,28 @@ def run_backend(backend: str, args, cfg: spdf.GPTConfig) -> dict:
         print(f"  {backend:10s} batch {batch} x {cfg.n_ctx}: {median * 1e3:8.1f} ms/step, "
               f"{out['batches'][str(batch)]['after_step'] / GIB:.2f} GiB after a step", flush=True)
     out["checked"] = check_zeros(model, opt, backend) if backend != "dense" else "no sparse layer"
+    if args.profile:
+        out["profile"] = profile(model, opt, args, cfg, amp_dtype)
     del model, opt, sp
     return out
 
 
-def write(args, cfg, res: dict) -> None:
+def profile(model, opt, args, cfg, amp_dtype) -> str:
+    """The 25 operations with the most self time over 3 profiled steps at the first batch size (a table)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    idx = torch.randint(0, cfg.vocab_size, (args.batches[0], cfg.n_ctx + 1)).to(args.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.gpu else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step(model, opt, idx[:, :-1], idx[:, 1:], amp_dtype)
+        sync(args.device)
+    key = "self_cuda_time_total" if args.gpu else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25)
+
+
+def write(args, cfg, res: dict, profiles: dict[str, str]) -> None:
     gpu, shape = args.gpu, args.shape
     not_gpu = "" if gpu else " -- CPU SMOKE RUN, NOT GPU FIGURES"
     flops = analytic_flops(cfg, SPARSITY)
@@ -175,6 +196,12 @@ def write(args, cfg, res: dict) -> None:
     lines += [""] + [f"- {r['backend']}: {r['checked']}" for r in res["backends"].values()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_step.json").write_text(json.dumps(res, indent=1) + "\n")
+    if profiles:
+        text = [f"# Where a step's time goes (gpu_step.py --profile{not_gpu})", "",
+                f"3 steps at batch {args.batches[0]} x {shape['n_ctx']}, top operations by self time.", ""]
+        for name, table in profiles.items():
+            text += [f"## {name}", "", "```", table, "```", ""]
+        (args.out / "gpu_step_profile.md").write_text("\n".join(text))
     (args.out / "gpu_step.md").write_text("\n".join(lines) + "\n")
 
 
@@ -189,11 +216,14 @@ def main(argv=None) -> dict:
         res["triton"] = triton.__version__
     except ImportError:
         pass
+    profiles: dict[str, str] = {}
     if not args.gpu:
         print("CPU run: these are NOT GPU figures (tiny model, fp32, process live tensors)", flush=True)
     for backend in args.backends:
         res["backends"][backend] = run_backend(backend, args, cfg)
-        write(args, cfg, res)
+        if "profile" in res["backends"][backend]:
+            profiles[backend] = res["backends"][backend].pop("profile")
+        write(args, cfg, res, profiles)
     print((args.out / "gpu_step.md").read_text())
     return res
 

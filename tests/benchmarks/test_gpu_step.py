@@ -23,7 +23,7 @@ def import_benchmark(name: str):
 def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_run(tmp_path):
     gpu_step = import_benchmark("gpu_step")  # imports spdf: imported here, not at collection (test_replicate.py)
 
-    res = gpu_step.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+    res = gpu_step.main(["--tiny", "--device", "cpu", "--profile", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "gpu_step.json").read_text())
     md = (tmp_path / "gpu_step.md").read_text()
     assert saved["gpu_figures"] is False and res["gpu_figures"] is False
@@ -38,6 +38,9 @@ def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_ru
     dense, comp = (saved["backends"][k]["batches"]["1"]["after_step"] for k in ("dense", "compressed"))
     assert comp < dense  # live memory of the compressed model after a step is below the dense model's
     assert md.count("| masked |") == 2 and md.count("| compressed |") == 2
+    profiles = (tmp_path / "gpu_step_profile.md").read_text()
+    assert "NOT GPU FIGURES" in profiles.splitlines()[0]
+    assert all(f"## {b}" in profiles for b in ("dense", "masked", "compressed")) and "aten::" in profiles
 
 
 def test_the_zero_check_catches_a_non_zero_masked_weight():
