@@ -101,7 +101,9 @@ def check_zeros(model, opt, backend: str) -> str:
     return f"{len(layers)} compressed layers store exactly their kept entries (no masked entry exists)"
 
 
-def run_backend(backend: str, args, cfg: spdf.GPTConfig) -> dict:
+def run_backend(backend: str, args, cfg: spdf.GPTConfig, masks: dict) -> dict:
+    """Build, train and measure one backend. `masks` ({parameter name: bool mask} on the CPU) is filled by the first
+    sparse backend and reused by the next: the same masks, and the random masks of 32 XL-width layers made once."""
     device, gpu = args.device, args.gpu
     gc.collect()
     if gpu:
@@ -113,7 +115,9 @@ def run_backend(backend: str, args, cfg: spdf.GPTConfig) -> dict:
     torch.manual_seed(0)
     with device:
         model = spdf.GPT(cfg)
-    sp = spdf.sparsify(model, SPARSITY, seed=0, backend=backend) if backend != "dense" else None
+    sp = None
+    if backend != "dense":
+        sp = spdf.sparsify(model, SPARSITY, seed=0, backend=backend, init=masks or "random")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     if sp is not None:
         sp.attach(opt)
@@ -147,6 +151,8 @@ def run_backend(backend: str, args, cfg: spdf.GPTConfig) -> dict:
     out["checked"] = check_zeros(model, opt, backend) if backend != "dense" else "no sparse layer"
     if args.profile:
         out["profile"] = profile(model, opt, args, cfg, amp_dtype)
+    if sp is not None and not masks:  # kept for the next backend, after this one's figures were taken
+        masks.update({name: mask.cpu() for name, mask in sp.masks().items()})
     del model, opt, sp
     return out
 
@@ -217,10 +223,11 @@ def main(argv=None) -> dict:
     except ImportError:
         pass
     profiles: dict[str, str] = {}
+    masks: dict[str, torch.Tensor] = {}
     if not args.gpu:
         print("CPU run: these are NOT GPU figures (tiny model, fp32, process live tensors)", flush=True)
     for backend in args.backends:
-        res["backends"][backend] = run_backend(backend, args, cfg)
+        res["backends"][backend] = run_backend(backend, args, cfg, masks)
         if "profile" in res["backends"][backend]:
             profiles[backend] = res["backends"][backend].pop("profile")
         write(args, cfg, res, profiles)
