@@ -36,6 +36,12 @@ def _model() -> spdf.GPT:
     return spdf.GPT(spdf.GPTConfig(name="live", **SHAPE))
 
 
+def _ids(cls) -> set[int]:
+    """Objects of exactly `cls` alive now (other tests' objects may still be alive: only new ones count)."""
+    gc.collect()
+    return {id(o) for o in gc.get_objects() if type(o) is cls}
+
+
 def _dense_sized(shapes: set) -> list[torch.Tensor]:
     gc.collect()
     return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and not o.is_meta
@@ -63,10 +69,11 @@ def test_compressed_sparsify_keeps_no_dense_copy_alive_and_holds_what_the_format
     for p in model.parameters():  # the model's own storages are measured, not baselined
         baseline_without_model.pop((str(p.device), p.untyped_storage().data_ptr()), None)
 
+    twins = _ids(SparseLinear)
     spdf.sparsify(model, 0.75, seed=0, backend="compressed", tile=TILE)
     gc.collect()
     assert not _dense_sized(shapes), "a dense-sized tensor (an original weight or a mask) is still alive"
-    assert not [o for o in gc.get_objects() if type(o) is SparseLinear], "a masked twin is still alive"
+    assert not _ids(SparseLinear) - twins, "a masked twin is still alive"
     layers = sparse_layers(model).values()
     formula = sum(_compressed_formula(layer) for layer in layers)
     sparse_live = live_bytes(baseline_without_model) - dense_nonsparse
@@ -78,7 +85,7 @@ def test_compressed_sparsify_keeps_no_dense_copy_alive_and_holds_what_the_format
 @pytest.mark.parametrize("backend", ["masked", "compressed"])
 def test_nothing_outlives_a_dropped_model_after_training_and_densify(backend):
     idx = torch.randint(0, SHAPE["vocab_size"], (2, 17))
-    gc.collect()
+    models = _ids(spdf.GPT)
     baseline = live_storages()
     model = _model()
     sp = spdf.sparsify(model, 0.75, seed=0, backend=backend, tile=TILE)
@@ -89,7 +96,7 @@ def test_nothing_outlives_a_dropped_model_after_training_and_densify(backend):
     spdf.densify(model)
     del model, sp, opt
     assert live_bytes(baseline) == 0
-    assert not [o for o in gc.get_objects() if type(o) is spdf.GPT]
+    assert not _ids(spdf.GPT) - models
 
 
 def test_a_discarded_masked_layer_frees_its_weight_and_mask():
