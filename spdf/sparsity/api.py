@@ -72,23 +72,41 @@ def sparsify(
     if method.allocates_levels and (overrides or isinstance(param_filter, dict)):
         raise ValueError(f"init={method.name!r} chooses per-layer sparsity itself: per-pattern levels and overrides "
                          f"cannot be combined with it")
+    meta = [name for name, (c, _) in chosen.items() if c.module.weight.is_meta]
+    if meta:  # a mask moved to the meta device holds no data: after to_empty() it would be uninitialised memory
+        raise ValueError(f"cannot sparsify a model on the meta device ({meta[0]!r} has no data, so its mask would be "
+                         f"lost at to_empty()): materialise it first (model.to_empty(device=...) and initialise "
+                         f"its weights), then sparsify, then shard it")
     targets = {}
     for name, (c, level) in chosen.items():
         weight = c.module.weight.t() if c.transposed else c.module.weight
         targets[name] = Target(c.shape, algorithm.initial_sparsity(level), weight)
-    # Every mask first, then every swap: a bad layer (say N:M on an indivisible width) leaves the model untouched.
+    # Every mask, then every layer, then every swap: a bad layer (say N:M on an indivisible width) or any failure
+    # while building leaves the model untouched, its weights unchanged and its modules in place.
     masks = method.masks(targets, seed)
-    for name, (candidate, level) in chosen.items():
-        mask, made_at = masks[name]
-        # A dynamic algorithm starts below its target (GMP); the layer's target stays the one asked for.
-        target = level if algorithm.initial_sparsity(level) != level else made_at
-        layer = SparseLinear(candidate.module, mask.t() if candidate.transposed else mask, candidate.transposed,
-                             target)
-        if backend == "compressed":
-            from .compressed import CompressedSparseLinear
+    built: dict[str, nn.Module] = {}
+    try:
+        for name, (candidate, level) in chosen.items():
+            mask, made_at = masks[name]
+            mask = mask.t() if candidate.transposed else mask
+            # A dynamic algorithm starts below its target (GMP); the layer's target stays the one asked for.
+            target = level if algorithm.initial_sparsity(level) != level else made_at
+            if backend == "compressed":  # built from the dense module directly: no masked twin left to free
+                from .compressed import CompressedSparseLinear
 
-            layer = CompressedSparseLinear.from_masked(layer, tile=tile)
-        _replace(model, candidate.module_name, layer)
+                built[name] = CompressedSparseLinear.from_dense(candidate.module, mask, candidate.transposed, target,
+                                                                tile=tile)
+            else:
+                built[name] = SparseLinear(candidate.module, mask, candidate.transposed, target, zero_now=False)
+    except BaseException:
+        for layer in built.values():
+            if isinstance(layer, SparseLinear):
+                layer.to_dense()  # gives the dense module its parameters back and removes the hook
+        raise
+    for name, layer in built.items():
+        if isinstance(layer, SparseLinear):
+            layer.apply_mask_()
+        _replace(model, chosen[name][0].module_name, layer)
     config = dict(sparsity=sparsity, **method.settings(), seed=seed, backend=backend, **algorithm.settings(),
                   param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
                   (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),

@@ -58,6 +58,18 @@ class CompressedSparseLinear(SparseLayer):
         return cls(weight, layer.mask, layer.bias, tile=tile, transposed=layer.transposed, dense_shell=shell,
                    target_sparsity=layer.target_sparsity)
 
+    @classmethod
+    def from_dense(cls, dense: nn.Module, mask: torch.Tensor, transposed: bool, target_sparsity: float,
+                   tile=(64, 64)) -> "CompressedSparseLinear":
+        """Compress a dense module (nn.Linear, Conv1D; `mask` in its weight's layout) without changing it: it keeps
+        its parameters, and nothing but the bias is shared, so once the model lets go of it the dense weight is
+        freed (sparsify() swaps only after every layer was built)."""
+        weight = dense.weight.t() if transposed else dense.weight
+        shell = copy.copy(dense)
+        shell.__dict__["_parameters"] = {}  # a copy emptied of parameters; the user's module keeps its own
+        return cls(weight, mask.t() if transposed else mask, dense.bias, tile=tile, transposed=transposed,
+                   dense_shell=copy.deepcopy(shell), target_sparsity=target_sparsity)
+
     @property
     def layout(self) -> TiledLayout:
         return TiledLayout.from_tensors({n: getattr(self, PREFIX + n) for n in FIELDS},
@@ -83,7 +95,7 @@ class CompressedSparseLinear(SparseLayer):
     def weight_parameters(self) -> list[nn.Parameter]:
         return [self.values]
 
-    def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
+    def enforce(self, optimizer=None) -> None:
         pass  # masked entries are not stored, so there is nothing to zero
 
     def sharding_problem(self, dynamic: bool) -> str | None:

@@ -13,6 +13,7 @@ the CLI -- talks to a layer through these members only:
     enforce(optimizer)   make masked entries exactly zero in the weight and the optimizer state
     weight_parameters()  the parameters that carry the weight: they take weight decay like any matrix
     set_mask(mask)       install another mask (a loaded state, a dynamic update)
+    zeros_version        bumped when the weight or mask changed outside a step (the Sparsifier re-zeroes then)
     load_dense_weight(w) take the weight from a dense tensor in the dense module's layout (an export's weight)
     supports_dynamic     whether set_mask may change the mask while an optimizer holds this layer's state
     sharding_problem(d)  why the zeros cannot be kept as the layer's weight is now wrapped or sharded (None: fine)
@@ -38,6 +39,10 @@ class SparseLayer(nn.Module):
     tile: tuple[int, int] | None = None
     keep_dense_grad: bool = False  # RigL's update steps (backends with supports_dynamic only)
     dense_grad: torch.Tensor | None = None
+    # Bumped whenever the weight or the mask changed outside an optimizer step (a load, a new mask): the Sparsifier
+    # then re-zeroes the weight and the optimizer state after the next step, which it otherwise skips where the
+    # update rule keeps zeros zero. A backend that stores no masked entries never needs it.
+    zeros_version: int = 0
 
     def take_dense_grad(self) -> None:
         """Keep the current dense gradient as `dense_grad` (out, in), then mask the gradient for the step."""
@@ -62,7 +67,7 @@ class SparseLayer(nn.Module):
     def to_dense(self) -> nn.Module:
         raise NotImplementedError
 
-    def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         raise NotImplementedError
 
     def weight_parameters(self) -> list[nn.Parameter]:

@@ -1,9 +1,11 @@
 """SparseLinear: a linear layer with a fixed boolean mask (the "masked" backend).
 
 The weight is stored dense with exact zeros at masked positions, so the forward pass is the plain dense matmul: no
-multiply by the mask on the hot path. The zeros are kept by two cheap in-place operations, both driven from outside:
-a post-accumulate-grad hook zeroes masked gradient entries, and the Sparsifier's optimizer hook re-zeroes the weight
-(and the optimizer state) after each step. Parameter names and shapes stay those of the layer it replaced, so
+multiply by the mask on the hot path. The zeros are kept by a post-accumulate-grad hook that zeroes masked gradient
+entries as they accumulate (before any all-reduce or clipping); the Sparsifier's optimizer hook zeroes the optimizer
+state once and re-zeroes the weight after a step only where the optimizer's update rule could move a zero (see
+Sparsifier). A frozen weight (requires_grad=False) gets no hook until it trains; a loaded state dict is masked as it
+loads. Parameter names and shapes stay those of the layer it replaced, so
 state dicts line up with the dense model's plus one `weight_mask` buffer per layer.
 """
 from __future__ import annotations
@@ -24,7 +26,10 @@ class SparseLinear(SparseLayer):
     dense_compute = True  # the forward is a dense matmul over a weight with zeros
   # a new mask is a new buffer content; parameters and optimizer state keep their shape
 
-    def __init__(self, dense: nn.Module, mask: torch.Tensor, transposed: bool, target_sparsity: float):
+    def __init__(self, dense: nn.Module, mask: torch.Tensor, transposed: bool, target_sparsity: float,
+                 zero_now: bool = True):
+        """zero_now=False leaves the weight's masked entries as they are until apply_mask_(): sparsify() builds every
+        layer first and zeroes only once all were built, so a failure leaves the user's weights untouched."""
         super().__init__()
         weight = dense.weight
         if mask.shape != weight.shape or mask.dtype != torch.bool:
@@ -47,7 +52,8 @@ class SparseLinear(SparseLayer):
         # pre-step hook, after any all-reduce) keeps a copy and masks it.
         self.keep_dense_grad = False
         self.dense_grad: torch.Tensor | None = None
-        self.apply_mask_()
+        if zero_now:
+            self.apply_mask_()
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.
@@ -56,21 +62,37 @@ class SparseLinear(SparseLayer):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_hooked_weight", None)  # a weakref does not pickle; __setstate__ hooks the new weight
+        # a weakref and a closure do not pickle; __setstate__ hooks the new weight
+        state.pop("_hooked_weight", None)
+        state.pop("_grad_hook", None)
         return state
 
     def _hook(self, weight: torch.Tensor) -> None:
-        # A weak reference: under FSDP2 the original full weight must be freed once fully_shard replaces it.
-        self.__dict__["_grad_hook"] = weight.register_post_accumulate_grad_hook(self._mask_grad)
+        """Mask `weight`'s gradient as it accumulates. The hook holds this layer weakly: a bound method would make a
+        cycle layer -> weight -> (the tensor's C++ hook table) -> layer that Python's gc cannot see, and keep a
+        discarded layer, its weight and its mask alive for the life of the process (issue 19: every dense weight
+        compressed by the compressed backend leaked that way). The layer holds the weight weakly too: under FSDP2
+        the original full weight must be freed once fully_shard replaces it."""
         self.__dict__["_hooked_weight"] = weakref.ref(weight)
+        if not weight.requires_grad:  # frozen: nothing to mask; hooked by the first training forward that needs it
+            self.__dict__["_grad_hook"] = None
+            return
+        layer = weakref.ref(self)
+
+        def mask_grad(param: torch.Tensor) -> None:
+            alive = layer()
+            if alive is not None:
+                alive._mask_grad(param)
+
+        self.__dict__["_grad_hook"] = weight.register_post_accumulate_grad_hook(mask_grad)
 
     def _weight_hooked(self) -> bool:
-        return self.__dict__["_hooked_weight"]() is self.weight
+        return self.__dict__["_grad_hook"] is not None and self.__dict__["_hooked_weight"]() is self.weight
 
     def _follow_replaced_weight(self) -> None:
-        """Called in a training forward whose weight is not the one hooked at sparsify(): FSDP2 (or FSDP1) swapped
-        in its unsharded parameter. Hook that one, so gradients are masked as they accumulate, before any all-reduce
-        or clipping, exactly as for a plain model."""
+        """Called in a training forward whose weight is not hooked: FSDP2 (or FSDP1) swapped in its unsharded
+        parameter, or a weight frozen at sparsify() trains now. Hook it, so gradients are masked as they
+        accumulate, before any all-reduce or clipping, exactly as for a plain model."""
         if not self.optimizer_attached and distributed():
             raise RuntimeError("a SparseLinear trains under a sharding wrapper (its weight was replaced) but no "
                                "optimizer is attached: call sparsifier.attach(optimizer) after wrapping, or masked "
@@ -166,23 +188,13 @@ class SparseLinear(SparseLayer):
         return [v for v in state.values() if torch.is_tensor(v) and v.shape == self.weight.shape]
 
     @torch.no_grad()
-    def enforce(self, optimizer=None, zeroed_state: dict | None = None) -> None:
-        """Zero masked entries of the weight and of `optimizer`'s state tensors of the weight's shape.
-
-        With `zeroed_state` (a dict the Sparsifier keeps per optimizer of a zero-preserving type) a state tensor is
-        zeroed once, when it first appears: masked gradients keep a zero state entry zero under those optimizers,
-        so zeroing it every step would only cost two passes over memory (benchmarks/step_overhead.py). Weights are
-        re-zeroed every step whatever the optimizer."""
+    def enforce(self, optimizer=None) -> None:
+        """Zero masked entries of the weight and of `optimizer`'s state tensors of the weight's shape."""
         # One in-place multiply by the uint8 view of the mask: faster on CPU than torch._foreach_mul_, which falls
-        # back to a slow per-tensor path for mixed dtypes.
+        # back to a slow per-tensor path for mixed dtypes, and no float copy of the mask (4x its memory).
         keep = self._local_mask()
         local(self.weight).mul_(keep)
         for value in self._state_tensors(optimizer):
-            if zeroed_state is not None:
-                seen = zeroed_state.get(id(value))
-                if seen is not None and seen() is value:
-                    continue
-                zeroed_state[id(value)] = weakref.ref(value)
             local(value).mul_(keep)
 
     @torch.no_grad()
@@ -194,6 +206,7 @@ class SparseLinear(SparseLayer):
         changed = stored != full(self.weight_mask)
         changed_here = shard_like(changed, self.weight)
         local(self.weight_mask).copy_(shard_like(stored, self.weight_mask))
+        self.zeros_version += 1
         # Dropped entries become zero; regrown ones were zero (masked) and start from there.
         local(self.weight).masked_fill_(changed_here, 0.0)
         for optimizer in optimizers:
@@ -205,7 +218,8 @@ class SparseLinear(SparseLayer):
         # Under torch.compile both checks are left out of the trace: a warning there is a graph break, and the flags
         # they read are guards that recompile the graph when they flip. The gradient hook warns compiled training.
         if not torch.compiler.is_compiling() and self.training and torch.is_grad_enabled():
-            if not self._weight_hooked() and not is_dtensor(self.weight_mask):  # a sharded mask: hooked at attach
+            # a replaced weight (FSDP) or a frozen one that trains now; a sharded mask was hooked at attach
+            if self.weight.requires_grad and not self._weight_hooked() and not is_dtensor(self.weight_mask):
                 self._follow_replaced_weight()
             if not (self.optimizer_attached or self._warned_unattached):
                 self._warn_unattached()
@@ -219,10 +233,23 @@ class SparseLinear(SparseLayer):
     def load_dense_weight(self, weight: torch.Tensor) -> None:
         local(self.weight).copy_(shard_like(weight.to(self.weight.dtype), self.weight))
         self.apply_mask_()
+        self.zeros_version += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # model.load_state_dict: values at masked positions (a dense checkpoint loaded with strict=False, weights
+        # saved under another mask) are zeroed as they load, as sparsify() zeroes a model's initial weights, and a
+        # loaded mask is the one that counts from here. The version tells the Sparsifier to re-zero the optimizer
+        # state and the weights after the next step (the loaded mask may differ from the one the state was zeroed
+        # for).
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.weight.is_meta:
+            self.apply_mask_()
+        self.zeros_version += 1
 
     def to_dense(self) -> nn.Module:
         """The original module type holding the same parameters (zeros in place); hooks removed."""
-        self._grad_hook.remove()
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
         shell = self._dense_shell
         shell._parameters = {"weight": self.weight, "bias": self.bias}
         return shell

@@ -2,7 +2,7 @@
 
     sp = spdf.sparsify(model, sparsity=0.75, init="random", seed=0)      # or algorithm=RigL(...)
     opt = torch.optim.AdamW(model.parameters(), ...)
-    sp.attach(opt)          # after every real opt.step(): masked weights and optimizer state re-zeroed, masks updated
+    sp.attach(opt)          # after every real opt.step(): masked weights and optimizer state exactly zero, masks updated
     ...
     spdf.densify(model)     # plain modules again, zeros in place, every weight trainable
 
@@ -25,7 +25,12 @@ from .sharding import SUPPORTED, canonical_name, check_masks_agree, optimizer_pr
 STATE_VERSION = 2
 
 # Optimizers whose update leaves a state entry and a weight at exactly zero when the gradient there is zero and the
-# state entry is zero (moments decay from 0 to 0; decoupled or L2 weight decay of a zero weight is zero).
+# state entry is zero (moments decay from 0 to 0, so Adam's update m / (sqrt(v) + eps) is 0 / eps; decoupled or L2
+# weight decay of a zero weight is zero; SGD's momentum buffer stays 0; state they create starts at zero or as a
+# copy of the masked gradient). Under these the Sparsifier zeroes weights and state once (attach, a load, a mask
+# change) and does nothing after a step: re-zeroing would be a provable no-op costing passes over every sparse weight
+# (benchmarks/step_overhead.py). Exact types only: a subclass may change the update rule. Any other optimizer gets
+# weights and state re-zeroed after every step.
 ZERO_PRESERVING = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 TOTAL_ROW = "(all sparse layers)"
 
@@ -38,11 +43,40 @@ def _unwrap(optimizer):
 
 
 def _slow_cpu_variant(optimizer) -> bool:
-    """A CPU Adam/AdamW that is not fused: its vectorised sqrt is slow on the exact zeros a sparse state holds."""
+    """A CPU Adam/AdamW that is not fused: torch's vectorised sqrt is ~10x slower on exact zeros (AVX-512), and the
+    second moment of a sparse weight is exactly zero at every masked position."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return False
     on_cpu = any(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
     return on_cpu and not any(g.get("fused") for g in optimizer.param_groups)
+
+
+def _use_fused_kernel(optimizer) -> bool:
+    """Switch a CPU Adam/AdamW left at torch's defaults (fused and foreach unset, no state yet) to torch's fused
+    kernel: the same update rule in one pass per tensor, without the slow sqrt on zeros, so a user's own loop with a
+    default AdamW costs what spdf's loop does. An explicit choice is kept. Contiguous floating-point parameters only:
+    torch 2.13's CPU fused kernel updates a non-contiguous parameter wrongly (spdf.train.optim says the same)."""
+    groups = optimizer.param_groups
+    params = [p for g in groups for p in g["params"]]
+    if (not _slow_cpu_variant(optimizer) or optimizer.state or not params
+            or any(g.get("fused") is not None or g.get("foreach") is not None or g.get("differentiable")
+                   for g in groups)
+            or not all(p.device.type == "cpu" and p.is_floating_point() and p.is_contiguous() for p in params)):
+        return False
+    for g in groups:
+        g["fused"] = True
+    optimizer.defaults["fused"] = True
+    return True
+
+
+class _Attached:
+    """One attached optimizer: its hook handles and what the Sparsifier knows is zero in it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, zero_preserving: bool):
+        self.optimizer = optimizer
+        self.handles: list = []
+        self.zero_preserving = zero_preserving
+        self.versions: tuple = ()  # the layers' zeros_version when weights and state were last zeroed in full
 
 
 class Sparsifier:
@@ -63,7 +97,7 @@ class Sparsifier:
                 raise ValueError(f"sparsity algorithm {self.algorithm.name!r} changes masks during training, which "
                                  f"the {type(self.layers[static[0]]).__name__} backend does not support (static "
                                  f"masks only); use backend 'masked'")
-        self._optimizers: list[tuple[torch.optim.Optimizer, list, dict | None]] = []
+        self._optimizers: list[_Attached] = []
 
     @property
     def layers(self) -> dict[str, SparseLayer]:
@@ -72,7 +106,11 @@ class Sparsifier:
 
     # ---- keeping the zeros, updating the masks ---------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> "Sparsifier":
-        """Hook `optimizer`: after every real step re-zero masked weights and optimizer state, and run the algorithm.
+        """Hook `optimizer`: after every real step masked weights and optimizer state are exactly zero (zeroed where
+        the update rule could have moved them, see ZERO_PRESERVING), and the algorithm runs.
+
+        A CPU Adam/AdamW left at torch's defaults (fused and foreach unset) is switched to fused=True: the same update
+        rule, without a slow path of torch's for-loop/foreach sqrt on the zeros a sparse model's state holds.
 
         Wrapped optimizers (accelerate's AcceleratedOptimizer, …) are unwrapped through their `.optimizer`.
         Refuses (ValueError) a wrapping or sharding under which masked weights would train dense (FSDP1, DeepSpeed
@@ -92,47 +130,58 @@ class Sparsifier:
         if self.algorithm.dynamic and self._optimizers:
             raise ValueError(f"sparsity algorithm {self.algorithm.name!r} counts the steps of one optimizer: "
                              f"detach() the attached one first")
-        if _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
+        if not _use_fused_kernel(optimizer) and _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
             Sparsifier._hinted = True
-            warnings.warn("a non-fused Adam/AdamW on CPU is attached: its step is slower on the zeros of sparse "
-                          "weights (about 1.05-1.08x dense); torch.optim.AdamW(..., fused=True) costs about "
-                          "1.01x (benchmarks/results/step_overhead.md)", stacklevel=2)
-        zeroed = {} if type(optimizer) in ZERO_PRESERVING else None  # state tensors already zeroed once
-        handles = [
+            warnings.warn("a CPU Adam/AdamW explicitly set to foreach/for-loop is attached: torch's sqrt is slow on "
+                          "the exact zeros of a sparse model's AdamW state, so its steps cost more than dense ones; "
+                          "leave fused/foreach unset or pass fused=True (benchmarks/results/step_overhead.md)",
+                          stacklevel=2)
+        attached = _Attached(optimizer, type(optimizer) in ZERO_PRESERVING)
+        attached.handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
-            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(opt, zeroed)),
-            optimizer.register_load_state_dict_post_hook(lambda opt: self._rezero(opt)),
+            optimizer.register_step_post_hook(lambda opt, args, kwargs: self._after_step(attached)),
+            optimizer.register_load_state_dict_post_hook(lambda opt: self._rezero(attached)),
         ]
-        self._optimizers.append((optimizer, handles, zeroed))
+        self._optimizers.append(attached)
         for layer in self.layers.values():
             layer.optimizer_attached = True
         self._arm()
-        self.enforce(optimizer)
+        self._rezero(attached)
         return self
 
     def detach(self) -> None:
-        for _, handles, _ in self._optimizers:
-            for h in handles:
+        for attached in self._optimizers:
+            for h in attached.handles:
                 h.remove()
         self._optimizers.clear()
         for layer in self.layers.values():
             layer.keep_dense_grad = False
 
     @torch.no_grad()
-    def enforce(self, optimizer: torch.optim.Optimizer | None = None, zeroed_state: dict | None = None) -> None:
-        """Zero masked entries of the weights and of `optimizer`'s state (once per state tensor with zeroed_state)."""
+    def enforce(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero masked entries of the weights and of `optimizer`'s state."""
         for layer in self.layers.values():
-            layer.enforce(optimizer, zeroed_state)
+            layer.enforce(optimizer)
 
-    def _rezero(self, optimizer) -> None:
-        # A loaded optimizer state holds new tensors: zero them (and forget the "zeroed once" record).
-        for opt, _, zeroed in self._optimizers:
-            if opt is optimizer and zeroed is not None:
-                zeroed.clear()
-        self.enforce(optimizer)
+    @torch.no_grad()
+    def _rezero(self, attached: _Attached, layers: list[SparseLayer] | None = None) -> None:
+        """Zero the weights and all of `attached`'s state (attach, a loaded optimizer state, changed masks)."""
+        layers = list(self.layers.values()) if layers is None else layers
+        for layer in layers:
+            layer.enforce(attached.optimizer)
+        attached.versions = tuple(layer.zeros_version for layer in layers)
+
+    def _keep_zeros(self, attached: _Attached, layers: list[SparseLayer]) -> None:
+        """After a step: nothing to do under a zero-preserving optimizer unless a weight or mask changed outside the
+        steps since the last zeroing (a load, a mask update); any other optimizer's weights and state are re-zeroed
+        after every step."""
+        if not attached.zero_preserving or tuple(layer.zeros_version for layer in layers) != attached.versions:
+            self._rezero(attached, layers)
 
     def _arm(self) -> None:
         """Let the next step's gradients stay dense where the algorithm needs them (RigL's update steps only)."""
+        if not self.algorithm.dynamic:  # a static algorithm never does; the flags stay False
+            return
         dense = self.algorithm.needs_dense_grad(self.step + 1)
         for layer in self.layers.values():
             if layer.supports_dynamic:
@@ -140,15 +189,19 @@ class Sparsifier:
 
     def _before_step(self) -> None:
         # Gradients are final here (accumulated, all-reduced, unscaled, clipped): keep the dense copy, then mask.
+        # The layers are walked once per step (the walk costs about as much as the rest of the hooks' Python).
+        self._step_layers = layers = list(self.layers.values())
         if self.algorithm.needs_dense_grad(self.step + 1):
-            for layer in self.layers.values():
+            for layer in layers:
                 layer.take_dense_grad()
-        for layer in self.layers.values():
+        for layer in layers:
             layer.mask_grad_()  # sharded weights' gradients, which no hook reaches
 
-    def _after_step(self, optimizer, zeroed) -> None:
-        self.enforce(optimizer, zeroed)
-        if optimizer is not self._optimizers[0][0]:
+    def _after_step(self, attached: _Attached) -> None:
+        layers = self.__dict__.pop("_step_layers", None)
+        self._keep_zeros(attached, list(self.layers.values()) if layers is None else layers)
+        optimizer = attached.optimizer
+        if attached is not self._optimizers[0]:
             return  # only the first attached optimizer counts steps
         # A fused optimizer under an AMP grad scaler is called even for a step the scaler skips (it skips inside,
         # given `found_inf`): that step did not happen.
@@ -164,16 +217,13 @@ class Sparsifier:
     def update_masks(self) -> None:
         """One update of the algorithm after optimizer step `self.step`; optimizer state of changed entries reset."""
         seed = self.config.get("seed", 0)
-        optimizers = [opt for opt, _, _ in self._optimizers]
+        optimizers = [attached.optimizer for attached in self._optimizers]
         self.last_update = {}
         for name, layer in self.layers.items():
             mask, dropped, grown = self.algorithm.new_mask(name, layer, self.step, seed)
-            layer.set_mask(mask, optimizers)
+            layer.set_mask(mask, optimizers)  # bumps its zeros_version: everything is zeroed afresh next step
             layer.dense_grad = None  # kept for this update only
             self.last_update[name] = (dropped, grown)
-        for _, _, zeroed in self._optimizers:
-            if zeroed is not None:
-                zeroed.clear()  # the masks moved: every state tensor is zeroed afresh at the next step
         self.mask_version += 1
 
     # ---- reporting ---------------------------------------------------------------------------------------------
@@ -188,12 +238,15 @@ class Sparsifier:
                 for name, layer in self.layers.items()}
 
     def load_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks)."""
-        set_masks(self.model, masks, [opt for opt, _, _ in self._optimizers])
-        for _, _, zeroed in self._optimizers:
-            if zeroed is not None:
-                zeroed.clear()  # changed entries had their state reset: zero every state tensor afresh once
-        self.mask_version += 1
+        """Install masks given as masks() gives them, or by module name in (out, in) orientation (see set_masks).
+
+        Under a static algorithm each mask must keep as many entries as the layer's mask does now (its target
+        sparsity): other masks would silently train at another sparsity than the one recorded and reported."""
+        self._install_masks(masks, same_sparsity=not self.algorithm.dynamic)
+
+    def _install_masks(self, masks: dict[str, torch.Tensor], same_sparsity: bool) -> None:
+        set_masks(self.model, masks, [attached.optimizer for attached in self._optimizers], same_sparsity)
+        self.mask_version += 1  # the layers' zeros_version moved too: state and weights are zeroed afresh
 
     # ---- saving and restoring ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -220,14 +273,16 @@ class Sparsifier:
             shape = tuple(theirs[name]["shape"])
             if tuple(layer.mask.shape) != shape:
                 raise ValueError(f"mask of {name!r} has shape {shape}, the model's layer has {tuple(layer.mask.shape)}")
-        self.load_masks({name: unpack_bits(theirs[name]["bits"], tuple(theirs[name]["shape"])) for name in ours})
+        # the saved state brings its own targets: installed as saved
+        self._install_masks({name: unpack_bits(theirs[name]["bits"], tuple(theirs[name]["shape"])) for name in ours},
+                            same_sparsity=False)
         for name, layer in ours.items():
             layer.target_sparsity = float(theirs[name]["target"])
         self.config = dict(state["config"])
         self.step = int(state.get("step", 0))
         self.enforce()
-        for optimizer, _, _ in self._optimizers:
-            self.enforce(optimizer)
+        for attached in self._optimizers:
+            self._rezero(attached)
         self._arm()
 
 
@@ -253,10 +308,11 @@ def layer_stats(model: nn.Module) -> list[dict]:
     return rows
 
 
-def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -> None:
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=(), same_sparsity: bool = False) -> None:
     """Install masks on every sparse layer of `model`: keyed by parameter name ("x.weight", mask shaped like that
     parameter, as Sparsifier.masks() gives them) or by module name ("x", (out, in) orientation, as exports store
-    them). Entries that change start at zero, with their optimizer state reset."""
+    them). Entries that change start at zero, with their optimizer state reset. With same_sparsity, a mask that
+    keeps another number of entries than the layer's current one is refused before any mask is installed."""
     layers, new = {canonical_name(n): layer for n, layer in sparse_layers(model).items()}, {}
     for key, mask in masks.items():
         key = canonical_name(key)
@@ -267,6 +323,14 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizers=()) -
     missing = sorted(set(layers) - set(new))
     if missing:
         raise ValueError(f"no mask given for sparse layers {missing[:3]}")
+    for name, mask in new.items() if same_sparsity else ():
+        layer, kept = layers[name], int(mask.bool().sum())
+        current = int(layer.mask.sum())
+        if kept != current:
+            raise ValueError(f"the mask for {name!r} keeps {kept} of {mask.numel()} entries (sparsity "
+                             f"{1 - kept / mask.numel():.4f}), the layer keeps {current} (target sparsity "
+                             f"{layer.target_sparsity:.4f}): load_masks keeps each layer's sparsity; to start from "
+                             f"masks of another sparsity, sparsify the dense model with init=masks")
     for name, mask in new.items():
         layers[name].set_mask(mask.bool(), optimizers)
 

@@ -123,3 +123,23 @@ def test_attach_hints_once_at_a_slow_cpu_optimizer(make_gpt, recwarn):
     spdf.Sparsifier._hinted = False
     spdf.sparsify(model, sparsity=0.5).attach(torch.optim.AdamW(model.parameters(), fused=True))
     assert len([w for w in recwarn if "fused=True" in str(w.message)]) == 1
+
+
+def test_attach_switches_a_default_cpu_adamw_to_the_fused_kernel_and_keeps_an_explicit_choice(make_gpt, recwarn):
+    model = make_gpt()
+    sp = spdf.sparsify(model, sparsity=0.5)
+    default = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp.attach(default)
+    assert all(g["fused"] for g in default.param_groups) and default.defaults["fused"]
+    assert not [w for w in recwarn if "fused=True" in str(w.message)]  # nothing to hint at
+    for explicit in (dict(foreach=False), dict(fused=False), dict(foreach=True)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, **explicit)
+        sp.detach()
+        sp.attach(opt)
+        assert not any(g["fused"] for g in opt.param_groups), explicit
+    stepped = torch.optim.AdamW(model.parameters(), lr=1e-3)  # already holds state: left as it is
+    model(torch.zeros(1, 4, dtype=torch.long))[0].sum().backward()
+    stepped.step()
+    sp.detach()
+    sp.attach(stepped)
+    assert not any(g["fused"] for g in stepped.param_groups)
