@@ -50,7 +50,8 @@ def _bytes(tensors) -> int:
 def live_storages() -> dict[tuple, int]:
     """{(device, data pointer): bytes} of every tensor storage alive in this process that Python can reach: each
     tensor the garbage collector tracks and its .grad (a gradient may have no Python object of its own). Meta
-    tensors and tensor types without a plain storage (DTensor's wrapper, sparse layouts) are skipped."""
+    tensors and tensor types without a plain storage (DTensor's wrapper, sparse layouts, torch.compile's fake
+    tensors) are skipped."""
     gc.collect()
     out = {}
     for obj in gc.get_objects():
@@ -59,12 +60,13 @@ def live_storages() -> dict[tuple, int]:
         for t in (obj, obj.grad if obj.is_leaf and obj.requires_grad else None):
             if t is None or t.is_meta:
                 continue
-            try:
+            try:  # fake and functional tensors (torch.compile's caches) have no data to point at
                 storage = t.untyped_storage()
+                key, nbytes = (str(storage.device), storage.data_ptr()), storage.nbytes()
             except (RuntimeError, NotImplementedError, TypeError):
                 continue
-            if storage.nbytes():
-                out[(str(storage.device), storage.data_ptr())] = storage.nbytes()
+            if nbytes:
+                out[key] = nbytes
     return out
 
 
