@@ -78,6 +78,15 @@ def test_plain_save_pretrained_of_a_compressed_model_refuses(tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_save_pretrained_called_on_the_class_saves_a_compressed_model_dense_and_right(tmp_path, offline):
+    """Called on the class, transformers' save_pretrained passes spdf's instance guard: it must still not write the
+    compressed layers, which its from_pretrained would load as random layers."""
+    model, auto, _ = _sparse("gpt2", "compressed")
+    transformers.PreTrainedModel.save_pretrained(model, tmp_path)
+    torch.testing.assert_close(_logits(auto.from_pretrained(tmp_path).eval()), _logits(model), rtol=0, atol=0)
+    assert any(k.endswith(".values") for k in model.state_dict())  # outside save_pretrained: the compressed form
+
+
 def test_plain_save_pretrained_of_a_masked_model_loads_dense_and_right(tmp_path, offline):
     model, auto, _ = _sparse("gpt2", "masked")
     model.save_pretrained(tmp_path)
