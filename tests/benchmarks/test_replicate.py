@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests" / "train")]
+# appended, not prepended: benchmarks/kernels.py must not shadow Hugging Face's `kernels` (which transformers imports)
+sys.path += [str(REPO / "benchmarks"), str(REPO / "tests" / "train")]
 
 import replicate  # noqa: E402  (benchmarks/replicate.py; imports no spdf module at import time)
 import replication_report  # noqa: E402
