@@ -95,8 +95,9 @@ class Sparsifier:
         if _slow_cpu_variant(optimizer) and not Sparsifier._hinted:
             Sparsifier._hinted = True
             warnings.warn("a non-fused Adam/AdamW on CPU is attached: its step is slower on the zeros of sparse "
-                          "weights (about 1.05-1.08x dense); torch.optim.AdamW(..., fused=True) costs about "
-                          "1.01x (benchmarks/results/step_overhead.md)", stacklevel=2)
+                          "weights (about 1.05x dense, benchmarks/results/step_overhead_foreach.md); "
+                          "torch.optim.AdamW(..., fused=True) costs about 1.01x (benchmarks/results/step_overhead.md)",
+                          stacklevel=2)
         zeroed = {} if type(optimizer) in ZERO_PRESERVING else None  # state tensors already zeroed once
         handles = [
             optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_step()),
