@@ -6,7 +6,10 @@ Runs the recipe in a fresh temporary run directory and data cache (so tokenizer 
 as on a fresh machine) through the real `spdf` command in a subprocess, then reads the run's own records: each
 phase's done.json (steps, tokens, training seconds, validation loss before/after, FLOPs) and metrics.jsonl
 (tokens/s of every logged window, and the seconds each downstream evaluation took). Writes
-benchmarks/results/<recipe name>.{json,md} (demo.*, demo-dense.*, demo-spsf.*).
+benchmarks/results/<recipe name>.{json,md} (demo.*, demo-dense.*, demo-spsf.*), and <recipe name>-generations.json:
+every input, references and generation behind the downstream scores (downstream_generations.py), so they can be
+re-scored. --generations-only trains the same run but writes only the generations, after checking that its
+downstream scores are the committed <recipe name>.json's (a busy machine's timings never replace an idle one's).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from spdf.eval.evaluate import METRIC_LABELS
 from spdf.eval.metrics import TASK_METRICS
 
+from downstream_generations import write_generations  # beside this script
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +41,10 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--generations-only", action="store_true",
+                    help="write only <recipe>-generations.json, after checking the scores against <recipe>.json")
     args = ap.parse_args()
+    stem = args.recipe.stem
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -67,6 +74,12 @@ def main() -> None:
                                           if r["phase"] == phase_dir.name and "eval_seconds" in r),
                 "tokens_by_source": done.get("tokens_by_source"),  # a mixture phase: tokens drawn per source
             })
+        if args.generations_only:
+            _check_scores(phases, args.out / f"{stem}.json")
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(write_generations(run_dir, args.out / f"{stem}-generations.json"))
+    if args.generations_only:
+        return
     trained = sum(p["train_seconds"] for p in phases)
     result = {
         "command": " ".join(["spdf", "run", os.path.relpath(args.recipe, REPO), *[f"--set {s}" for s in args.sets]]),
@@ -76,8 +89,6 @@ def main() -> None:
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_before": load_before[0], "load_after": load_after[0]},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.recipe.stem
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# The offline demo, end to end (demo_run.py)",
@@ -121,6 +132,18 @@ def main() -> None:
               "hardware could skip, not in CPU time)."]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _check_scores(phases: list[dict], committed_file: Path) -> None:
+    """The run's downstream scores must be the committed ones, or its generations are not theirs."""
+    committed = {p["phase"]: p for p in json.loads(committed_file.read_text())["phases"]}
+    for p in phases:
+        for key in ("downstream_before", "downstream_after"):
+            mine = (p.get(key) or {}).get("metrics")
+            theirs = (committed.get(p["phase"], {}).get(key) or {}).get("metrics")
+            if mine != theirs:
+                sys.exit(f"{p['phase']} {key}: this run scored {mine}, {committed_file} holds {theirs}: the "
+                         f"generations would not be the committed scores'; not written")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ not started again, and a killed run is restarted with the same command, which re
 driver is SIGKILLed, its children get SIGTERM from the kernel (PR_SET_PDEATHSIG) and do the same.
 
 Writes benchmarks/results/replication/<run>.json (one raw record per run: budget, command, losses, validation curve,
-FLOPs, downstream metrics) and replication/plan.json, then benchmarks/results/replication.md and the PNGs
+FLOPs, downstream metrics), replication/<fine-tuning run>-generations.json (every input, its references and the
+generations its downstream scores were computed from: downstream_generations.py) and replication/plan.json, then benchmarks/results/replication.md and the PNGs
 (replication_report.py, which can also be re-run alone on partial results).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy
 
+from downstream_generations import write_generations  # beside this script
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     write_json(plan_file, plan_data)
     started = time.perf_counter()
 
+    by_id = {job.id: job for job in jobs}
+
     def record(job: Job) -> None:
         write_json(raw_dir / f"{job.id}.json", raw_record(job, budget))
+        generations = raw_dir / f"{job.id}-generations.json"
+        if job.kind == "finetune" and not generations.is_file():  # what its downstream scores were computed from
+            write_generations(job.run_dir, generations, by_id[job.after].run_dir / "phases" / "pretrain" / "export")
 
     pool = Pool(jobs, args.jobs, env, work / "logs", on_done=record)
     for job in jobs:  # finished in an earlier session: only (re)write the record

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "masks beside them for a sparse model) that AutoModelForCausalLM and "
                                    "AutoTokenizer load offline.")
     p.add_argument("path", type=Path, help="export, phase or run directory")
-    p.add_argument("out", type=Path, help="directory to write (replaced if it exists)")
+    p.add_argument("out", type=Path, help="directory to write: new or empty (an earlier export only with --force); "
+                                          "never inside the run or export it reads")
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier export of this format")
     p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (GPT-2)")
 
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
@@ -369,7 +371,7 @@ def main(argv=None) -> int:
         if args.command == "export":
             from .integrations.hf_gpt2 import export_hf
 
-            print(export_hf(args.path, Path(os.path.abspath(args.out))))  # "." or "..": a directory with a name
+            print(export_hf(args.path, Path(os.path.abspath(args.out)), force=args.force))  # "." or "..": a named directory
             return 0
         return _cmd_flops(args)
     except BrokenPipeError:  # `spdf inspect … | head`

@@ -1,8 +1,11 @@
 """FLOP accounting: analytic (per config and sparsity, or read from a model's masks) and measured (one real step).
 
-Conventions (the paper's and Kaplan et al.'s):
+Conventions (the paper's, and Megatron-LM's: Narayanan et al. 2021, "Efficient large-scale language model training
+on GPU clusters using Megatron-LM"):
 - FLOPs = 2 · multiply-accumulates; only matmuls count (embedding lookups, norms, softmax, GELU, the optimizer: 0).
 - Causal attention is counted in full: QKᵀ and AV cost 2·T·d_attn each per token per layer, as if nothing were masked.
+  Kaplan et al. (2020, "Scaling laws for neural language models", Table 1) count it at half (2·n_ctx·d_attn per layer
+  for both products): `FlopBreakdown.kaplan_reduction` is the reduction under their count, shown beside ours.
 - Training = forward + backward-data + backward-weight; each backward product costs what the forward one does.
 - A matmul with a sparse weight costs its density times the dense cost, in all three products (the weight gradient
   is only needed at kept positions). Attention scores and logits have no sparse weights: they stay dense.
@@ -33,7 +36,8 @@ COMPONENT_LABELS = {
     "attn_scores": "attention scores QKᵀ and AV (dense)",
     "logits": "logits / LM head (dense)",
 }
-CONVENTION = ("FLOPs = 2·MACs; causal attention counted in full (not halved); training = 3 × forward "
+CONVENTION = ("FLOPs = 2·MACs; causal attention counted in full (not halved), as Megatron-LM counts it (Narayanan et "
+              "al. 2021; Kaplan et al. 2020 count it at half); training = 3 × forward "
               "(backward-data + backward-weight); sparse matmuls scaled by weight density")
 
 
@@ -63,10 +67,17 @@ class FlopBreakdown:
     def reduction(self) -> float:
         return self.dense_train / self.sparse_train
 
+    @property
+    def kaplan_reduction(self) -> float:
+        """The reduction with causal attention counted at half, as Kaplan et al. (2020) count it: the attention
+        scores have no weight, so the halved term is dense in both runs and the reduction grows."""
+        dense_half, sparse_half = self.dense_forward["attn_scores"] / 2, self.sparse_forward["attn_scores"] / 2
+        return (sum(self.dense_forward.values()) - dense_half) / (sum(self.sparse_forward.values()) - sparse_half)
+
     def to_dict(self) -> dict:
         return dict(seq_len=self.seq_len, dense_forward=self.dense_forward, sparse_forward=self.sparse_forward,
                     dense_train_per_token=self.dense_train, sparse_train_per_token=self.sparse_train,
-                    reduction=self.reduction, convention=CONVENTION)
+                    reduction=self.reduction, kaplan_reduction=self.kaplan_reduction, convention=CONVENTION)
 
 
 def _dense_components(cfg: GPTConfig, seq_len: int) -> dict[str, float]:
@@ -267,5 +278,6 @@ def format_table(name: str, fb: FlopBreakdown, sparsity_label: str, tokens: floa
     if tokens:
         lines.append(f"{f'total for {tokens:.3g} tokens':40s} {fb.dense_train * tokens:12.4e} "
                      f"{fb.sparse_train * tokens:12.4e} {fb.reduction:6.2f}x")
+    lines.append(f"{'with causal attention at half (Kaplan)':40s} {'':12s} {'':12s} {fb.kaplan_reduction:6.2f}x")
     lines.append(f"convention: {CONVENTION}")
     return "\n".join(lines)

@@ -60,6 +60,7 @@ def table_rows(levels=LEVELS) -> list[dict]:
                 model=names[0], same_shape=names[1:], n_layer=cfg.n_layer, d_model=cfg.d_model, seq_len=fb.seq_len,
                 vocab_size=cfg.vocab_size, parameters=params, tokens=tokens, sparsity=level,
                 dense_flops=fb.dense_train * tokens, sparse_flops=fb.sparse_train * tokens, reduction=fb.reduction,
+                kaplan_reduction=fb.kaplan_reduction,
                 # share of the sparse run's FLOPs in the matmuls that have no weight to thin
                 dense_share=_share(fb.sparse_forward, DENSE_COMPONENTS),
                 **{f"{c}_share": _share(fb.sparse_forward, (c,)) for c in DENSE_COMPONENTS},
@@ -151,8 +152,9 @@ def format_markdown(rows: list[dict], levels=LEVELS, plotted: bool = True) -> st
              "the sparse run's FLOPs (at 0%: the dense run's) in matmuls without a weight (attention scores and AV, "
              "logits).", ""]
     if xl is not None:
-        lines += [f"**GPT-3 XL at 75%: {xl['reduction']:.2f}x fewer pre-training FLOPs** (the paper: about 2.5x).",
-                  ""]
+        lines += [f"**GPT-3 XL at 75%: {xl['reduction']:.2f}x fewer pre-training FLOPs** (the paper: about 2.5x); "
+                  f"{xl['kaplan_reduction']:.2f}x with causal attention counted at half, as Kaplan et al. (2020) "
+                  f"count it.", ""]
     lines += ["## Reduction at a glance", "", *_summary(rows, levels), ""]
     lines += (["![reduction vs model size](flops.png)", ""] if plotted
               else ["(flops.png not drawn: matplotlib is not installed; `pip install 'spdf[plot]'`.)", ""])

@@ -18,6 +18,26 @@ def test_paper_headline_reductions(name, sparsity, reduction):
     assert fb.reduction == pytest.approx(reduction, abs=0.01)
 
 
+def test_kaplan_count_halves_causal_attention_and_is_shown_beside_ours():
+    """Kaplan et al. 2020, Table 1, per token forward: QKV 2·L·d·3·d_attn, mask 2·L·n_ctx·d_attn (QKᵀ and AV together:
+    half of Megatron-LM's full count, which spdf uses), projection 2·L·d_attn·d, feed-forward 2·L·2·d·d_ff, de-embed
+    2·d·V (the tiny 4·d embed term left out, as spdf leaves embeddings out)."""
+    cfg = GPTConfig.from_name("gpt3-xl")
+    L, d, T, V, da, dff = cfg.n_layer, cfg.d_model, cfg.n_ctx, cfg.vocab_size, cfg.d_attn, cfg.d_ff
+
+    def kaplan(density):
+        weights = 2 * L * d * 3 * da + 2 * L * da * d + 2 * L * 2 * d * dff
+        return density * weights + 2 * L * T * da + 2 * d * V
+
+    fb = analytic_flops(cfg, 0.75)
+    assert fb.kaplan_reduction == pytest.approx(kaplan(1.0) / kaplan(0.25), rel=1e-12)
+    assert round(fb.kaplan_reduction, 2) == 2.79 and round(fb.reduction, 2) == 2.49
+    assert fb.to_dict()["kaplan_reduction"] == fb.kaplan_reduction
+    assert "with causal attention at half (Kaplan)" in format_table("gpt3-xl", fb, "75%") and "2.79x" in \
+        format_table("gpt3-xl", fb, "75%")
+    assert "Megatron-LM" in fb.to_dict()["convention"]
+
+
 def test_component_breakdown_by_hand_and_sums():
     cfg = GPTConfig.from_name("gpt3-xl")
     fb = analytic_flops(cfg, 0.75, seq_len=2048)
@@ -33,7 +53,7 @@ def test_component_breakdown_by_hand_and_sums():
     assert fb.dense_train == pytest.approx(3 * sum(expected.values()))
     assert fb.sparse_train == pytest.approx(3 * sum(fb.sparse_forward.values()))
     assert fb.reduction == pytest.approx(fb.dense_train / fb.sparse_train)
-    # Kaplan's 6·N per token for the non-embedding weights, plus attention and logits.
+    # 6·N per token for the non-embedding weights (Kaplan's C ≈ 6N), plus attention in full and logits.
     non_emb = 12 * L * d * d
     assert fb.dense_train == pytest.approx(6 * non_emb + 3 * (L * 4 * T * d + 2 * d * V))
     d_ = fb.to_dict()

@@ -8,23 +8,50 @@ directory read as an spdf export, for `spdf finetune --from`) is `spdf.export.re
 """
 from __future__ import annotations
 
+import json
 import os
-import shutil
 from pathlib import Path
 
 from ..data.tokenizer import TextTokenizer
-from ..export import CheckpointError, find_export, read_export
 from ..fswrite import writing_dir
+from ..export import CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, find_export, read_export
 from ..sparsity import sparse_layers, sparsify
-from .hf_save import save_pretrained
+from .hf_save import SPARSITY_FILE, save_pretrained
+from .target_dir import check_target, reading_run, replace_dir, run_dir_of
+
+# what export_hf writes: a directory holding anything else is not one of its exports and is never replaced
+HF_EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, MASKS_FILE, SPARSITY_FILE, TOKENIZER_FILE, "generation_config.json",
+                   "tokenizer_config.json", "special_tokens_map.json"}
 
 
-def export_hf(source, out_dir) -> Path:
-    """Write the model of `source` (an spdf export, phase or run directory) as a transformers GPT-2 directory."""
+def is_hf_export(path: Path) -> bool:
+    """Whether `path` is a GPT-2 directory as export_hf writes it (only its files, a GPT-2 config.json)."""
+    names = {p.name for p in Path(path).iterdir()}
+    if not names <= HF_EXPORT_FILES or WEIGHTS_FILE not in names or CONFIG_FILE not in names:
+        return False
+    try:
+        return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type") == "gpt2"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def export_hf(source, out_dir, force: bool = False) -> Path:
+    """Write the model of `source` (an spdf export, phase or run directory) as a transformers GPT-2 directory.
+
+    out_dir must be new or empty, or an earlier export_hf directory with force=True; it may not overlap `source`
+    or its run directory (spdf.integrations.target_dir)."""
+    source, out_dir = Path(source), Path(out_dir)
+    found = find_export(source)
+    protected = [p for p in (source, found, run_dir_of(source)) if p is not None]
+    check_target(out_dir, protected, is_hf_export, "Hugging Face GPT-2", force)
+    with reading_run(source):
+        return _write_hf(read_export(found), out_dir)
+
+
+def _write_hf(exported, out_dir: Path) -> Path:
     import transformers
 
-    exported = read_export(find_export(source))
-    model, out_dir = exported.model, Path(out_dir)
+    model = exported.model
     try:
         hf_config = model.hf_gpt2_config()
     except ValueError as e:
@@ -38,14 +65,13 @@ def export_hf(source, out_dir) -> Path:
         sparsifier = sparsify(hf, init=exported.masks, param_filter=[f"{n}.weight" for n in exported.masks])
         for name, layer in sparse_layers(hf).items():
             layer.target_sparsity = float(exported.config.get("targets", {}).get(name, layer.target_sparsity))
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing_dir(tmp, "the Hugging Face export", sum(p.numel() * p.element_size() for p in hf.parameters())):
-        save_pretrained(hf, tmp, sparsifier=sparsifier)  # a full disk: one line, the temporary directory removed
-        if tokenizer is not None:
-            transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.path), eos_token=tokenizer.eos_token,
-                                                 bos_token=tokenizer.eos_token).save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")  # its own: nothing of anyone else's removed
+    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with writing_dir(tmp, "the Hugging Face export", weights_bytes):
+        save_pretrained(hf, tmp, sparsifier=sparsifier)
+        if tokenizer is not None:  # padding as GPT-2 pads (with its end-of-text token); inputs up to the positions
+            transformers.PreTrainedTokenizerFast(
+                tokenizer_file=str(tokenizer.path), eos_token=tokenizer.eos_token, bos_token=tokenizer.eos_token,
+                pad_token=tokenizer.eos_token, model_max_length=model.config.n_ctx).save_pretrained(tmp)
+        replace_dir(tmp, out_dir)
     return out_dir

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from ..export import MASKS_FILE, CheckpointError, read_json, read_masks, write_json_atomic, write_masks
 from ..sparsity import ALGORITHMS, Sparsifier, sparse_layers, sparsify, to_dense_state_dict
-from ..sparsity.schedules import SCHEDULES
+from ..sparsity.schedules import SCHEDULES, ramp
 
 SPARSITY_FILE = "sparsity.json"
 FORMAT_VERSION = 1
@@ -117,8 +117,9 @@ def _schedule(value):
     match = re.fullmatch(r"(\w+)\((.*)\)", value) if isinstance(value, str) else None
     if match is None or match[1].lower() not in SCHEDULES:
         return value
-    fields = dict(item.split("=", 1) for item in match[2].split(", "))
-    return SCHEDULES[match[1].lower()](**{k: ast.literal_eval(v) for k, v in fields.items()})
+    fields = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in match[2].split(", "))}
+    # ramp() builds every kind from the same four fields (a Constant takes only its value)
+    return ramp(match[1].lower(), fields["initial"], fields["final"], fields["begin"], fields["end"])
 
 
 def _algorithm(meta: dict, algorithm):

@@ -13,7 +13,8 @@ methods update their masks from the optimizer's step hooks; nothing else is need
 model's `save_pretrained`, which the callback binds to `spdf.save_pretrained`: dense weights plus `sparsity.json` and
 `masks.safetensors` in every `checkpoint-N`. On resume the Trainer loads those dense weights with strict=False
 (a compressed layer would silently keep its old values), so the callback puts the masks, sparse weights and step
-count back from the checkpoint before training continues.
+count back from the checkpoint before training continues. With `load_best_model_at_end` they come back from the best
+checkpoint at the end the same way.
 """
 from __future__ import annotations
 
@@ -87,6 +88,12 @@ class SparsityCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.sparsifier.detach()
+        best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+        if args.load_best_model_at_end and best is not None and any(best.glob("model*.safetensors")):
+            # The Trainer has just loaded the best checkpoint's dense weights with strict=False: a masked layer took
+            # them (not its mask, which a dynamic algorithm may have moved since), a compressed layer took nothing.
+            # Masks, sparse weights and step come back from the checkpoint, so the model is the best one throughout.
+            restore(self.sparsifier.model, self.sparsifier, best)
 
 
 def add_sparsity(trainer, sparsifier: Sparsifier, resume_from: str | Path | None = None) -> SparsityCallback:

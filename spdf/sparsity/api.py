@@ -1,6 +1,8 @@
 """sparsify() / densify() and state-dict helpers: the verbs of the library surface."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 
@@ -113,6 +115,8 @@ def sparsify(
                   overrides=dict(overrides or {}))
     if backend == "compressed" and callable(getattr(type(model), "save_pretrained", None)):
         model.__dict__["save_pretrained"] = _refuse_plain_save
+        if DENSE_SAVE_HOOK not in model.__dict__:
+            model.__dict__[DENSE_SAVE_HOOK] = model.register_state_dict_post_hook(_dense_for_transformers_save)
     try:
         return Sparsifier(model, config, algorithm)
     except ValueError:
@@ -128,6 +132,29 @@ def _refuse_plain_save(*args, **kwargs):
                      "weights, masks beside them) or spdf.densify(model) first")
 
 
+DENSE_SAVE_HOOK = "_spdf_dense_save_hook"
+
+
+def _dense_for_transformers_save(module, state_dict, prefix, local_metadata) -> None:
+    # `PreTrainedModel.save_pretrained(model, d)`, called on the class, passes the guard above and asks the model for
+    # its state dict itself (spdf.save_pretrained hands it a dense one): it gets the dense weights, zeros in place,
+    # which its from_pretrained loads right, as it does a masked model's (instead of random compressed layers).
+    if prefix or not _inside_transformers_save_pretrained():
+        return
+    dense = to_dense_state_dict(state_dict)
+    state_dict.clear()
+    state_dict.update(dense)
+
+
+def _inside_transformers_save_pretrained() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "save_pretrained" and frame.f_globals.get("__name__", "").startswith("transformers"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module:
     """Replace sparse layers by their original dense module type, zeros in place, no masks or hooks: all of them,
     or those whose module or parameter name matches `names` (globs), like torch.nn.utils.prune.remove."""
@@ -137,6 +164,8 @@ def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module
         _replace(model, name, layer.to_dense())
     if not sparse_layers(model) and model.__dict__.get("save_pretrained") is _refuse_plain_save:
         del model.__dict__["save_pretrained"]
+    if not sparse_layers(model) and DENSE_SAVE_HOOK in model.__dict__:
+        model.__dict__.pop(DENSE_SAVE_HOOK).remove()
     return model
 
 

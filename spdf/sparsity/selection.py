@@ -6,7 +6,7 @@ projection and task heads — in a GPT that is exactly the attention projections
 projection is found by what the model says, not only by its name: any weight tied to an embedding (never a
 candidate), the model's `get_output_embeddings()` (Pythia's `embed_out`, BERT's `cls.predictions.decoder`), every
 module outside a Hugging Face model's `base_model` (task heads: `cls.*`, `classifier`, `score`), and the globs of
-DEFAULT_EXCLUDE (`lm_head`, poolers, classifiers by name).
+DEFAULT_EXCLUDE (`lm_head`, poolers, classifiers, OPT's embedding projections by name).
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import torch.nn as nn
 from .sharding import canonical_name
 
 ParamFilter = Union[None, str, Sequence[str], Mapping[str, Union[float, None]]]
-DEFAULT_EXCLUDE = ("*lm_head*", "*pooler*", "*classifier*")
+# OPT's project_in/project_out map between its embedding width and its hidden width: part of the embedding and
+# output path, not of a block's attention or MLP
+DEFAULT_EXCLUDE = ("*lm_head*", "*pooler*", "*classifier*", "*.project_in.*", "*.project_out.*")
 
 
 @dataclass(frozen=True)

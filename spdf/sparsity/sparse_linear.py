@@ -221,7 +221,7 @@ class SparseLinear(SparseLayer):
             # a replaced weight (FSDP) or a frozen one that trains now; a sharded mask was hooked at attach
             if self.weight.requires_grad and not self._weight_hooked() and not is_dtensor(self.weight_mask):
                 self._follow_replaced_weight()
-            if not (self.optimizer_attached or self._warned_unattached):
+            if self.weight.requires_grad and not (self.optimizer_attached or self._warned_unattached):
                 self._warn_unattached()
         if self.transposed:  # the same arithmetic as Hugging Face's Conv1D, so densify() is bit-exact
             out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight) if self.bias is not None else (

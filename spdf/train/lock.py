@@ -23,15 +23,21 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, shared: bool = False) -> "RunLock":
+        """shared: as a reader (`spdf export`): readers run together, never beside the writer."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+            if not shared and _only_readers(fd):  # the pid in the file is the last writer's, not a reader's
+                holder = "a reader (spdf export)"
             os.close(fd)
             raise RunDirLocked(f"run directory {self.path.parent} is in use by {holder}; wait for it to finish or "
                                f"stop it, or choose another run_dir") from None
+        if shared:  # several readers may hold it: the file keeps naming its writer
+            self._fd = fd
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -41,3 +47,12 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+def _only_readers(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True

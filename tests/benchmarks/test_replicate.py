@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "tests" / "train")]
+# appended, not prepended: benchmarks/kernels.py must not shadow Hugging Face's `kernels` (which transformers imports)
+sys.path += [str(REPO / "benchmarks"), str(REPO / "tests" / "train")]
 
 import replicate  # noqa: E402  (benchmarks/replicate.py; imports no spdf module at import time)
 import replication_report  # noqa: E402
@@ -147,3 +148,22 @@ def test_dense_flops75_needs_static75():
     with pytest.raises(SystemExit) as e:
         replicate.main(["--methods", "dense-flops75"])
     assert e.value.code == 2
+
+
+def test_generations_behind_every_downstream_score_are_saved_and_rescore(replication):
+    """Every fine-tuning run's inputs, references and generations are saved beside its record, and scoring the saved
+    generations alone gives the record's downstream metrics."""
+    from spdf.eval.metrics import compute_metrics
+
+    raw = replication["out"] / "replication"
+    for rid in RUNS[2:]:
+        record = json.loads((raw / f"{rid}.json").read_text())
+        saved = json.loads((raw / f"{rid}-generations.json").read_text())["finetune"]
+        assert set(saved) == {"before", "after"}
+        for scope, generations in saved.items():
+            logged = record[f"downstream_{scope}"]
+            examples = generations["examples"]
+            assert len(examples) == logged["examples"] and all(e["input"] and e["references"] for e in examples)
+            rescored = compute_metrics(list(logged["metrics"]), [e["output"] for e in examples],
+                                       [e["references"] for e in examples])
+            assert rescored == pytest.approx(logged["metrics"], rel=1e-9, abs=1e-9), (rid, scope)

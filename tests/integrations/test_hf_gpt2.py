@@ -39,6 +39,8 @@ def test_export_hf_loads_offline_with_same_logits_generation_and_masks(make_gpt,
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.eos_token == "<|endoftext|>" and hf.config.eos_token_id == 0
+    # batches pad (with GPT-2's end-of-text token) and truncation stops at the model's positions
+    assert tok.pad_token == tok.eos_token and tok.model_max_length == model.config.n_ctx == hf.config.n_positions
     ids = torch.tensor([tok("the cat sat on a mat")["input_ids"]])
     assert ids.tolist() == [[2, 3, 4, 5, 6, 7]]
     with torch.no_grad():

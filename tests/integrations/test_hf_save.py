@@ -69,6 +69,19 @@ def test_round_trip(arch, backend, tmp_path, offline):
     assert kinds == {type(layer) for layer in sp.layers.values()}
 
 
+def test_default_filter_leaves_opts_embedding_projections_dense():
+    """OPT-350m's project_in/project_out map its 512-wide embeddings to the 1024-wide blocks: embedding and output
+    path, not attention or MLP, so the paper's default filter leaves them dense."""
+    model = transformers.OPTForCausalLM(transformers.OPTConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=16,
+        vocab_size=96, max_position_embeddings=32))
+    assert model.model.decoder.project_in is not None
+    layers = set(spdf.sparsify(model, sparsity=0.5).layers)
+    assert layers == {f"model.decoder.layers.{i}.{n}" for i in range(2)
+                      for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                                "fc1", "fc2")}
+
+
 def test_plain_save_pretrained_of_a_compressed_model_refuses(tmp_path):
     model, _, _ = _sparse("gpt2", "compressed")
     with pytest.raises(ValueError, match="spdf.save_pretrained"):
@@ -76,6 +89,15 @@ def test_plain_save_pretrained_of_a_compressed_model_refuses(tmp_path):
     spdf.densify(model)  # a dense model saves as usual again
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_save_pretrained_called_on_the_class_saves_a_compressed_model_dense_and_right(tmp_path, offline):
+    """Called on the class, transformers' save_pretrained passes spdf's instance guard: it must still not write the
+    compressed layers, which its from_pretrained would load as random layers."""
+    model, auto, _ = _sparse("gpt2", "compressed")
+    transformers.PreTrainedModel.save_pretrained(model, tmp_path)
+    torch.testing.assert_close(_logits(auto.from_pretrained(tmp_path).eval()), _logits(model), rtol=0, atol=0)
+    assert any(k.endswith(".values") for k in model.state_dict())  # outside save_pretrained: the compressed form
 
 
 def test_plain_save_pretrained_of_a_masked_model_loads_dense_and_right(tmp_path, offline):

@@ -105,3 +105,28 @@ def test_resume_from_a_checkpoint_outside_output_dir_needs_resume_from(tmp_path,
     trainer = _trainer(model, sp, tmp_path / "b", resume_from=tmp_path / "a" / "checkpoint-3")
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in final.items())
+
+
+@pytest.mark.parametrize("backend, dynamic", [("compressed", False), ("masked", True)])
+def test_load_best_model_at_end_gives_the_best_checkpoint_whole(backend, dynamic, tmp_path, offline):
+    """The Trainer loads the best checkpoint's dense weights with strict=False: without the callback a compressed
+    layer kept its last-step values (and a dynamic mask its last-step mask), a model mixed of two checkpoints."""
+    from safetensors.torch import load_file
+
+    model, sp = _model(backend, spdf.sparsity.SET(drop_fraction=0.3, every=2) if dynamic else None)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, save_steps=2, eval_steps=2, eval_strategy="steps",
+        per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)  # best: the first
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens())
+    add_sparsity(trainer, sp)
+    trainer.train()
+    best = tmp_path / "checkpoint-2"
+    assert trainer.state.best_model_checkpoint == str(best)
+    saved = load_file(str(best / "model.safetensors"))
+    state = spdf.sparsity.to_dense_state_dict(model.state_dict())
+    assert [k for k, v in saved.items() if not torch.equal(state[k], v)] == []
+    saved_sp = spdf.from_pretrained(transformers.AutoModelForCausalLM, best)[1]
+    assert all(torch.equal(sp.masks()[n], m) for n, m in saved_sp.masks().items())
+    assert sp.step == 2
+    _check_exact(sp)

@@ -12,7 +12,7 @@ def test_export_hf_of_a_run_then_finetune_from_it_like_from_spdf_export(finished
     run_dir = finished_run["run_dir"]
     out = tmp_path / "hf"
     assert main(["export", str(run_dir), str(out), "--format", "hf"]) == 0  # the run's last finished phase
-    assert main(["export", str(run_dir / "phases/pretrain"), str(out)]) == 0
+    assert main(["export", str(run_dir / "phases/pretrain"), str(out), "--force"]) == 0  # replaces the first
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok("def main():")["input_ids"]])
