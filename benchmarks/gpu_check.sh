@@ -40,21 +40,22 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, log to $res/NAM
   echo "|---|---|---|---|---|"
 } >"$summary"
 
-# 1. spdf itself (offline: PEP 660 editable install with the machine's setuptools) and the carried [dev] wheels
-install() {
+# 1. spdf itself (offline: PEP 660 editable install with the machine's setuptools) and the carried [dev] wheels;
+#    a string for bash -c, since `timeout` runs programs, not shell functions
+install_spdf='
   if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl || return
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl || exit
   fi
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . &&
-    python3 -c "import spdf, spdf.kernels; print('spdf from', spdf.__file__)"
-}
-part install 90 install
+    python3 -c "import spdf, spdf.kernels; print(\"spdf from\", spdf.__file__)"'
+part install 45 bash -c "$install_spdf"
 # 2. the README's test command, whole suite, on the GPU: compiled Triton kernels (the interpreter is only chosen
-#    without CUDA), CUDA tests included; -p no:cacheprovider keeps the checkout clean
+#    without CUDA), CUDA tests included; -p no:cacheprovider keeps the checkout clean. Serial, as the README runs
+#    it (pytest-xdist, on the GPU image, was tried here on CPU: its per-file split left one worker on one long file)
 part tests 270 python3 -m pytest -q -p no:cacheprovider
 # 3. the GPU benchmarks: whole training steps per backend at GPT-3 XL width, then the kernels on a reduced grid
-part gpu_step 100 python3 benchmarks/gpu_step.py --out "$res"
-part kernel_speed 90 python3 benchmarks/kernel_speed.py --quick --out "$res"
+part gpu_step 90 python3 benchmarks/gpu_step.py --steps 10 --warmup 3 --out "$res"
+part kernel_speed 60 python3 benchmarks/kernel_speed.py --quick --out "$res"
 
 echo "" >>"$summary"
 echo "whole run: $(( $(date +%s) - started )) s" | tee -a "$summary"
