@@ -12,6 +12,7 @@ from ..data import load_finetune_task
 from ..eval.evaluate import evaluate_model
 from ..eval.metrics import TASK_METRICS, compute_metrics
 from ..recipe import PhaseSpec, RecipeError
+from .loop import PhaseHook
 
 
 def check_metrics_available(phase: PhaseSpec) -> None:
@@ -23,7 +24,9 @@ def check_metrics_available(phase: PhaseSpec) -> None:
         raise RecipeError(f"phases.{phase.name}.eval.generate: {err}") from None
 
 
-class DownstreamEval:
+class DownstreamEval(PhaseHook):
+    """Scores generations of a fine-tuning phase's model on its task; a hook of the phase's run."""
+
     def __init__(self, phase: PhaseSpec, tokenizer, metrics, accelerator):
         self.spec, self.task = phase.eval.generate, phase.task
         self.phase, self.tokenizer, self.metrics, self.accelerator = phase.name, tokenizer, metrics, accelerator
@@ -35,6 +38,15 @@ class DownstreamEval:
         if self._examples is None:  # read once, when first needed
             self._examples = load_finetune_task(self.task, self.spec.split).examples
         return self._examples
+
+    def at_start(self, run) -> None:
+        if self.spec.before:
+            self(run.unwrapped_model, "before", 0, 0)
+
+    def after_step(self, run) -> None:
+        every, step = self.spec.every_steps, run.state.step
+        if every and step % every == 0 and step < run.plan.total_steps:  # the end is "final", scored by the runner
+            self(run.unwrapped_model, "sample", step, run.state.tokens)
 
     def record(self, scope: str, step: int) -> dict | None:
         """The scope's record of this phase at `step` already in metrics.jsonl (a resumed run), if any."""

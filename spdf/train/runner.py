@@ -36,7 +36,7 @@ from .checkpoint import check_checkpoint
 from .downstream import DownstreamEval, check_metrics_available
 from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
 from .lock import RunLock
-from .loop import PhasePlan, TrainState, run_phase
+from .loop import PhaseInputs, PhasePlan, PhaseRecords, PhaseRun, TrainState
 from .metrics import MetricsLog
 from .nonfinite import all_finite, state_tensors
 from .parametrization import apply_supar_init
@@ -125,9 +125,7 @@ def _plan(recipe: Recipe, phase: PhaseSpec, train_len: int, world: int) -> Phase
         decay=s.decay, min_lr_ratio=s.min_lr_ratio, eval_every=phase.eval.every_steps,
         eval_batches=phase.eval.batches, checkpoint_every=phase.checkpoint.every_steps,
         keep_checkpoints=phase.checkpoint.keep, log_every=recipe.logging.every_steps,
-        progress=recipe.logging.progress,
-        downstream_before=bool(phase.eval.generate and phase.eval.generate.before),
-        downstream_every=phase.eval.generate.every_steps if phase.eval.generate else None)
+        progress=recipe.logging.progress)
 
 
 def _packed(data, tokenizer, seq_len: int, progress: bool):
@@ -293,10 +291,11 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
                              vocab_size=model.config.vocab_size)
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
-        model, val_loss = run_phase(accelerator, model, sparsifier, source, plan, state, phase_dir, metrics,
-                                    TrainingFlops(model, phase.seq_len, sparsifier),
-                                    later_phases=[p.name for p in recipe.phases[i + 1:]],
-                                    meta_extra={"recipe": recipe.to_dict()}, downstream=downstream, stop=stop)
+        inputs = PhaseInputs(model, sparsifier, source, TrainingFlops(model, phase.seq_len, sparsifier))
+        records = PhaseRecords(phase_dir, metrics, later_phases=[p.name for p in recipe.phases[i + 1:]],
+                               meta_extra={"recipe": recipe.to_dict()})
+        hooks = [downstream] if downstream is not None else []
+        model, val_loss = PhaseRun(accelerator, plan, state, inputs, records, hooks, stop).run()
         if is_fsdp2(accelerator):  # exports and the next phase need whole weights: gathered on every rank
             model, sparsifier = gathered(accelerator, model, sparsifier)
         if downstream is not None:
