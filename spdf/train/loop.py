@@ -322,7 +322,8 @@ class PhaseRun:
     def validate(self) -> float:
         """The validation loss, recorded in the state and the metrics log; the hooks see it."""
         plan, state = self.plan, self.state
-        loss = evaluate(self.accelerator, self.model, self.source.val_batches(plan.eval_batches, plan.micro_batch_size))
+        batches = self.source.val_batches(plan.eval_batches, plan.micro_batch_size)
+        loss = evaluate(self.accelerator, self.model, batches)
         state.last_val_loss = loss
         if not math.isfinite(loss):
             self._warn(f"[{plan.name}] validation loss at step {state.step} is {loss} (recorded as null)")
