@@ -32,6 +32,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data.task_registry import task_names
+
     parser = _Parser(
         prog="spdf", description="Sparse Pre-training and Dense Fine-tuning of GPT models.",
         epilog="A run resumes automatically from its run directory's last checkpoint. "
@@ -63,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "last export), score against every reference of each input with the task's "
                                    "metrics, and write eval/<task>-<split>.json and .md next to it (or in --out).")
     p.add_argument("path", type=Path, help="export, phase or run directory")
-    p.add_argument("--task", required=True, metavar="TASK",
-                   help="docstring, jsonl, e2e, webnlg, dart or curation")
+    *others, last = task_names()  # the registered tasks (spdf.data.task_registry)
+    p.add_argument("--task", required=True, metavar="TASK", help=f"{', '.join(others)} or {last}")
     p.add_argument("--split", default=None, help="default: test where the task has one, else validation")
     p.add_argument("--task-path", default=None, metavar="FILE",
-                   help="a local copy of the task ({split} stands for the split name); e2e/webnlg/dart files in "
-                        "the Hugging Face schema, as .jsonl or .json")
+                   help="a local copy of the task ({split} stands for the split name); the data-to-text tasks' "
+                        "files in the Hugging Face schema, as .jsonl or .json")
     p.add_argument("--task-set", dest="task_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any other task setting, as in a recipe's task block (e.g. prompt_field=question)")
     p.add_argument("--decoding", default=None,

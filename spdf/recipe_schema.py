@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal, Optional
 
 from .data.specs import DataSpec, SourceSpec, TaskSpec, TokenizerSpec, docstring_task_leak
-from .data.tasks import task_splits
+from .data.task_registry import task_splits
 from .eval.generate import DecodingConfig
 from .model.config import CONFIGS, PARAMETRIZATIONS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain

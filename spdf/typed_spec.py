@@ -54,6 +54,19 @@ def num(default: Any = dataclasses.MISSING, **bounds) -> Any:
     return field(default=default, metadata={"bounds": bounds})
 
 
+def one_of(default: Any, choices) -> Any:
+    """A field whose allowed values a registry gives: `choices()` is read each time a spec is made, so a value
+    registered after this class was defined is allowed too (a Literal is fixed when the class is)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def check_choice(value, allowed, path: str) -> None:
+    """The error of a value outside a Literal's or a one_of field's choices: the choices and the closest one."""
+    if value not in allowed or isinstance(value, bool):
+        raise RecipeError(f"{{key}} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                          f"{suggest(value, allowed)}", path)
+
+
 _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
         "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
@@ -78,6 +91,8 @@ class Spec:
             value = getattr(self, f.name)
             if bounds and value is not None and not all(_OPS[op][1](value, b) for op, b in bounds.items()):
                 raise RecipeError(f"{{key}} must be {_describe_bounds(bounds)}, got {value!r}", f.name)
+            if "choices" in f.metadata and value is not None:
+                check_choice(value, tuple(f.metadata["choices"]()), f.name)
         self._check()
 
     def _check(self) -> None:
@@ -150,10 +165,7 @@ def build(tp, value, path: str = ""):
         return _build_dataclass(tp, value, path)
     origin = typing.get_origin(tp)
     if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            raise RecipeError(f"{{key}} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
-                              f"{suggest(value, allowed)}", path)
+        check_choice(value, typing.get_args(tp), path)
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -209,6 +221,8 @@ def _build_dataclass(cls, value, path: str):
     kwargs = {}
     for name, f in fields.items():
         if name in value:
+            if "choices" in f.metadata and value[name] is not None:  # the choices, rather than "must be a string"
+                check_choice(value[name], tuple(f.metadata["choices"]()), join_path(path, name))
             kwargs[name] = build(types_[name], value[name], join_path(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError("missing required key '{key}'", join_path(path, name))

@@ -19,6 +19,7 @@ every user-caused problem while reading data raises DataError):
     load_finetune_task(task: TaskSpec, split: str) -> TaskSplit (list-like of Example(prompt, completion, references),
         one per input with all its references)
     task_splits(task: str) -> the split names a task has
+    TASKS, register_task(Task(...)): the task registry (spdf.data.task_registry): loader, splits, metrics, settings
     FinetuneDataset(examples, tokenizer, max_len)[i] -> {"input_ids", "labels"}   # one row per (input, reference)
     pad_collate(batch, pad_id=0) -> {"input_ids", "labels", "attention_mask"}     # [B, T], right-padded
 
@@ -32,10 +33,12 @@ from .packing import PackedDataset, build_packed_splits
 from .sampler import ResumableSampler
 from .sources import iter_documents
 from .specs import DataSpec, SourceSpec, TaskSpec, TokenizerSpec
-from .tasks import TASKS, TaskSplit, load_finetune_task, task_splits
+from .task_registry import TASKS, Task, register_task, task_splits
+from .tasks import TaskSplit, load_finetune_task
 from .tokenizer import TextTokenizer, load_or_train_tokenizer
 
-__all__ = ["DataSpec", "SourceSpec", "TaskSpec", "TokenizerSpec", "MixedDataset", "MixtureSampler", "TASKS", "task_splits", "DataError", "iter_documents",
+__all__ = ["DataSpec", "SourceSpec", "TaskSpec", "TokenizerSpec", "MixedDataset", "MixtureSampler", "TASKS", "Task",
+           "register_task", "task_splits", "DataError", "iter_documents",
            "load_or_train_tokenizer", "TextTokenizer", "build_packed_splits",
            "PackedDataset", "ResumableSampler", "load_finetune_task", "TaskSplit", "Example", "FinetuneDataset",
            "pad_collate"]

@@ -9,12 +9,11 @@ gives the value in force (the setting, or that kind's default).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, Optional
 
-from ..typed_spec import Spec, fail, num, require_for
-
-HF_TASKS = ("e2e", "webnlg", "dart")
+from ..typed_spec import Spec, fail, num, one_of, require_for
+from .task_registry import get_task, task_names, task_options
 
 
 class _KindOptions:
@@ -26,11 +25,14 @@ class _KindOptions:
 
     def option(self, name: str):
         value = getattr(self, name)
-        return self.OPTIONS[name][getattr(self, self.selector)] if value is None else value
+        return self._options()[name][getattr(self, self.selector)] if value is None else value
+
+    def _options(self) -> dict[str, dict[str, object]]:
+        return self.OPTIONS
 
     def _check_options(self):
         kind = getattr(self, self.selector)
-        for name, defaults in self.OPTIONS.items():
+        for name, defaults in self._options().items():
             if getattr(self, name) is not None and kind not in defaults:
                 fail(name, f"{{key}} is only used when {self.selector} is {' or '.join(map(repr, defaults))} "
                            f"({self.selector} is '{kind}')")
@@ -121,8 +123,10 @@ class TaskSpec(_KindOptions, Spec):
     e2e / webnlg / dart: the Hugging Face datasets, or with `path` a local .json/.jsonl file in the same schema.
     curation: Curation Corpus, a local .csv (as its scraper writes it) or .jsonl. `path` may contain `{split}`
     (one file per split); otherwise a local jsonl/curation file is split by a stable hash of each input.
+    The tasks, which settings each reads (with its defaults) and its `path` rule are the entries of
+    spdf.data.task_registry (the shipped ones are registered in spdf.data.tasks).
     """
-    task: Literal["docstring", "e2e", "webnlg", "dart", "curation", "jsonl"] = "docstring"
+    task: str = one_of("docstring", task_names)  # a registered task
     path: Optional[str] = None  # jsonl (required), curation (needed to run); e2e/webnlg/dart: a local copy
     name: Optional[str] = None  # e2e/webnlg/dart: another Hugging Face dataset id
     config: Optional[str] = None
@@ -137,19 +141,15 @@ class TaskSpec(_KindOptions, Spec):
     max_article_chars: Optional[int] = num(None, ge=1)
 
     selector: ClassVar[str] = "task"
-    OPTIONS: ClassVar = {
-        "heldout_fraction": {"docstring": 0.1},
-        "validation_fraction": {"docstring": 0.1, "jsonl": 0.1, "curation": 0.05},
-        "max_prompt_lines": {"docstring": 10},
-        "prompt_field": {"jsonl": "prompt"}, "completion_field": {"jsonl": "completion"},
-        "article_field": {"curation": "article_content"}, "summary_field": {"curation": "summary"},
-        "max_article_chars": {"curation": 4000},
-        "name": {t: None for t in HF_TASKS}, "config": {t: None for t in HF_TASKS},
-    }
+
+    def _options(self) -> dict[str, dict[str, object]]:
+        table = task_options()  # in the order of this class's fields: the first wrong key is the one named
+        return {f.name: table[f.name] for f in fields(self) if f.name in table}
 
     def _check(self):
-        if self.task == "jsonl" and not self.path:
-            fail("path", "{key} is required when task is 'jsonl' (a file of {\"prompt\", \"completion\"} lines)")
-        if self.task == "docstring" and self.path:
-            fail("path", "{key} is not used when task is 'docstring' (it reads the standard library)")
+        task = get_task(self.task)
+        if task.path == "required" and not self.path:
+            fail("path", f"{{key}} is required when task is '{self.task}' ({task.path_note})")
+        if task.path == "unused" and self.path:
+            fail("path", f"{{key}} is not used when task is '{self.task}' ({task.path_note})")
         self._check_options()

@@ -10,6 +10,9 @@ An input appears once per split with all its references grouped (E2E has several
 WebNLG/DART several lexicalisations per triple set): evaluation scores one generation per input against them all,
 and training makes one row per (input, reference) (FinetuneDataset). Splits: "train", "validation", and "test" for
 the data-to-text tasks. Local files without `{split}` are split by a stable hash of the input.
+
+Each task is one `register_task` entry at the end of this file (spdf.data.task_registry: its loader, splits,
+metrics, settings); nothing else in spdf names the tasks one by one.
 """
 from __future__ import annotations
 
@@ -17,27 +20,17 @@ import ast
 import csv
 import json
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 from .errors import DataError
 from .finetune import Example
 from .sources import load_hf, read_jsonl, stable_fraction, stdlib_modules
 from .specs import TaskSpec
+from .task_registry import Task, get_task, register_task
 
-TASKS = ("docstring", "jsonl", "e2e", "webnlg", "dart", "curation")
-# task: (default hub id, default config, {our split: the dataset's split})
-HF_TASKS = {
-    "e2e": ("tuetschek/e2e_nlg", None, {"train": "train", "validation": "validation", "test": "test"}),
-    "webnlg": ("webnlg-challenge/web_nlg", "release_v3.0_en", {"train": "train", "validation": "dev", "test": "test"}),
-    "dart": ("Yale-LILY/dart", None, {"train": "train", "validation": "validation", "test": "test"}),
-}
-_LOCAL_SPLITS = ("train", "validation")
 DOC_PROMPT_END = "\n# Summary:"
-
-
-def task_splits(task: str) -> tuple[str, ...]:
-    return tuple(HF_TASKS[task][2]) if task in HF_TASKS else _LOCAL_SPLITS
 
 
 @dataclass
@@ -159,21 +152,17 @@ def _column(obj, key: str) -> list:
     return obj[key] if isinstance(obj, dict) else [item[key] for item in obj]
 
 
-def _data_to_text(task: str, rows, where: str) -> list[tuple[str, str]]:
-    """(prompt, reference) pairs of rows in the dataset's own schema (as the Hub or a local copy gives them)."""
-    out = []
-    for row in rows:
-        if task == "e2e":
-            data, refs = _row(row, "meaning_representation", where), [_row(row, "human_reference", where)]
-        elif task == "webnlg":
-            triple_sets = _column(row["modified_triple_sets"], "mtriple_set")
-            data, refs = " ; ".join(triple_sets[0] if triple_sets else []), _column(row["lex"], "text")
-        else:
-            data = " ; ".join(" | ".join(t) for t in row["tripleset"])
-            refs = _column(row["annotations"], "text")
-        prompt = f"Data: {data}\nText:"
-        out += [(prompt, ref) for ref in refs] or [(prompt, "")]  # "": an input without references, refused later
-    return out
+def _e2e_row(row: dict, where: str) -> tuple[str, list[str]]:
+    return _row(row, "meaning_representation", where), [_row(row, "human_reference", where)]
+
+
+def _webnlg_row(row: dict, where: str) -> tuple[str, list[str]]:
+    triple_sets = _column(row["modified_triple_sets"], "mtriple_set")
+    return " ; ".join(triple_sets[0] if triple_sets else []), _column(row["lex"], "text")
+
+
+def _dart_row(row: dict, where: str) -> tuple[str, list[str]]:
+    return " ; ".join(" | ".join(t) for t in row["tripleset"]), _column(row["annotations"], "text")
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -194,21 +183,38 @@ def _read_rows(path: Path) -> list[dict]:
     return list(read_jsonl(path))
 
 
-def _hf_task(spec: TaskSpec, split: str) -> list[tuple[str, str]]:
-    default_name, default_config, splits = HF_TASKS[spec.task]
-    if spec.path:
-        where = str(_local_path(spec.path, split))
-        rows = _read_rows(Path(where))
-    else:
-        name = spec.name or default_name
-        config = spec.config if spec.config is not None else default_config
-        where = f"dataset '{name}'"
-        rows = load_hf(name, config, splits[split], streaming=False)
-    try:
-        return _data_to_text(spec.task, rows, where)
-    except (KeyError, TypeError, IndexError) as e:
-        raise DataError(f"{where} does not have the {spec.task} layout spdf expects ({type(e).__name__}: {e}); "
-                        f"convert it to a jsonl task with prompt/completion/references") from None
+@dataclass(frozen=True)
+class DataToText:
+    """The loader of a data-to-text task: a Hugging Face dataset (`name`/`config` may name another one) or, with
+    `path`, a local copy in the same schema. `row` gives one row's (data, references); the prompt is
+    "Data: <data>\\nText:"."""
+    dataset: str  # the default Hub id
+    config: str | None
+    row: Callable[[dict, str], tuple[str, list[str]]]
+    hub_splits: Mapping[str, str] = field(default_factory=dict)  # our split -> the dataset's, where they differ
+
+    def hub_split(self, split: str) -> str:
+        return self.hub_splits.get(split, split)
+
+    def __call__(self, spec: TaskSpec, split: str) -> list[tuple[str, str]]:
+        if spec.path:
+            where = str(_local_path(spec.path, split))
+            rows = _read_rows(Path(where))
+        else:
+            name = spec.name or self.dataset
+            config = spec.config if spec.config is not None else self.config
+            where = f"dataset '{name}'"
+            rows = load_hf(name, config, self.hub_split(split), streaming=False)
+        try:
+            out = []
+            for row in rows:
+                data, refs = self.row(row, where)
+                prompt = f"Data: {data}\nText:"
+                out += [(prompt, ref) for ref in refs] or [(prompt, "")]  # "": no references, refused later
+            return out
+        except (KeyError, TypeError, IndexError) as e:
+            raise DataError(f"{where} does not have the {spec.task} layout spdf expects ({type(e).__name__}: {e}); "
+                            f"convert it to a jsonl task with prompt/completion/references") from None
 
 
 def group_references(pairs: list[tuple[str, str]], task: str, split: str) -> list[Example]:
@@ -226,19 +232,38 @@ def group_references(pairs: list[tuple[str, str]], task: str, split: str) -> lis
     return [Example(prompt, refs[0], refs) for prompt, refs in grouped.items()]
 
 
-_LOADERS = {"docstring": _docstring_task, "jsonl": _jsonl_task, "curation": _curation_task,
-            "e2e": _hf_task, "webnlg": _hf_task, "dart": _hf_task}
-
-
 def load_finetune_task(spec: TaskSpec, split: str) -> TaskSplit:
     """The Examples of `split` ("train", "validation"; "test" for e2e/webnlg/dart): one per input, references
     grouped; `spec.max_examples` keeps the first N inputs."""
-    allowed = task_splits(spec.task)
-    if split not in allowed:
-        raise DataError(f"unknown split '{split}' for task '{spec.task}'; allowed: {', '.join(allowed)}")
-    examples = group_references(_LOADERS[spec.task](spec, split), spec.task, split)
+    task = get_task(spec.task)
+    if split not in task.splits:
+        raise DataError(f"unknown split '{split}' for task '{spec.task}'; allowed: {', '.join(task.splits)}")
+    examples = group_references(task.pairs(spec, split), spec.task, split)
     if spec.max_examples is not None:
         examples = examples[:spec.max_examples]
     if not examples:
         raise DataError(f"task '{spec.task}' has no examples in split '{split}'")
     return TaskSplit(spec.task, split, examples)
+
+
+# ------------------------------------------------------------------------------------------ the shipped tasks
+_DATA_TO_TEXT_SPLITS = ("train", "validation", "test")
+_HUB_OPTIONS = {"name": None, "config": None}  # another Hugging Face dataset id and config
+_TEXT_METRICS = ("bleu", "rouge_l", "chrf")
+
+register_task(Task("docstring", _docstring_task, _TEXT_METRICS, path="unused",
+                   path_note="it reads the standard library",
+                   options={"heldout_fraction": 0.1, "validation_fraction": 0.1, "max_prompt_lines": 10}))
+register_task(Task("e2e", DataToText("tuetschek/e2e_nlg", None, _e2e_row),
+                   ("bleu", "nist", "meteor", "rouge_l", "cider"), splits=_DATA_TO_TEXT_SPLITS, options=_HUB_OPTIONS))
+register_task(Task("webnlg", DataToText("webnlg-challenge/web_nlg", "release_v3.0_en", _webnlg_row,
+                                        hub_splits={"validation": "dev"}),
+                   ("bleu", "meteor", "ter", "chrf"), splits=_DATA_TO_TEXT_SPLITS, options=_HUB_OPTIONS))
+register_task(Task("dart", DataToText("Yale-LILY/dart", None, _dart_row), ("bleu", "meteor", "ter", "chrf"),
+                   splits=_DATA_TO_TEXT_SPLITS, options=_HUB_OPTIONS))
+register_task(Task("curation", _curation_task, ("rouge1", "rouge2", "rouge_l"),  # path: needed to run, not to plan
+                   options={"validation_fraction": 0.05, "article_field": "article_content",
+                            "summary_field": "summary", "max_article_chars": 4000}))
+register_task(Task("jsonl", _jsonl_task, _TEXT_METRICS, path="required",
+                   path_note='a file of {"prompt", "completion"} lines',
+                   options={"validation_fraction": 0.1, "prompt_field": "prompt", "completion_field": "completion"}))

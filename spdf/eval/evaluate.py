@@ -26,10 +26,10 @@ from ..export import CheckpointError, find_export, model_fingerprint, read_expor
 from ..fswrite import write_text_atomic
 from ..typed_spec import to_plain
 from .generate import DecodingConfig, generate
+from .metric_registry import METRICS, RegistryView
 from .metrics import TASK_METRICS, compute_metrics
 
-METRIC_LABELS = {"bleu": "BLEU", "nist": "NIST", "meteor": "METEOR", "rouge_l": "ROUGE-L", "rouge1": "ROUGE-1",
-                 "rouge2": "ROUGE-2", "cider": "CIDEr", "ter": "TER", "chrf": "chrF"}
+METRIC_LABELS = RegistryView(lambda: {name: metric.label for name, metric in METRICS.items()})  # "rouge_l": "ROUGE-L"
 SAMPLE_SIZE = 5  # inputs shown with their references and generation in the .md report
 
 

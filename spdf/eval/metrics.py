@@ -17,6 +17,9 @@ Conventions (all keyword arguments of `compute_metrics` and of each metric funct
 - ROUGE with several references: per input the reference with the highest F-measure counts (rouge-score's
   `score_multi`; E2E's official ROUGE-L also takes the best over references, maximising precision and recall
   separately), and the corpus score is the mean of those per-input F-measures.
+
+Each metric is one `register_metric` entry at the end of this file (spdf.eval.metric_registry: label, `evaluate`
+module, scorer); a task's metrics are named in its own entry (spdf.data.task_registry), read here as TASK_METRICS.
 """
 from __future__ import annotations
 
@@ -29,27 +32,16 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "e2e": ("bleu", "nist", "meteor", "rouge_l", "cider"),
-    "webnlg": ("bleu", "meteor", "ter", "chrf"),
-    "dart": ("bleu", "meteor", "ter", "chrf"),
-    "curation": ("rouge1", "rouge2", "rouge_l"),
-    "docstring": ("bleu", "rouge_l", "chrf"),
-    "jsonl": ("bleu", "rouge_l", "chrf"),
-}
+from ..data.task_registry import TASKS
+from .metric_registry import METRICS, Metric, RegistryView, metric_names, module_families, register_metric
+
+# task -> its metrics, in report order (read from each task's registry entry)
+TASK_METRICS = RegistryView(lambda: {name: task.metrics for name, task in TASKS.items()})
+# `evaluate` module (metric_modules/<family>/<family>.py) -> the metrics it computes (read from the metric registry)
+MODULE_FAMILIES = RegistryView(module_families)
 
 # Our ROUGE names → rouge-score's. rougeL is the summary-level LCS without sentence splitting (not rougeLsum).
 _ROUGE_TYPES = {"rouge1": "rouge1", "rouge2": "rouge2", "rouge_l": "rougeL"}
-
-# The `evaluate` modules shipped in metric_modules/<family>/<family>.py, and the metrics each one computes.
-MODULE_FAMILIES: dict[str, tuple[str, ...]] = {
-    "spdf_bleu": ("bleu", "chrf", "ter"),
-    "spdf_rouge": ("rouge1", "rouge2", "rouge_l"),
-    "spdf_nist": ("nist",),
-    "spdf_meteor": ("meteor",),
-    "spdf_cider": ("cider",),
-}
-METRIC_NAMES: tuple[str, ...] = tuple(name for family in MODULE_FAMILIES.values() for name in family)
 MODULES_DIR = Path(__file__).resolve().parent / "metric_modules"
 
 NEEDS_JAVA = "skipped: needs java"
@@ -98,9 +90,9 @@ def check_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]
 def check_names(names: Sequence[str]) -> tuple[str, ...]:
     if isinstance(names, str):
         names = (names,)
-    unknown = [n for n in names if n not in METRIC_NAMES]
+    unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRIC_NAMES)}")
+        raise ValueError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(METRICS)}")
     return tuple(dict.fromkeys(names))  # keep order, drop repeats
 
 
@@ -241,16 +233,6 @@ def meteor(predictions, references) -> float | str:
 
 # -------------------------------------------------------------------------------------------------------- the set
 
-_SCORERS: dict[str, Callable[..., float | str]] = {
-    "bleu": lambda p, r, lc, tok: bleu(p, r, lowercase=lc, tokenize=tok),
-    "chrf": lambda p, r, lc, tok: chrf(p, r, lowercase=lc),
-    "ter": lambda p, r, lc, tok: ter(p, r, lowercase=lc, tokenize=tok),
-    "nist": lambda p, r, lc, tok: nist(p, r, lowercase=lc, tokenize=tok),
-    "cider": lambda p, r, lc, tok: cider(p, r, lowercase=lc, tokenize=tok),
-    "meteor": lambda p, r, lc, tok: meteor(p, r),
-}
-
-
 def compute_metrics(names: Sequence[str], predictions: list[str], references: list[list[str]], *,
                     lowercase: bool = True, tokenize: str = "13a",
                     rouge_stemmer: bool = False) -> dict[str, float | str]:
@@ -261,10 +243,14 @@ def compute_metrics(names: Sequence[str], predictions: list[str], references: li
     names = check_names(names)
     check_inputs(predictions, references)
     predictions, references = list(predictions), [list(refs) for refs in references]
-    rouge_types = [n for n in names if n in _ROUGE_TYPES]
-    rouge_scores = rouge(predictions, references, types=rouge_types, use_stemmer=rouge_stemmer) if rouge_types else {}
-    return {n: rouge_scores[n] if n in _ROUGE_TYPES else _SCORERS[n](predictions, references, lowercase, tokenize)
-            for n in names}
+    options = {"lowercase": lowercase, "tokenize": tokenize, "rouge_stemmer": rouge_stemmer}
+    by_scorer: dict[Callable, list[str]] = {}  # metrics sharing a scorer are computed in one call
+    for name in names:
+        by_scorer.setdefault(METRICS[name].score, []).append(name)
+    scores = {}
+    for score, group in by_scorer.items():
+        scores.update(score(tuple(group), predictions, references, options))
+    return {n: scores[n] for n in names}
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -276,8 +262,8 @@ def perplexity(mean_token_loss: float) -> float:
 
 def module_path(family: str) -> str:
     """The script of one of our `evaluate` modules, e.g. module_path('spdf_bleu')."""
-    if family not in MODULE_FAMILIES:
-        raise ValueError(f"unknown metric module {family!r}; known: {', '.join(MODULE_FAMILIES)}")
+    if family not in module_families():
+        raise ValueError(f"unknown metric module {family!r}; known: {', '.join(module_families())}")
     return os.fspath(MODULES_DIR / family / f"{family}.py")
 
 
@@ -286,9 +272,35 @@ def load_metric(name: str, **load_kwargs):
 
     `name` is a module ('spdf_bleu': BLEU, chrF and TER) or one metric ('chrf': that module, configured for chrF)."""
     evaluate = _import("evaluate", "evaluate")
-    if name in MODULE_FAMILIES:
+    families = module_families()
+    if name in families:
         return evaluate.load(module_path(name), **load_kwargs)
-    family = next((f for f, members in MODULE_FAMILIES.items() if name in members), None)
-    if family is None:
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join((*MODULE_FAMILIES, *METRIC_NAMES))}")
-    return evaluate.load(module_path(family), config_name=name, **load_kwargs)
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join((*families, *metric_names()))}")
+    return evaluate.load(module_path(METRICS[name].module), config_name=name, **load_kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the metrics
+
+def _alone(metric: Callable[[list, list, dict], float | str]):
+    """The scorer of a metric computed on its own: {its name: metric(predictions, references, options)}."""
+    return lambda names, predictions, references, options: {names[0]: metric(predictions, references, options)}
+
+
+def _rouge_scores(names, predictions, references, options) -> dict[str, float]:
+    return rouge(predictions, references, types=names, use_stemmer=options["rouge_stemmer"])
+
+
+register_metric(Metric("bleu", "BLEU", "spdf_bleu", _alone(
+    lambda p, r, o: bleu(p, r, lowercase=o["lowercase"], tokenize=o["tokenize"]))))
+register_metric(Metric("chrf", "chrF", "spdf_bleu", _alone(lambda p, r, o: chrf(p, r, lowercase=o["lowercase"]))))
+register_metric(Metric("ter", "TER", "spdf_bleu", _alone(
+    lambda p, r, o: ter(p, r, lowercase=o["lowercase"], tokenize=o["tokenize"]))))
+register_metric(Metric("rouge1", "ROUGE-1", "spdf_rouge", _rouge_scores))
+register_metric(Metric("rouge2", "ROUGE-2", "spdf_rouge", _rouge_scores))
+register_metric(Metric("rouge_l", "ROUGE-L", "spdf_rouge", _rouge_scores))
+register_metric(Metric("nist", "NIST", "spdf_nist", _alone(
+    lambda p, r, o: nist(p, r, lowercase=o["lowercase"], tokenize=o["tokenize"]))))
+register_metric(Metric("meteor", "METEOR", "spdf_meteor", _alone(lambda p, r, o: meteor(p, r))))
+register_metric(Metric("cider", "CIDEr", "spdf_cider", _alone(
+    lambda p, r, o: cider(p, r, lowercase=o["lowercase"], tokenize=o["tokenize"]))))

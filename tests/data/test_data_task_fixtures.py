@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spdf.data import FinetuneDataset, TaskSpec, load_finetune_task
+from spdf.data import TASKS, FinetuneDataset, TaskSpec, load_finetune_task
 from spdf.data import tasks
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -59,8 +59,11 @@ def test_hub_rows_as_datasets_gives_them_load_like_the_local_file(task, offline,
         hub = load_finetune_task(TaskSpec(task=task), split)
         local = load_finetune_task(TaskSpec(task=task, path=str(FIXTURES / LOCAL[task] / "{split}.jsonl")), split)
         assert hub.examples == local.examples
-    name, config, splits = tasks.HF_TASKS[task]
-    assert asked == [(name, config, splits[s]) for s in ("train", "validation", "test")]
+    hub = TASKS[task].pairs  # the task's registered loader: its Hub dataset, config and split names
+    assert asked == [(hub.dataset, hub.config, hub.hub_split(s)) for s in ("train", "validation", "test")]
+    assert {s: hub.hub_split(s) for s in ("validation", "test")} == ({"validation": "dev", "test": "test"}
+                                                                    if task == "webnlg" else
+                                                                    {"validation": "validation", "test": "test"})
 
 
 def test_curation_csv_as_its_scraper_writes_it(offline):

@@ -1,4 +1,7 @@
-"""The shared body of spdf's `evaluate` modules: each module names its metrics, spdf.eval.metrics computes them.
+"""The shared body of spdf's `evaluate` modules: spdf.eval.metrics computes them.
+
+A module computes the metrics registered with its name (spdf.eval.metric_registry: `Metric(..., module=...)`), so a
+metric added to the registry is in its module with no edit here or in the module script.
 
 The module scripts import this file as a module (`from spdf.eval.metric_modules import base`), never the class by
 name: evaluate takes the first EvaluationModule subclass it finds in a script's namespace as the script's metric.
@@ -21,19 +24,21 @@ Returns:
 
 
 class SpdfMetric(evaluate.Metric):
-    """Computes `FAMILY` (or, under config_name=<metric>, that one metric) with spdf.eval.metrics.compute_metrics."""
+    """Computes the metrics registered for this module (or, under config_name=<metric>, that one metric) with
+    spdf.eval.metrics.compute_metrics."""
 
-    FAMILY: tuple[str, ...] = ()
     DESCRIPTION = ""
     CITATION = ""
     REFERENCE_URLS: tuple[str, ...] = ()
 
     def _names(self) -> tuple[str, ...]:
+        module = self.__module__.rsplit(".", 1)[-1]  # the script's name, also where evaluate loaded a copy of it
+        family = metrics.MODULE_FAMILIES.get(module, ())
         if self.config_name == "default":
-            return self.FAMILY
-        if self.config_name not in self.FAMILY:
-            raise ValueError(f"unknown config_name {self.config_name!r} for {self.__module__.rsplit('.', 1)[-1]}; "
-                             f"use 'default' or one of: {', '.join(self.FAMILY)}")
+            return family
+        if self.config_name not in family:
+            raise ValueError(f"unknown config_name {self.config_name!r} for {module}; "
+                             f"use 'default' or one of: {', '.join(family)}")
         return (self.config_name,)
 
     def _info(self) -> evaluate.MetricInfo:

@@ -3,7 +3,6 @@ from spdf.eval.metric_modules import base
 
 
 class SpdfBleu(base.SpdfMetric):
-    FAMILY = ("bleu", "chrf", "ter")
     DESCRIPTION = ("sacrebleu's corpus BLEU, chrF and TER in percent (TER: lower is better), with one list of "
                    "references per input; case-insensitive and 13a-tokenised by default.")
     CITATION = """@inproceedings{post-2018-call,

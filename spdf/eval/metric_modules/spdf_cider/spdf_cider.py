@@ -3,7 +3,6 @@ from spdf.eval.metric_modules import base
 
 
 class SpdfCider(base.SpdfMetric):
-    FAMILY = ("cider",)
     DESCRIPTION = ("pycocoevalcap's CIDEr (1-4-grams, idf over the corpus' references); one input alone scores 0 "
                    "since its idf is then 0.")
     CITATION = """@inproceedings{vedantam-2015-cider,

@@ -3,7 +3,6 @@ from spdf.eval.metric_modules import base
 
 
 class SpdfMeteor(base.SpdfMetric):
-    FAMILY = ("meteor",)
     DESCRIPTION = ("METEOR 1.5 in percent through pycocoevalcap's bundled jar on Java; without Java the value is "
                    "the string 'skipped: needs java'.")
     CITATION = """@inproceedings{denkowski-lavie-2014-meteor,

@@ -3,7 +3,6 @@ from spdf.eval.metric_modules import base
 
 
 class SpdfNist(base.SpdfMetric):
-    FAMILY = ("nist",)
     DESCRIPTION = "nltk's corpus_nist (n=5) on sacrebleu-tokenised, by default lowercased, text."
     CITATION = """@inproceedings{doddington-2002-nist,
   title = "Automatic Evaluation of Machine Translation Quality Using N-gram Co-Occurrence Statistics",

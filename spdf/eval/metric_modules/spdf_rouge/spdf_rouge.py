@@ -3,7 +3,6 @@ from spdf.eval.metric_modules import base
 
 
 class SpdfRouge(base.SpdfMetric):
-    FAMILY = ("rouge1", "rouge2", "rouge_l")
     DESCRIPTION = ("rouge-score's ROUGE F-measures in percent: per input the best-matching reference "
                    "(score_multi), averaged over inputs.")
     CITATION = """@inproceedings{lin-2004-rouge,
