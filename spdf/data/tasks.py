@@ -206,15 +206,19 @@ class DataToText:
             where = f"dataset '{name}'"
             rows = load_hf(name, config, self.hub_split(split), streaming=False)
         try:
-            out = []
-            for row in rows:
-                data, refs = self.row(row, where)
-                prompt = f"Data: {data}\nText:"
-                out += [(prompt, ref) for ref in refs] or [(prompt, "")]  # "": no references, refused later
-            return out
+            return self.pairs_of(rows, where)
         except (KeyError, TypeError, IndexError) as e:
             raise DataError(f"{where} does not have the {spec.task} layout spdf expects ({type(e).__name__}: {e}); "
                             f"convert it to a jsonl task with prompt/completion/references") from None
+
+    def pairs_of(self, rows, where: str) -> list[tuple[str, str]]:
+        """(prompt, reference) pairs of rows in the dataset's own schema (as the Hub or a local copy gives them)."""
+        out = []
+        for row in rows:
+            data, refs = self.row(row, where)
+            prompt = f"Data: {data}\nText:"
+            out += [(prompt, ref) for ref in refs] or [(prompt, "")]  # "": an input without references, refused later
+        return out
 
 
 def group_references(pairs: list[tuple[str, str]], task: str, split: str) -> list[Example]:

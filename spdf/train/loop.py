@@ -183,14 +183,14 @@ class PhaseRun:
     def run(self) -> tuple[torch.nn.Module, float | None]:
         """(the trained model, unwrapped; the final validation loss)."""
         self._prepare()
-        resumed = self._resume()
+        self._resume()
         finished_before_resume = self.state.step >= self.plan.total_steps
         self._open_progress()
         if self.state.step == 0:
             self.validate()  # the loss before any training, to compare with the end of the phase
             for hook in self.hooks:
                 hook.at_start(self)
-        self._open_window(resumed)
+        self._open_window()
         self.model.train()
         while self.state.step < self.plan.total_steps:
             if self._train_step():
@@ -215,7 +215,7 @@ class PhaseRun:
                      "sparsity": self.sparsifier.config if self.sparsifier is not None else None,
                      **(self.records.meta_extra or {})}
 
-    def _resume(self) -> bool:
+    def _resume(self) -> None:
         plan, state = self.plan, self.state
         state.load_state_dict(TrainState(phase=plan.name).state_dict())
         resumed = resume_checkpoint(self.accelerator, self.ckpt_root, layout_meta(self.unwrapped_model), self._warn)
@@ -228,7 +228,6 @@ class PhaseRun:
         self.metrics.rewind(plan.name, state.step if resumed is not None else -1, self.records.later_phases)
         self.guard = NonFiniteGuard(plan.name, plan.max_nonfinite_steps)
         self.saved_step = state.step if resumed is not None else None
-        return resumed is not None
 
     def _open_progress(self) -> None:
         plan = self.plan
@@ -238,7 +237,7 @@ class PhaseRun:
                         dynamic_ncols=True, disable=not (plan.progress and self.accelerator.is_main_process and terminal))
         self.log_lines = plan.progress and not terminal
 
-    def _open_window(self, resumed: bool) -> None:
+    def _open_window(self) -> None:
         """The (loss sum, target count) of the steps since the last training log, and their tokens and start time."""
         device = self.accelerator.device
         self.window_loss = torch.zeros(2, device=device, dtype=torch.float64)

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 import torch
 
-from spdf.data import DataError, Example, TaskSpec, FinetuneDataset, load_finetune_task, pad_collate
+from spdf.data import TASKS, DataError, Example, TaskSpec, FinetuneDataset, load_finetune_task, pad_collate
 from spdf.data import tasks
 from spdf.data.finetune import IGNORE_INDEX, join_target, truncate_pair
 from spdf.data.tasks import DOC_PROMPT_END, docstring_examples
@@ -161,7 +161,7 @@ def test_curation_csv(tmp_path):
 
 
 def _grouped(task, rows, where):
-    return tasks.group_references(tasks._data_to_text(task, rows, where), task, "train")
+    return tasks.group_references(TASKS[task].pairs.pairs_of(rows, where), task, "train")
 
 
 def test_data_to_text_mappings_keep_all_references():
