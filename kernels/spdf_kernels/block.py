@@ -1,0 +1,167 @@
+"""The three products of a block-sparse linear layer, each with interchangeable implementations, and its autograd op.
+
+The weight is a TiledLayout with tile (B, B) whose stored tiles are all full blocks (see block_kernels.py), so
+``values.view(nnzb, B, B)`` with the layout's ``row_ptr``/``col_idx`` is a BSR matrix. Which implementation is fastest
+on a GPU is a measurement (benchmarks/kernel_speed.py), so each product is chosen by name:
+
+    reference  unpack, then dense (exact; the CPU path and the test oracle)        fwd, dx, dw
+    block      spdf's block kernels (block_kernels.py, autotuned; the interpreter on CPU)  fwd, dx, dw
+    tiles      spdf's general tile kernels (triton_kernels.py: bitmaps, any mask)          fwd, dx, dw
+    bsr        torch.sparse BSR Triton kernels (bsr_dense_mm, sampled_addmm; CUDA)         fwd, dx, dw
+    stk        MegaBlocks' stanford-stk (dds / sdd; CUDA, fp16/bf16, blocks of 128)        fwd, dx, dw
+
+``block_linear(x, values, layout, bias, products)`` takes {"fwd": name, "dx": name, "dw": name}; "auto" is
+"reference" off CUDA and, on CUDA, the default below until a GPU measurement picks another.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .layout import TiledLayout
+
+IMPLS = ("reference", "block", "tiles", "bsr", "stk")
+PRODUCTS = ("fwd", "dx", "dw")
+CUDA_DEFAULT = "block"  # unmeasured on a GPU so far: benchmarks/kernel_speed.py decides
+
+
+def resolve(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return CUDA_DEFAULT if device.type == "cuda" else "reference"
+    if name not in IMPLS:
+        raise ValueError(f"block product implementation must be one of auto, {', '.join(IMPLS)}; got {name!r}")
+    return name
+
+
+# ---- torch.sparse BSR ------------------------------------------------------------------------------------------
+def _bsr(values: torch.Tensor, layout: TiledLayout, transposed: bool = False) -> torch.Tensor:
+    b = layout.tile[0]
+    blocks = values.view(-1, b, b)
+    if not transposed:
+        return torch.sparse_bsr_tensor(layout.row_ptr.long(), layout.col_idx.long(), blocks, size=layout.shape)
+    n, k = layout.shape
+    return torch.sparse_bsr_tensor(layout.col_ptr.long(), layout.row_idx.long(),
+                                   blocks[layout.t_perm.long()].transpose(1, 2).contiguous(), size=(k, n))
+
+
+def _triton_ops():
+    from torch.sparse import _triton_ops
+
+    if _triton_ops.bsr_dense_mm is None:
+        raise RuntimeError("torch's BSR Triton kernels need CUDA and triton")
+    return _triton_ops
+
+
+def bsr_fwd(x, values, layout, bias=None):
+    y = _triton_ops().bsr_dense_mm(_bsr(values, layout), x.t()).t()
+    return y if bias is None else y + bias
+
+
+def bsr_dx(dy, values, layout):
+    return _triton_ops().bsr_dense_mm(_bsr(values, layout, transposed=True), dy.t()).t()
+
+
+def bsr_dw(dy, x, layout):
+    pattern = _bsr(torch.zeros(layout.nnz, dtype=x.dtype, device=x.device), layout)
+    return _triton_ops().sampled_addmm(pattern, dy.t(), x, beta=0.0, alpha=1.0).values().reshape(-1)
+
+
+def tune_bsr(x: torch.Tensor, values: torch.Tensor, layout: TiledLayout) -> None:
+    """Tune torch's BSR kernel launch parameters for this device and shape (kept in torch's in-memory table, so
+    later bsr products in this process use them): the forward's and dX's shapes."""
+    from torch.sparse._triton_ops_meta import tune_bsr_dense_addmm
+
+    for bsr, dense in ((_bsr(values, layout), x.t()),
+                       (_bsr(values, layout, transposed=True),
+                        torch.zeros(x.shape[0], layout.shape[0], dtype=x.dtype, device=x.device).t())):
+        out = torch.empty(bsr.shape[0], dense.shape[1], dtype=x.dtype, device=x.device)
+        tune_bsr_dense_addmm(out, bsr, dense.contiguous(), beta=0, alpha=1, store=True)
+
+
+# ---- stanford-stk (MegaBlocks) ------------------------------------------------------------------------------------
+def _stk_matrix(values: torch.Tensor, layout: TiledLayout):
+    try:
+        import stk
+    except ImportError as e:
+        raise RuntimeError("the stk block product needs the stanford-stk package (pip install 'spdf[gpu]')") from e
+    b = layout.tile[0]
+    rows = torch.repeat_interleave(torch.arange(layout.grid[0], device=values.device, dtype=torch.int16),
+                                   layout.row_ptr.diff().long(), output_size=layout.n_nonempty_tiles)
+    return stk.Matrix(layout.shape, values.view(-1, b, b), rows, layout.col_idx.to(torch.int16),
+                      layout.row_ptr.to(torch.int32), layout.row_idx.to(torch.int16), layout.col_ptr.to(torch.int32),
+                      layout.t_perm.to(torch.int32))
+
+
+def stk_fwd(x, values, layout, bias=None):
+    import stk
+
+    y = stk.ops.dds(x, _stk_matrix(values, layout).t())
+    return y if bias is None else y + bias
+
+
+def stk_dx(dy, values, layout):
+    import stk
+
+    return stk.ops.dds(dy, _stk_matrix(values, layout))
+
+
+def stk_dw(dy, x, layout):
+    import stk
+
+    topo = _stk_matrix(torch.empty(layout.nnz, dtype=x.dtype, device=x.device), layout)
+    return stk.ops.sdd(dy.t(), x, topo).data.reshape(-1)
+
+
+# ---- dispatch and autograd ------------------------------------------------------------------------------------------
+def _kernels(name: str):
+    if name == "reference":
+        return reference.spmm, reference.spmm_t, reference.sddmm
+    if name == "block":
+        from . import block_kernels as bk
+
+        return bk.spmm, bk.spmm_t, bk.sddmm
+    if name == "tiles":
+        from . import triton_kernels as tk
+
+        return tk.spmm, tk.spmm_t, tk.sddmm
+    if name == "bsr":
+        return bsr_fwd, bsr_dx, bsr_dw
+    return stk_fwd, stk_dx, stk_dw
+
+
+def product(which: str, name: str):
+    """The function computing product `which` ("fwd", "dx" or "dw") with implementation `name`."""
+    return _kernels(name)[PRODUCTS.index(which)]
+
+
+class _BlockLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, values, bias, layout, impls):
+        ctx.layout, ctx.impls = layout, impls
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, values)
+        return product("fwd", impls["fwd"])(x, values, layout, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = product("dx", ctx.impls["dx"])(dy, values, ctx.layout) if ctx.needs_input_grad[0] else None
+        dv = product("dw", ctx.impls["dw"])(dy, x, ctx.layout) if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dv, db, None, None
+
+
+def block_linear(x: torch.Tensor, values: torch.Tensor, layout: TiledLayout, bias: torch.Tensor | None = None,
+                 products: dict[str, str] | None = None) -> torch.Tensor:
+    """``y = x W^T + bias`` computing only the kept blocks in all three products; differentiable in x, values, bias.
+    Under autocast the operands are cast to the autocast dtype (as tiled_linear does)."""
+    if x.shape[-1] != layout.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the layout expects {layout.shape[1]}")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    impls = {p: resolve((products or {}).get(p, "auto"), x.device) for p in PRODUCTS}
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    with torch.autocast(x.device.type, enabled=False):
+        y = _BlockLinear.apply(x2, values.to(dtype), None if bias is None else bias.to(dtype), layout, impls)
+    return y.reshape(*lead, layout.shape[0])
