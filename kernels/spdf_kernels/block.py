@@ -52,13 +52,22 @@ def _triton_ops():
     return _triton_ops
 
 
+def _bsr_times(bsr: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ bsr^T`` for (tokens, K) `rows`, through bsr_dense_mm (which wants tokens divisible by 16: padded)."""
+    tokens = rows.shape[0]
+    pad = -tokens % 16
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+    return _triton_ops().bsr_dense_mm(bsr, rows.t()).t()[:tokens]
+
+
 def bsr_fwd(x, values, layout, bias=None):
-    y = _triton_ops().bsr_dense_mm(_bsr(values, layout), x.t()).t()
+    y = _bsr_times(_bsr(values, layout), x)
     return y if bias is None else y + bias
 
 
 def bsr_dx(dy, values, layout):
-    return _triton_ops().bsr_dense_mm(_bsr(values, layout, transposed=True), dy.t()).t()
+    return _bsr_times(_bsr(values, layout, transposed=True), dy)
 
 
 def bsr_dw(dy, x, layout):

@@ -2,25 +2,10 @@
 and its CPU output cannot be mistaken for GPU figures."""
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
-
-BENCHMARKS = str(Path(__file__).resolve().parents[2] / "benchmarks")
 
 
-def import_benchmark(name: str):
-    """benchmarks/NAME.py as a module, with benchmarks/ on sys.path only while it imports: left there, its
-    kernels.py would shadow Hugging Face's `kernels` package, which transformers imports."""
-    sys.path.insert(0, BENCHMARKS)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(BENCHMARKS)
-
-
-def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_run(tmp_path):
+def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_run(tmp_path, import_benchmark):
     gpu_step = import_benchmark("gpu_step")  # imports spdf: imported here, not at collection (test_replicate.py)
 
     res = gpu_step.main(["--tiny", "--device", "cpu", "--profile", "--out", str(tmp_path)])
@@ -43,7 +28,7 @@ def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_ru
     assert all(f"## {b}" in profiles for b in ("dense", "masked", "compressed")) and "aten::" in profiles
 
 
-def test_the_zero_check_catches_a_non_zero_masked_weight():
+def test_the_zero_check_catches_a_non_zero_masked_weight(import_benchmark):
     import pytest
     import torch
 
