@@ -229,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true", help="measure on CPU even when a GPU is present")
     ap.add_argument("--patterns", action="store_true", help="add the fast patterns (the default on a GPU)")
     ap.add_argument("--patterns-only", action="store_true", help="measure only the fast patterns (pattern_speed.py)")
+    ap.add_argument("--no-patterns", action="store_true", help="leave the fast patterns out (gpu_check.sh runs them "
+                    "as their own part, pattern_speed.py)")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.cpu
@@ -253,7 +255,7 @@ def main(argv=None):
                 cpu_count=os.cpu_count(), load_before=os.getloadavg())
     records = [] if args.patterns_only else run(grid, device, min_run_time, print)
     patterns = None
-    if gpu or args.patterns or args.patterns_only:
+    if (gpu and not args.no_patterns) or args.patterns or args.patterns_only:
         ps = pattern_speed.settings(gpu, tiny=not gpu, quick=args.quick)
         meta["pattern_impls"] = list(ps["impls"])
         patterns = pattern_speed.run(device, ps["dtype"], ps["shapes"], ps["tokens"], ps["blocks"],

@@ -3,6 +3,7 @@
 Called by kernel_speed.py (its "Fast patterns" section of kernels.{json,md,png}); on its own:
 
     python benchmarks/pattern_speed.py --out DIR          # GPU: GPT-3 XL layer shapes, bf16, 4096/16384 tokens
+    python benchmarks/pattern_speed.py --quick --out DIR  # GPU: fc1 only (gpu_check.sh); files rewritten per case
     python benchmarks/pattern_speed.py --tiny --out DIR   # CPU dry run: tiny shapes, fp32; checks the script only
 
 Block patterns (64 and 128, 75%): each product (fwd Y = X W^T, dX = dY W, dW at the kept blocks) by every
@@ -146,21 +147,26 @@ def _torchao_layer(k, n, device, dtype):
     return SemiSparseLinear.from_dense(torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
 
 
-def run(device: torch.device, dtype, shapes: dict, tokens, blocks, min_run_time, impls, log=print) -> list[dict]:
+def run(device: torch.device, dtype, shapes: dict, tokens, blocks, min_run_time, impls, log=print,
+        on_record=None) -> list[dict]:
+    """Every case of the grid; `on_record(records)` after each (a time limit still leaves what was measured)."""
     gen = torch.Generator().manual_seed(0)
     records = []
+    on_record = on_record or (lambda records: None)
     for layer, shape in shapes.items():
         for t in tokens:
             base = dict(layer=layer, out=shape[0], inp=shape[1], tokens=t)
             for block in blocks:
                 rec = {**base, **block_record(shape, block, t, device, dtype, gen, min_run_time, impls)}
                 records.append(rec)
+                on_record(records)
                 log(f"{layer:4s} block{block:<3d} tokens={t:5d}  " + "  ".join(
                     f"{impl}={_fmt(rec[f'{impl}_step_ratio'])}" for impl in impls)
                     + "  best: " + ", ".join(f"{p}={rec[f'best_{p}']} {_fmt(rec[f'best_{p}_ratio'])}"
                                              for p in PRODUCTS))
             rec = {**base, **semi_record(shape, t, device, dtype, gen, min_run_time)}
             records.append(rec)
+            on_record(records)
             log(f"{layer:4s} 2:4      tokens={t:5d}  kernel fwd={_fmt(rec['semi_fwd_ratio'])}  backend fwd+bwd="
                 f"{_fmt(rec['semi_layer_step_ratio'])}  torchao fwd+bwd={_fmt(rec['torchao_step_ratio'])}")
     return records
@@ -243,12 +249,12 @@ def plot(ax, records):
 
 
 def settings(gpu: bool, tiny: bool, quick: bool = False) -> dict:
-    """The grid: tiny on CPU (the interpreter's block kernels only); on a GPU the XL layers (quick: the MLP's two,
-    as gpu_check.sh runs it within its time limit)."""
+    """The grid: tiny on CPU (the interpreter's block kernels only); on a GPU the XL layers (quick: fc1 only, as
+    gpu_check.sh runs it within its time limit)."""
     if tiny or not gpu:
         return dict(dtype=torch.float32, shapes=TINY, tokens=(32,), blocks=(64,), min_run_time=0.01,
                     impls=("block",) if _interpreted() else ())
-    shapes = {k: v for k, v in XL.items() if k != "qkv"} if quick else XL
+    shapes = {"fc1": XL["fc1"]} if quick else XL
     return dict(dtype=torch.bfloat16, shapes=shapes, tokens=(4096, 16384), blocks=(64, 128),
                 min_run_time=0.03 if quick else 0.1, impls=BLOCK_IMPLS)
 
@@ -263,17 +269,25 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--tiny", action="store_true", help="CPU dry run (tiny shapes): checks the script only")
+    ap.add_argument("--quick", action="store_true", help="GPU: fc1 only (gpu_check.sh's time limit)")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available() and not args.tiny
-    s = settings(gpu, args.tiny)
-    records = run(torch.device("cuda" if gpu else "cpu"), s["dtype"], s["shapes"], s["tokens"], s["blocks"],
-                  s["min_run_time"], s["impls"])
+    s = settings(gpu, args.tiny, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "pattern_speed" if gpu else "pattern_speed_cpu_dry_run"
-    res = dict(gpu_figures=gpu, records=records, fastest=fastest(records), goals=goals(records, gpu))
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{stem}.md").write_text("\n".join(markdown(records, gpu, s["impls"])))
-    return res
+    device = torch.device("cuda" if gpu else "cpu")
+    meta = dict(device=torch.cuda.get_device_name() if gpu else "cpu", torch=torch.__version__,
+                dtype=str(s["dtype"]).replace("torch.", ""), impls=list(s["impls"]))
+
+    def save(records):
+        res = dict(gpu_figures=gpu, meta=meta, records=records, fastest=fastest(records), goals=goals(records, gpu))
+        (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        (args.out / f"{stem}.md").write_text("\n".join(markdown(records, gpu, s["impls"])))
+        return res
+
+    records = run(device, s["dtype"], s["shapes"], s["tokens"], s["blocks"], s["min_run_time"], s["impls"],
+                  on_record=save)
+    return save(records)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,23 @@ from .layout import TiledLayout
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(kinds: dict[str, tuple[int, ...]]) -> list[triton.Config]:
-    """Every combination of the given launch parameters (one small configuration under the interpreter)."""
+def _configs(names: tuple[str, ...], choices: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Launch configurations to autotune over: (three tile sizes named by `names`, num_warps, num_stages) each. A
+    short list, since every one is compiled on first use (~1-2 s each): GEMM-like tiles for Hopper/Ampere, 128-wide
+    where the block allows, 3-4 pipeline stages. Under the interpreter, the smallest one only."""
     if INTERPRETED:
-        return [triton.Config({k: min(v) for k, v in kinds.items()}, num_warps=4, num_stages=1)]
-    out = [{}]
-    for key, values in kinds.items():
-        out = [{**c, key: v} for c in out for v in values]
-    return [triton.Config(c, num_warps=w, num_stages=s) for c in out for w in (4, 8) for s in (3, 4)]
+        smallest = min(choices, key=lambda c: c[:3])
+        return [triton.Config(dict(zip(names, smallest[:3])), num_warps=4, num_stages=1)]
+    return [triton.Config(dict(zip(names, c[:3])), num_warps=c[3], num_stages=c[4]) for c in choices]
+
+
+# (BLOCK_M tokens, BLOCK_N output features, BLOCK_K inner step, warps, stages); BLOCK_N > B is pruned
+MATMUL_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4),
+    (64, 64, 64, 4, 4)])
+# (BLOCK_M token step, BLOCK_N block rows, BLOCK_J block columns, warps, stages)
+SDDMM_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_J"), [
+    (64, 128, 128, 8, 3), (32, 128, 128, 8, 4), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 4)])
 
 
 def _prune(configs, named_args, **kwargs):
@@ -47,7 +56,7 @@ def _prune(configs, named_args, **kwargs):
 PRUNE = {"early_config_prune": _prune}
 
 
-@triton.autotune(configs=_configs({"BLOCK_M": (64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (32, 64)}),
+@triton.autotune(configs=MATMUL_CONFIGS,
                  key=["M", "N", "K", "B"], prune_configs_by=PRUNE)
 @triton.jit
 def _spmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, row_ptr, col_idx, M, N, K, sxm, sxk, sym, syn,
@@ -75,7 +84,7 @@ def _spmm_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, row_ptr, col_idx, M, N, K, sxm, 
              mask=offs_m[:, None] < M)
 
 
-@triton.autotune(configs=_configs({"BLOCK_M": (64, 128), "BLOCK_N": (64, 128), "BLOCK_K": (32, 64)}),
+@triton.autotune(configs=MATMUL_CONFIGS,
                  key=["M", "N", "K", "B"], prune_configs_by=PRUNE)
 @triton.jit
 def _spmm_t_kernel(dy_ptr, w_ptr, dx_ptr, col_ptr, row_idx, t_perm, M, N, K, sdm, sdn, sxm, sxk,
@@ -102,7 +111,7 @@ def _spmm_t_kernel(dy_ptr, w_ptr, dx_ptr, col_ptr, row_idx, t_perm, M, N, K, sdm
              mask=offs_m[:, None] < M)
 
 
-@triton.autotune(configs=_configs({"BLOCK_M": (32, 64), "BLOCK_N": (64, 128), "BLOCK_J": (64, 128)}),
+@triton.autotune(configs=SDDMM_CONFIGS,
                  key=["M", "N", "K", "B"], prune_configs_by=PRUNE)
 @triton.jit
 def _sddmm_kernel(dy_ptr, x_ptr, out_ptr, tile_row, col_idx, M, N, K, sdm, sdn, sxm, sxk,

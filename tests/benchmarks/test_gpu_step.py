@@ -13,16 +13,20 @@ def test_tiny_run_writes_both_files_checks_the_zeros_and_says_it_is_not_a_gpu_ru
     md = (tmp_path / "gpu_step.md").read_text()
     assert saved["gpu_figures"] is False and res["gpu_figures"] is False
     assert "NOT GPU FIGURES" in md.splitlines()[0]
-    assert set(saved["backends"]) == {"dense", "masked", "compressed"}
+    assert set(saved["backends"]) == {"dense", "masked", "compressed", "block", "semi_structured"}
+    semi = saved["backends"].pop("semi_structured")  # no 2:4 kernel on a CPU: refused, nothing measured
+    assert semi["batches"] == {} and "computes on cuda only" in semi["refused"]
+    assert "| semi_structured | refused on this device" in md
     for r in saved["backends"].values():
         assert set(r["batches"]) == {"1", "2"}
         for b in r["batches"].values():
             assert b["ms"] > 0 and b["tokens_per_s"] > 0 and b["after_step"] > 0 and b["peak"] is None
     assert "exactly zero" in saved["backends"]["masked"]["checked"]
     assert "exactly their kept entries" in saved["backends"]["compressed"]["checked"]
+    assert "block layers store exactly their kept entries" in saved["backends"]["block"]["checked"]
     dense, comp = (saved["backends"][k]["batches"]["1"]["after_step"] for k in ("dense", "compressed"))
     assert comp < dense  # live memory of the compressed model after a step is below the dense model's
-    assert md.count("| masked |") == 2 and md.count("| compressed |") == 2
+    assert md.count("| masked |") == 2 and md.count("| compressed |") == 2 and md.count("| block |") == 2
     profiles = (tmp_path / "gpu_step_profile.md").read_text()
     assert "NOT GPU FIGURES" in profiles.splitlines()[0]
     assert all(f"## {b}" in profiles for b in ("dense", "masked", "compressed")) and "aten::" in profiles
