@@ -1,7 +1,8 @@
 """SparseLayer: what every sparse backend answers, so no code outside spdf/sparsity asks which backend a layer is.
 
-Both backends subclass it: the masked SparseLinear (dense weight with exact zeros) and CompressedSparseLinear (only
-the non-zeros stored). Everything else -- the Sparsifier, the optimizer's decay rule, checkpoints, FLOP accounting,
+Every backend of the registry (backends.py) subclasses it: the masked SparseLinear (dense weight with exact zeros),
+CompressedSparseLinear (only the non-zeros stored), BlockSparseLinear (whole blocks, only kept ones computed) and
+SemiStructuredLinear (2:4 on the sparse tensor cores). Everything else -- the Sparsifier, the optimizer's decay rule, checkpoints, FLOP accounting,
 the CLI -- talks to a layer through these members only:
 
     mask                 bool (out, in), nn.Linear orientation, True = kept
