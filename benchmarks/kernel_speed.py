@@ -101,19 +101,8 @@ def _fmt(v):
 
 
 def check_targets(records, on_gpu):
-    lines = []
-    for desc, pred, product, threshold in TARGETS:
-        sel = [r[f"{product}_ratio"] for r in records if pred(r)]
-        if not on_gpu:
-            lines.append(f"- {desc}: not evaluated (no GPU in this run)")
-        elif not sel:
-            lines.append(f"- {desc}: no measurement in this grid")
-        else:
-            worst = min(sel)
-            verdict = "PASS" if worst >= threshold else "FAIL"
-            lines.append(f"- {desc}: worst {worst:.2f}x, median {sorted(sel)[len(sel) // 2]:.2f}x over "
-                         f"{len(sel)} cases -> {verdict}")
-    return lines
+    return pattern_speed.verdicts([(desc, [r[f"{product}_ratio"] for r in records if pred(r)], threshold)
+                                   for desc, pred, product, threshold in TARGETS], on_gpu)
 
 
 def geomean(xs):

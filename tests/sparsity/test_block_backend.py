@@ -2,8 +2,11 @@
 masks, densify and resume exact, the product choice; its Triton block kernels through the interpreter."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
+from tiny_training import autocast_steps
 
 import spdf
 from spdf.kernels import pack
@@ -188,3 +191,30 @@ def test_block_linear_autograd_with_the_block_kernels_matches_the_reference():
         grads[impl] = (xi.grad, v.grad)
     for a, b in zip(grads["block"], grads["reference"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ---- on a GPU: a training step with each product implementation (skipped without CUDA) --------------------------
+CUDA_IMPLS = ["block", "tiles", "bsr",
+              pytest.param("stk", marks=pytest.mark.skipif(importlib.util.find_spec("stk") is None,
+                                                           reason="stanford-stk is not installed"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", CUDA_IMPLS)
+def test_a_block_backend_training_step_matches_the_masked_backend(impl):
+    losses = {}
+    previous = set_block_products(fwd=impl, dx=impl, dw=impl)
+    try:
+        for backend in ("masked", "block"):
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                model = spdf.GPT(spdf.GPTConfig(name="t", n_layer=2, n_head=4, d_model=256, d_ff=1024, n_ctx=64,
+                                                vocab_size=128))
+            sp = spdf.sparsify(model, 0.75, init=Block(128), backend=backend)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            sp.attach(opt)
+            idx = torch.randint(0, 128, (4, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            losses[backend] = autocast_steps(model, opt, idx)
+    finally:
+        set_block_products(**previous)
+    torch.testing.assert_close(losses["block"], losses["masked"], rtol=2e-2, atol=2e-2)

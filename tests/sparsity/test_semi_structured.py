@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from tiny_training import autocast_steps
 
 import spdf
 from spdf.sparsity import NM
@@ -114,12 +115,7 @@ def test_cuda_training_keeps_the_zeros_and_densifies_to_the_same_values():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sp.attach(opt)
     idx = torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["n_ctx"] + 1), device="cuda")
-    for _ in range(3):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    autocast_steps(model, opt, idx)
     for name, layer in sp.layers.items():
         assert nm_problem(layer.mask) is None and torch.count_nonzero(layer.weight[~layer.weight_mask]) == 0, name
     weights = {n: layer.dense_weight().clone() for n, layer in sp.layers.items()}
