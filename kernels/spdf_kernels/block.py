@@ -15,6 +15,8 @@ on a GPU is a measurement (benchmarks/kernel_speed.py), so each product is chose
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from . import reference
@@ -121,56 +123,35 @@ def stk_dw(dy, x, layout):
     return stk.ops.sdd(dy.t(), x, topo).data.reshape(-1)
 
 
-# ---- dispatch and autograd ------------------------------------------------------------------------------------------
-def _kernels(name: str):
+# ---- dispatch ------------------------------------------------------------------------------------------------------
+def kernels(name: str) -> SimpleNamespace:
+    """spmm, spmm_t and sddmm of implementation `name` (the interface ops.py dispatches to)."""
     if name == "reference":
-        return reference.spmm, reference.spmm_t, reference.sddmm
+        return SimpleNamespace(spmm=reference.spmm, spmm_t=reference.spmm_t, sddmm=reference.sddmm)
     if name == "block":
         from . import block_kernels as bk
 
-        return bk.spmm, bk.spmm_t, bk.sddmm
+        return SimpleNamespace(spmm=bk.spmm, spmm_t=bk.spmm_t, sddmm=bk.sddmm)
     if name == "tiles":
         from . import triton_kernels as tk
 
-        return tk.spmm, tk.spmm_t, tk.sddmm
+        return SimpleNamespace(spmm=tk.spmm, spmm_t=tk.spmm_t, sddmm=tk.sddmm)
     if name == "bsr":
-        return bsr_fwd, bsr_dx, bsr_dw
-    return stk_fwd, stk_dx, stk_dw
+        return SimpleNamespace(spmm=bsr_fwd, spmm_t=bsr_dx, sddmm=bsr_dw)
+    return SimpleNamespace(spmm=stk_fwd, spmm_t=stk_dx, sddmm=stk_dw)
 
 
 def product(which: str, name: str):
     """The function computing product `which` ("fwd", "dx" or "dw") with implementation `name`."""
-    return _kernels(name)[PRODUCTS.index(which)]
-
-
-class _BlockLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, values, bias, layout, impls):
-        ctx.layout, ctx.impls = layout, impls
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, values)
-        return product("fwd", impls["fwd"])(x, values, layout, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, values = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = product("dx", ctx.impls["dx"])(dy, values, ctx.layout) if ctx.needs_input_grad[0] else None
-        dv = product("dw", ctx.impls["dw"])(dy, x, ctx.layout) if ctx.needs_input_grad[1] else None
-        db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dv, db, None, None
+    return getattr(kernels(name), ("spmm", "spmm_t", "sddmm")[PRODUCTS.index(which)])
 
 
 def block_linear(x: torch.Tensor, values: torch.Tensor, layout: TiledLayout, bias: torch.Tensor | None = None,
                  products: dict[str, str] | None = None) -> torch.Tensor:
     """``y = x W^T + bias`` computing only the kept blocks in all three products; differentiable in x, values, bias.
-    Under autocast the operands are cast to the autocast dtype (as tiled_linear does)."""
-    if x.shape[-1] != layout.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features, the layout expects {layout.shape[1]}")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    impls = {p: resolve((products or {}).get(p, "auto"), x.device) for p in PRODUCTS}
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
-    with torch.autocast(x.device.type, enabled=False):
-        y = _BlockLinear.apply(x2, values.to(dtype), None if bias is None else bias.to(dtype), layout, impls)
-    return y.reshape(*lead, layout.shape[0])
+    The autograd op is ops.tiled_linear's (autocast, torch.compile and FLOP counting as for the compressed backend),
+    with one implementation per product."""
+    from .ops import tiled_linear
+
+    impls = [resolve((products or {}).get(p, "auto"), x.device) for p in PRODUCTS]
+    return tiled_linear(x, values, layout, bias, impl=":".join("triton" if i == "tiles" else i for i in impls))

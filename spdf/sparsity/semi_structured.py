@@ -90,6 +90,6 @@ class SemiStructuredLinear(SparseLinear):
         weight = self.weight.t() if self.transposed else self.weight
         lead = x.shape[:-1]
         with torch.autocast("cuda", enabled=False):
-            y = _SemiSparseMatmul.apply(x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype),
+            y = _SemiSparseMatmul.apply(x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype).contiguous(),
                                         None if self.bias is None else self.bias.to(dtype))
         return y.reshape(*lead, self.out_features)

@@ -92,6 +92,16 @@ def test_checkpoint_and_resume_are_exact(tmp_path):
         assert torch.equal(a, b), key
 
 
+def test_measured_flops_are_the_kept_blocks_only():
+    from spdf.flops import measure_training_flops
+
+    idx = batches(1)[0]
+    measured = {backend: measure_training_flops(sparse_gpt(backend)[0], idx[:, :-1], idx[:, 1:])
+                for backend in ("masked", "block")}
+    assert measured["block"]["spent"] == pytest.approx(measured["masked"]["spent"], rel=1e-9)
+    assert measured["block"]["spent"] < 0.6 * measure_training_flops(gpt(), idx[:, :-1], idx[:, 1:])["dense"]
+
+
 def test_masks_of_other_patterns_are_refused_with_the_allowed_ones():
     with pytest.raises(ValueError, match="backend 'block' computes masks of sparsity.method 'block' with "
                                          "block_size 64 or 128 only, not 'random'"):
