@@ -57,6 +57,9 @@ def block_problem(mask: torch.Tensor, block: tuple[int, int]) -> str | None:
     counts = mask.reshape(n // rows, rows, k // cols, cols).sum(dim=(1, 3))
     if not bool(((counts == 0) | (counts == rows * cols)).all()):
         return f"the mask is not made of whole {rows}x{cols} blocks"
+    if not bool(counts.any()):  # a layer with no weight at all: nothing to train, and its empty tensors do not save
+        return (f"the mask keeps none of the weight's {counts.numel()} blocks (the level rounds to all of them): "
+                f"lower sparsity.level, use smaller blocks, or leave this layer dense with sparsity.filter")
     return None
 
 

@@ -116,6 +116,9 @@ def test_masks_of_other_patterns_are_refused_with_the_allowed_ones():
     with pytest.raises(ValueError, match="not made of whole 64x64 blocks"):
         spdf.sparsify(model, 0.75, init=masks, param_filter=[f"{n}.weight" for n in masks], backend="block")
     assert isinstance(model.get_submodule(next(iter(masks))), torch.nn.Linear)  # refused: the model is untouched
+    small = spdf.GPT(spdf.GPTConfig(name="small", **{**SHAPE, "d_model": 64}))  # attn.c_proj: one 64x64 block
+    with pytest.raises(ValueError, match="c_proj.weight: .*keeps none of the weight's 1 blocks"):
+        spdf.sparsify(small, 0.75, init=Block(64), backend="block")
 
 
 def test_a_recipe_asks_the_registry():
