@@ -37,7 +37,7 @@ from spdf.flops import analytic_flops
 from spdf.sparsity import sparse_layers
 
 XL8 = dict(n_layer=8, n_head=16, d_model=2048, d_ff=8192, n_ctx=1024, vocab_size=50304)
-TINY = dict(n_layer=2, n_head=2, d_model=64, d_ff=256, n_ctx=64, vocab_size=256)
+TINY = dict(n_layer=2, n_head=2, d_model=128, d_ff=512, n_ctx=64, vocab_size=256)  # 2 blocks of 64 wide
 BACKENDS = ("dense", "masked", "compressed", "block", "semi_structured")
 SPARSITY = 0.75
 LEVEL = {"semi_structured": 0.5}  # 2:4 keeps half

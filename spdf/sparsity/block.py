@@ -56,7 +56,8 @@ def block_problem(mask: torch.Tensor, block: tuple[int, int]) -> str | None:
         return f"block size {rows} does not divide the weight's shape {(n, k)}"
     counts = mask.reshape(n // rows, rows, k // cols, cols).sum(dim=(1, 3))
     if not bool(((counts == 0) | (counts == rows * cols)).all()):
-        return f"the mask is not made of whole {rows}x{cols} blocks"
+        return (f"the mask is not made of whole {rows}x{cols} blocks (use sparsity.method 'block' with block_size "
+                f"{' or '.join(map(str, BLOCK_SIZES))}, or backend 'masked')")
     if not bool(counts.any()):  # a layer with no weight at all: nothing to train, and its empty tensors do not save
         return (f"the mask keeps none of the weight's {counts.numel()} blocks (the level rounds to all of them): "
                 f"lower sparsity.level, use smaller blocks, or leave this layer dense with sparsity.filter")
@@ -72,8 +73,7 @@ class BlockSparseLinear(CompressedSparseLinear):
                  target_sparsity=None):
         problem = block_problem(mask, tuple(tile))
         if problem:
-            raise ValueError(f"backend 'block' computes whole blocks: {problem} (use sparsity.method 'block' with "
-                             f"block_size {' or '.join(map(str, BLOCK_SIZES))}, or backend 'masked')")
+            raise ValueError(f"backend 'block' computes whole blocks: {problem}")
         super().__init__(weight, mask, bias, tile=tile, transposed=transposed, dense_shell=dense_shell,
                          target_sparsity=target_sparsity)
 

@@ -17,9 +17,10 @@ from spdf.sparsity.block import BlockSparseLinear, block_problem, set_block_prod
 SHAPE = dict(n_layer=2, n_head=2, d_model=128, d_ff=256, n_ctx=16, vocab_size=64)
 
 
-def gpt(seed=0):
+def gpt(seed=0, block=64):
+    """Width 2 blocks (so even attn.c_proj keeps one of its 4 blocks at 75%)."""
     torch.manual_seed(seed)
-    return spdf.GPT(spdf.GPTConfig(name="block-test", **SHAPE))
+    return spdf.GPT(spdf.GPTConfig(name="block-test", **{**SHAPE, "d_model": 2 * block, "d_ff": 4 * block}))
 
 
 def batches(n, seed=1):
@@ -39,7 +40,7 @@ def train(model, opt, data):
 
 
 def sparse_gpt(backend, block=64, seed=0):
-    model = gpt(seed)
+    model = gpt(seed, block)
     sp = spdf.sparsify(model, 0.75, init=Block(block), backend=backend, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     sp.attach(opt)
@@ -139,7 +140,7 @@ def test_a_recipe_asks_the_registry():
 def test_the_saved_tile_rebuilds_block_layers_from_user_masks():
     model, sp, _ = sparse_gpt("block", 128)
     masks = {n: layer.mask for n, layer in sp.layers.items()}
-    again = gpt()
+    again = gpt(block=128)
     sp2 = spdf.sparsify(again, 0.75, init=masks, param_filter=[f"{n}.weight" for n in masks], backend="block",
                         tile=(128, 128))
     assert all(layer.tile == (128, 128) for layer in sp2.layers.values())
