@@ -1,17 +1,19 @@
-"""One GPU training step, dense vs masked vs compressed: time, tokens/s, allocator memory, exact zeros (issue 19).
+"""One GPU training step, dense vs each sparse backend: time, tokens/s, allocator memory, exact zeros (issues 19, 20).
 
     python benchmarks/gpu_step.py                       # on a CUDA machine: ~2 minutes on an H200
     python benchmarks/gpu_step.py --profile             # + gpu_step_profile.md: top operations of 3 steps each
     python benchmarks/gpu_step.py --tiny --out DIR      # CPU smoke test of the script itself (not GPU figures)
 
 GPT-3 XL width with 8 layers (d_model 2048, d_ff 8192, 16 heads, context 1024, vocabulary 50304), 75% random masks
-on the paper's layers, bf16 autocast over fp32 weights, fused AdamW (lr 1e-4, weight decay 0.1), gradient clipping at
+on the paper's layers (the block backend: 75% of 128x128 blocks, --block-size; semi_structured: 2:4, 50%), bf16 autocast over fp32 weights, fused AdamW (lr 1e-4, weight decay 0.1), gradient clipping at
 1.0. Each backend builds one model on the device and trains it at batch 1 x 1024 and then 8 x 1024 tokens: warm-up
 steps (Triton autotuning included), then timed steps, each synchronised; the median is reported. Memory is the CUDA
 caching allocator's: `memory_allocated` after a step and `zero_grad(set_to_none=True)` (weights, AdamW moments,
 masks or tile indices), and `max_memory_allocated` over the timed steps (activations included), both above what was
 allocated before the model was built. At the end every masked weight and every AdamW moment at a masked position
-must be exactly zero (masked backend) and the compressed layers must store exactly the kept entries.
+must be exactly zero (backends storing a dense weight: masked, semi_structured) and the compressed and block layers
+must store exactly the kept entries. A backend this device cannot run (semi_structured on CPU) is recorded as
+refused, with the reason, and measured nothing.
 Results are written after every backend (a time limit still leaves what was measured) to gpu_step.{json,md}.
 
 On CPU (--tiny, or no CUDA) the same code runs on a tiny model in fp32 with the process's live tensors (a gc walk)
@@ -35,9 +37,10 @@ from spdf.flops import analytic_flops
 from spdf.sparsity import sparse_layers
 
 XL8 = dict(n_layer=8, n_head=16, d_model=2048, d_ff=8192, n_ctx=1024, vocab_size=50304)
-TINY = dict(n_layer=2, n_head=2, d_model=64, d_ff=256, n_ctx=64, vocab_size=256)
-BACKENDS = ("dense", "masked", "compressed")
+TINY = dict(n_layer=2, n_head=2, d_model=128, d_ff=512, n_ctx=64, vocab_size=256)  # 2 blocks of 64 wide
+BACKENDS = ("dense", "masked", "compressed", "block", "semi_structured")
 SPARSITY = 0.75
+LEVEL = {"semi_structured": 0.5}  # 2:4 keeps half
 GIB = 2**30
 
 
@@ -47,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda if available (and not --tiny), else cpu")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8; --tiny: 1 2)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--block-size", type=int, default=None, help="the block backend's blocks (default 128; --tiny 64)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per batch size (default 5; --tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 20; --tiny 2)")
     p.add_argument("--profile", action="store_true",
@@ -60,7 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 20)
     args.gpu = args.device.type == "cuda"
+    args.block_size = args.block_size or (64 if args.tiny else 128)
     return args
+
+
+def mask_init(backend: str, args, masks: dict):
+    """The masks a backend trains: the block and 2:4 patterns for their backends, else the shared random masks."""
+    if backend == "block":
+        return spdf.sparsity.Block(args.block_size)
+    if backend == "semi_structured":
+        return spdf.sparsity.NM(2, 4)
+    return masks or "random"
 
 
 def sync(device: torch.device) -> None:
@@ -87,18 +101,22 @@ def step(model, opt, idx, targets, amp_dtype) -> None:
 def check_zeros(model, opt, backend: str) -> str:
     """What was verified at the end (raises if an invariant does not hold)."""
     layers = sparse_layers(model)
+    level = LEVEL.get(backend, SPARSITY)
+    dense_weight = backend in ("masked", "semi_structured")
     for name, layer in layers.items():
-        if backend == "masked":
+        if dense_weight:
             dropped = ~layer.weight_mask
-            assert int(dropped.sum()) == round(SPARSITY * dropped.numel()), name
+            assert int(dropped.sum()) == round(level * dropped.numel()), name
             assert torch.count_nonzero(layer.weight.detach()[dropped]) == 0, f"{name}: a masked weight is non-zero"
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.count_nonzero(opt.state[layer.weight][key][dropped]) == 0, f"{name}: {key} non-zero"
         else:
-            assert layer.nnz == int(layer.mask.sum()) == layer.mask.numel() - round(SPARSITY * layer.mask.numel())
-    if backend == "masked":
-        return f"{len(layers)} masked weights and their AdamW moments exactly zero at every masked position"
-    return f"{len(layers)} compressed layers store exactly their kept entries (no masked entry exists)"
+            tile = layer.tile[0] * layer.tile[1] if backend == "block" else 1  # blocks are counted whole
+            units = layer.mask.numel() // tile
+            assert layer.nnz == int(layer.mask.sum()) == (units - round(level * units)) * tile, name
+    if dense_weight:
+        return f"{len(layers)} {backend} weights and their AdamW moments exactly zero at every masked position"
+    return f"{len(layers)} {backend} layers store exactly their kept entries (no masked entry exists)"
 
 
 def run_backend(backend: str, args, cfg: spdf.GPTConfig, masks: dict) -> dict:
@@ -117,10 +135,15 @@ def run_backend(backend: str, args, cfg: spdf.GPTConfig, masks: dict) -> dict:
         model = spdf.GPT(cfg)
     sp = None
     if backend != "dense":
-        sp = spdf.sparsify(model, SPARSITY, seed=0, backend=backend, init=masks or "random")
+        sp = spdf.sparsify(model, LEVEL.get(backend, SPARSITY), seed=0, backend=backend,
+                           init=mask_init(backend, args, masks))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     if sp is not None:
-        sp.attach(opt)
+        try:
+            sp.attach(opt)
+        except ValueError as e:  # a backend this device cannot run: said, not measured
+            del model, opt, sp
+            return dict(backend=backend, refused=str(e), batches={})
     out = dict(backend=backend, build_s=time.perf_counter() - t0, after_build=allocated(device, baseline), batches={})
     amp_dtype = torch.bfloat16 if gpu else None
     gen = torch.Generator().manual_seed(1)
@@ -151,7 +174,7 @@ def run_backend(backend: str, args, cfg: spdf.GPTConfig, masks: dict) -> dict:
     out["checked"] = check_zeros(model, opt, backend) if backend != "dense" else "no sparse layer"
     if args.profile:
         out["profile"] = profile(model, opt, args, cfg, amp_dtype)
-    if sp is not None and not masks:  # kept for the next backend, after this one's figures were taken
+    if sp is not None and not masks and backend in ("masked", "compressed"):  # the random masks, for the next one
         masks.update({name: mask.cpu() for name, mask in sp.masks().items()})
     del model, opt, sp
     return out
@@ -177,7 +200,7 @@ def write(args, cfg, res: dict, profiles: dict[str, str]) -> None:
     not_gpu = "" if gpu else " -- CPU SMOKE RUN, NOT GPU FIGURES"
     flops = analytic_flops(cfg, SPARSITY)
     m = res["machine"]
-    lines = [f"# One training step on a GPU: dense vs masked vs compressed (gpu_step.py){not_gpu}", ""]
+    lines = [f"# One training step on a GPU: dense vs each sparse backend (gpu_step.py){not_gpu}", ""]
     if not gpu:
         lines += ["**These numbers come from a CPU smoke run of the script (`--tiny` or no CUDA): a tiny model in fp32, "
                   "process live tensors instead of the CUDA allocator. They say nothing about GPUs.**", ""]
@@ -188,18 +211,22 @@ def write(args, cfg, res: dict, profiles: dict[str, str]) -> None:
         f"{', triton ' + res['triton'] if res.get('triton') else ''}.",
         f"FLOPs per token on paper (analytic, {flops.seq_len}-token context): dense {flops.dense_train / 1e9:.3g} "
         f"GFLOP; the masked backend computes the same dense products (its zeros are multiplied); the compressed "
-        f"backend computes only kept products, {flops.sparse_train / 1e9:.3g} GFLOP ({flops.reduction:.2f}x fewer).",
+        f"and block backends compute only kept products, {flops.sparse_train / 1e9:.3g} GFLOP "
+        f"({flops.reduction:.2f}x fewer; block: {args.block_size}x{args.block_size} blocks); semi_structured "
+        f"(2:4, 50%) computes its forward on the sparse tensor cores, dX and dW densely.",
         "", f"| backend | batch | ms/step | vs dense | tokens/s | {'allocator' if gpu else 'live'} GiB after a step "
         f"| vs dense | peak GiB |", "|---|---|---|---|---|---|---|---|"]
     dense = res["backends"].get("dense")
     for r in res["backends"].values():
+        if "refused" in r:
+            lines.append(f"| {r['backend']} | refused on this device: {r['refused']} |||||||")
         for batch, b in r["batches"].items():
             d = dense["batches"].get(batch) if dense else None
             ratio = lambda key: f"{b[key] / d[key]:.2f}x" if d else "-"  # noqa: E731
             peak = f"{b['peak'] / GIB:.2f}" if b["peak"] is not None else "n/a (CPU)"
             lines.append(f"| {r['backend']} | {batch} x {shape['n_ctx']} | {b['ms']:.1f} | {ratio('ms')} | "
                          f"{b['tokens_per_s']:,.0f} | {b['after_step'] / GIB:.3f} | {ratio('after_step')} | {peak} |")
-    lines += [""] + [f"- {r['backend']}: {r['checked']}" for r in res["backends"].values()]
+    lines += [""] + [f"- {r['backend']}: {r['checked']}" for r in res["backends"].values() if "checked" in r]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_step.json").write_text(json.dumps(res, indent=1) + "\n")
     if profiles:
@@ -215,7 +242,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = spdf.GPTConfig(name="gpu-step", **args.shape)
     res = dict(gpu_figures=args.gpu, machine=machine(args.device), shape=args.shape, sparsity=SPARSITY,
-               autocast="bf16" if args.gpu else None, warmup=args.warmup, steps=args.steps, backends={})
+               autocast="bf16" if args.gpu else None, warmup=args.warmup, steps=args.steps,
+               block_size=args.block_size, backends={})
     try:
         import triton
 

@@ -25,6 +25,15 @@ for name in "${MISSING[@]}"; do
     pip wheel -q --no-deps -w .whl "$name==$version"  # a pure-Python sdist (rouge-score): build its wheel here
   fi
 done
+# the `[gpu]` extra (issue 20's peers, GPU-only, so not installed here): pinned, for the GPU machine's Python.
+# torchao ships an abi3 wheel; stanford-stk only an sdist (pure Python): its wheel is built here.
+GPU_ONLY=(torchao==0.18.0 stanford-stk==0.7.1)
+for spec in "${GPU_ONLY[@]}"; do
+  if ! pip download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp "${platforms[@]}" \
+       -d .whl "$spec" 2>/dev/null; then
+    pip wheel -q --no-deps -w .whl "$spec"
+  fi
+done
 slim=.whl/pycocoevalcap-slim
 version=$(python -c "import importlib.metadata as m; print(m.version('pycocoevalcap'))")
 pip download -q --no-deps --only-binary=:all: -d "$slim" "pycocoevalcap==$version"

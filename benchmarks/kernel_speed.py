@@ -4,7 +4,9 @@
     python benchmarks/kernel_speed.py --out benchmarks/results --quick  # CPU: reduced grid, fp32, reference backend
 
 On CUDA it writes kernels.{json,md,png}; without a GPU it says so and writes kernels_cpu.{json,md,png} (the CPU
-reference backend vs dense torch.matmul). Ratios are dense time / sparse time (higher = faster than dense),
+reference backend vs dense torch.matmul). On CUDA (or with --patterns) it adds the fast patterns of issue 20 from
+pattern_speed.py: block-64/128 products by spdf's block and tile kernels, tuned torch BSR and stanford-stk, and 2:4
+(torch semi-structured, the semi_structured backend, torchao); --patterns-only measures just those. Ratios are dense time / sparse time (higher = faster than dense),
 measured side by side in one run with torch.utils.benchmark (warm-up, blocked autorange, CUDA synchronisation).
 The peers' forward products come from peers.py; torch-sparse is measured only when the `[peers]` extra is installed.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
+import pattern_speed  # benchmarks/pattern_speed.py
 from peers import TORCH_SPARSE_SKIP, peer_fns, torch_sparse  # benchmarks/peers.py: this script's folder is on sys.path
 from spdf.kernels import HAS_TRITON, pack, sddmm, spmm, spmm_t
 
@@ -98,19 +101,8 @@ def _fmt(v):
 
 
 def check_targets(records, on_gpu):
-    lines = []
-    for desc, pred, product, threshold in TARGETS:
-        sel = [r[f"{product}_ratio"] for r in records if pred(r)]
-        if not on_gpu:
-            lines.append(f"- {desc}: not evaluated (no GPU in this run)")
-        elif not sel:
-            lines.append(f"- {desc}: no measurement in this grid")
-        else:
-            worst = min(sel)
-            verdict = "PASS" if worst >= threshold else "FAIL"
-            lines.append(f"- {desc}: worst {worst:.2f}x, median {sorted(sel)[len(sel) // 2]:.2f}x over "
-                         f"{len(sel)} cases -> {verdict}")
-    return lines
+    return pattern_speed.verdicts([(desc, [r[f"{product}_ratio"] for r in records if pred(r)], threshold)
+                                   for desc, pred, product, threshold in TARGETS], on_gpu)
 
 
 def geomean(xs):
@@ -118,7 +110,7 @@ def geomean(xs):
     return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
 
 
-def write_markdown(records, meta, targets, path):
+def write_markdown(records, meta, targets, path, patterns=None):
     tokens = sorted({r["tokens"] for r in records})
     out = [f"# Kernel benchmark ({meta['backend']})", "", f"Device: {meta['device']}. Dtype: {meta['dtype']}. "
            f"torch {meta['torch']}, triton available: {meta['has_triton']}, torch-sparse: {meta['torch_sparse']}.", "",
@@ -152,6 +144,8 @@ def write_markdown(records, meta, targets, path):
                    if (r["model"], r["layer"], r["pattern"], r["sparsity"]) == key}
             out.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(_fmt(row.get(t)) for t in tokens) + " |")
         out.append("")
+    if patterns is not None:
+        out += pattern_speed.markdown(patterns, meta["gpu"], meta["pattern_impls"])
     path.write_text("\n".join(out))
 
 
@@ -176,14 +170,17 @@ def peer_summary(records, tokens):
     return out + [""]
 
 
-def write_plot(records, meta, path):
+def write_plot(records, meta, path, patterns=None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tokens = sorted({r["tokens"] for r in records})
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 6 if patterns else 5, figsize=(26 if patterns else 22, 4.2), sharey=True)
+    if patterns:
+        pattern_speed.plot(axes[-1], patterns)
+        axes = axes[:-1]
     for ax, product in zip(axes, ("spmm", "spmm_t", "sddmm", "step")):
         for pattern in sorted({r["pattern"] for r in records}):
             for sparsity in sorted({r["sparsity"] for r in records}):
@@ -219,6 +216,10 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results", help="folder for the result files")
     ap.add_argument("--quick", action="store_true", help="reduced grid and shorter timing (the CPU default)")
     ap.add_argument("--cpu", action="store_true", help="measure on CPU even when a GPU is present")
+    ap.add_argument("--patterns", action="store_true", help="add the fast patterns (the default on a GPU)")
+    ap.add_argument("--patterns-only", action="store_true", help="measure only the fast patterns (pattern_speed.py)")
+    ap.add_argument("--no-patterns", action="store_true", help="leave the fast patterns out (gpu_check.sh runs them "
+                    "as their own part, pattern_speed.py)")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available() and not args.cpu
@@ -233,7 +234,7 @@ def main(argv=None):
         print(f"torch_sparse: {TORCH_SPARSE_SKIP}")
     grid = dict(GPU_GRID) if gpu else dict(CPU_GRID)
     if args.quick and gpu:
-        grid.update(models=("small",), tokens=(16, 4096))
+        grid.update(models=("small",), tokens=(16, 4096), sparsity=(0.75,))
     min_run_time = 0.02 if (args.quick or not gpu) else 0.1
     meta = dict(gpu=gpu, device=torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or 'cpu'}, "
                 f"{torch.get_num_threads()} threads)", dtype=str(grid["dtype"]).replace("torch.", ""),
@@ -241,17 +242,26 @@ def main(argv=None):
                 has_triton=HAS_TRITON, grid={k: list(v) if isinstance(v, tuple) else str(v) for k, v in grid.items()},
                 torch_sparse=torch_sparse.__version__ if torch_sparse else TORCH_SPARSE_SKIP,
                 cpu_count=os.cpu_count(), load_before=os.getloadavg())
-    records = run(grid, device, min_run_time, print)
+    records = [] if args.patterns_only else run(grid, device, min_run_time, print)
+    patterns = None
+    if (gpu and not args.no_patterns) or args.patterns or args.patterns_only:
+        ps = pattern_speed.settings(gpu, tiny=not gpu, quick=args.quick)
+        meta["pattern_impls"] = list(ps["impls"])
+        patterns = pattern_speed.run(device, ps["dtype"], ps["shapes"], ps["tokens"], ps["blocks"],
+                                     ps["min_run_time"], ps["impls"])
     meta["load_after"] = os.getloadavg()
     targets = check_targets(records, gpu)
     print("\n".join(["Targets (H100/H200):", *targets]))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels" if gpu else "kernels_cpu"
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, targets=targets, records=records), indent=1))
-    write_markdown(records, meta, targets, out / f"{stem}.md")
-    write_plot(records, meta, out / f"{stem}.png")
+    stem = "kernels" if gpu else ("kernels_cpu_patterns" if args.patterns_only else "kernels_cpu")
+    extra = {} if patterns is None else dict(patterns=patterns, pattern_fastest=pattern_speed.fastest(patterns),
+                                             pattern_goals=pattern_speed.goals(patterns, gpu))
+    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, targets=targets, records=records, **extra),
+                                                 indent=1))
+    write_markdown(records, meta, targets, out / f"{stem}.md", patterns)
+    write_plot(records, meta, out / f"{stem}.png", patterns)
     print(f"wrote {out / stem}.json/.md/.png")
 
 

@@ -338,7 +338,7 @@ def _recipe_flops(args, path: Path) -> int:
     phase = next(p for p in recipe.phases if p.kind == "pretrain")
     seq_len = args.seq_len or phase.seq_len
     sp = recipe.sparsity
-    level = 0.0 if sp.method == "none" else sp.level
+    level = 0.0 if sp.method == "none" else sp.mask_level  # n:m fixes its own level
     cfg = model_config(recipe)
     fb = analytic_flops(cfg, level, seq_len)
     over = schedule_flops(cfg, level, algorithm(recipe), steps, seq_len)

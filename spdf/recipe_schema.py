@@ -17,6 +17,7 @@ from .eval.generate import DecodingConfig
 from .model.config import CONFIGS, PARAMETRIZATIONS
 from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
 from .sparsity.algorithms import ALGORITHMS
+from .sparsity.backends import BACKEND_NAMES, spec_problem
 from .sparsity.methods import MASK_METHODS
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
@@ -70,7 +71,7 @@ class SparsitySpec(Spec):
     m: int = num(4, ge=2)
     block_size: int = num(16, ge=1)
     seed: Optional[int] = None  # None: the recipe seed
-    backend: Literal["masked", "compressed"] = "masked"
+    backend: Literal[BACKEND_NAMES] = "masked"  # the registry's backends (spdf/sparsity/backends.py)
     # Dynamic methods only (gmp, set, rigl); steps are optimizer steps of the pre-training phase.
     init: Literal[MASK_INITS] = "random"  # the initial mask
     update_every: int = num(100, ge=1)  # masks change after every update_every-th step ...
@@ -85,6 +86,11 @@ class SparsitySpec(Spec):
     @property
     def dynamic(self) -> bool:
         return self.method in DYNAMIC_METHODS
+
+    @property
+    def mask_level(self) -> float:
+        """The sparsity the masks will have: method nm fixes it at 1 - n/m, whatever `level` says."""
+        return 1 - self.n / self.m if (self.init if self.dynamic else self.method) == "nm" else self.level
 
     def _check(self):
         if self.n >= self.m:
@@ -101,9 +107,11 @@ class SparsitySpec(Spec):
             if getattr(self, key) != default and self.method not in allowed:
                 fail(key, f"{{key}} applies to sparsity.method {' or '.join(allowed)} only, not "
                            f"'{self.method}' (remove it, or choose one of those methods)")
-        if self.dynamic and self.backend == "compressed":
-            fail("backend", f"{{key}} 'compressed' keeps static masks only; sparsity.method '{self.method}' "
-                             f"changes them during training: use backend 'masked'")
+        if self.method != "none":  # what the backend declares it can compute (static masks, which patterns)
+            problem = spec_problem(self.backend, self.init if self.dynamic else self.method,
+                                   {"n": self.n, "m": self.m, "block_size": self.block_size}, self.dynamic)
+            if problem:
+                fail("backend", f"{{key}}: {problem} (sparsity.method '{self.method}')")
         if self.method == "gmp" and self.initial_level > self.level:
             fail("initial_level", f"{{key}} ({self.initial_level}) must not exceed sparsity.level ({self.level})")
         if self.update_stop is not None and self.update_stop <= self.update_start:

@@ -367,3 +367,27 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch, c
     _user_error(rc, capsys.readouterr().err, "no space left on the device writing flops.png", str(tmp_path))
     assert (tmp_path / "flops.png").read_bytes() == b"previous plot"
     assert {p.name for p in tmp_path.iterdir()} == TABLE_FILES  # the md and json written whole, no temporary file
+
+
+def test_cli_flops_of_the_fast_pattern_recipes(capsys):
+    """Block-75% costs on paper what unstructured 75% does; 2:4 what 50% does, whatever `level` says (n:m fixes it)."""
+    import yaml
+
+    from spdf.cli import main
+    from spdf.recipe import apply_overrides, load_recipe, recipe_from_dict
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    out = {}
+    for name in ("gpt3-xl-pile-s75", "gpt3-xl-pile-block75", "gpt3-xl-pile-2to4"):
+        assert main(["flops", str(root / f"{name}.yaml"), "--json"]) == 0
+        out[name] = json.loads(capsys.readouterr().out)
+    xl = spdf.GPTConfig.from_name("gpt3-xl")
+    assert out["gpt3-xl-pile-block75"]["reduction"] == out["gpt3-xl-pile-s75"]["reduction"] == pytest.approx(
+        analytic_flops(xl, 0.75).reduction)
+    assert out["gpt3-xl-pile-2to4"]["reduction"] == pytest.approx(analytic_flops(xl, 0.5).reduction)
+    assert 1.5 < out["gpt3-xl-pile-2to4"]["reduction"] < out["gpt3-xl-pile-block75"]["reduction"]
+    recipe = load_recipe(root / "gpt3-xl-pile-2to4.yaml")
+    assert (recipe.sparsity.method, recipe.sparsity.backend) == ("nm", "semi_structured")
+    raw = recipe_from_dict(apply_overrides(yaml.safe_load((root / "gpt3-xl-pile-2to4.yaml").read_text()),
+                                           ["sparsity.level=0.75"]))
+    assert raw.sparsity.mask_level == 0.5  # 2 of 4 kept, whatever level says

@@ -7,7 +7,10 @@ The layout crosses the op boundary as its list of index tensors plus ints (shape
 
 ``impl``: ``"auto"`` = Triton for CUDA tensors when triton is importable and the tile is supported, else the
 reference; ``"triton"`` forces Triton (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before triton was
-imported -- the tests do that); ``"reference"`` forces the pure-PyTorch path.
+imported -- the tests do that); ``"reference"`` forces the pure-PyTorch path. The block-sparse products of
+``block.py`` (``"block"``, ``"bsr"``, ``"stk"``) serve layouts made of full blocks, and ``tiled_linear`` takes one
+implementation per product as ``"fwd:dx:dw"`` (e.g. ``"bsr:block:block"``): the block backend goes through these same
+ops, so it traces under ``torch.compile`` and is counted at its sparse FLOPs too.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ except ImportError:  # triton is optional: the reference path serves then
     HAS_TRITON = False
 
 IMPLS = ("auto", "triton", "reference")
+BLOCK_IMPLS = ("block", "bsr", "stk")  # block.py's, for layouts of full blocks
 
 
 def triton_interpreted() -> bool:
@@ -37,8 +41,12 @@ def triton_interpreted() -> bool:
 
 
 def _backend(impl: str, layout: TiledLayout, device: torch.device):
+    if impl in BLOCK_IMPLS:
+        from .block import kernels
+
+        return kernels(impl)
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS + BLOCK_IMPLS}, got {impl!r}")
     if impl == "reference":
         return reference
     if impl == "triton":
@@ -69,6 +77,11 @@ def sddmm(dy, x, layout: TiledLayout, impl: str = "auto"):
 
 
 # ---- custom ops ------------------------------------------------------------------------------------------------
+def _part(impl: str, product: int) -> str:
+    """The implementation of product 0 (forward), 1 (dX) or 2 (dW) in "fwd:dx:dw", or the one `impl` names."""
+    return impl.split(":")[product] if ":" in impl else impl
+
+
 def _layout(index, shape, tile, nnz) -> TiledLayout:
     return TiledLayout.from_tensors(list(index), shape, tile, nnz=nnz)
 
@@ -76,7 +89,7 @@ def _layout(index, shape, tile, nnz) -> TiledLayout:
 @torch.library.custom_op("spdf::tiled_linear", mutates_args=())
 def _linear_op(x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor], index: list[torch.Tensor],
                shape: list[int], tile: list[int], impl: str) -> torch.Tensor:
-    return spmm(x, values, _layout(index, shape, tile, values.numel()), bias, impl)
+    return spmm(x, values, _layout(index, shape, tile, values.numel()), bias, _part(impl, 0))
 
 
 @_linear_op.register_fake
@@ -87,7 +100,7 @@ def _(x, values, bias, index, shape, tile, impl):
 @torch.library.custom_op("spdf::tiled_spmm_t", mutates_args=())
 def _spmm_t_op(dy: torch.Tensor, values: torch.Tensor, index: list[torch.Tensor], shape: list[int],
                tile: list[int], impl: str) -> torch.Tensor:
-    return spmm_t(dy, values, _layout(index, shape, tile, values.numel()), impl)
+    return spmm_t(dy, values, _layout(index, shape, tile, values.numel()), _part(impl, 1))
 
 
 @_spmm_t_op.register_fake
@@ -98,7 +111,7 @@ def _(dy, values, index, shape, tile, impl):
 @torch.library.custom_op("spdf::tiled_sddmm", mutates_args=())
 def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, index: list[torch.Tensor], shape: list[int], tile: list[int],
               nnz: int, impl: str) -> torch.Tensor:
-    return sddmm(dy, x, _layout(index, shape, tile, nnz), impl)
+    return sddmm(dy, x, _layout(index, shape, tile, nnz), _part(impl, 2))
 
 
 @_sddmm_op.register_fake

@@ -138,7 +138,7 @@ def from_pretrained(cls, directory, backend: str | None = None, algorithm=None, 
     """(model, sparsifier): `cls.from_pretrained(directory, **kwargs)` (a model class or an Auto class), then the
     saved layers made sparse with exactly the saved masks; sparsifier None for a directory without masks.
 
-    backend: "masked" or "compressed" (default: the saved one). The loaded weights must already be zero outside
+    backend: a registered backend's name (spdf.sparsity.backends; default: the saved one). The loaded weights must already be zero outside
     the masks: masks that do not belong to the weights are refused, never applied silently."""
     if kwargs.get("output_loading_info"):
         raise ValueError("spdf.from_pretrained returns (model, sparsifier); load with cls.from_pretrained(..., "

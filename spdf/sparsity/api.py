@@ -7,15 +7,15 @@ import torch
 import torch.nn as nn
 
 from .algorithms import ALGORITHMS, Algorithm
+from .backends import BACKEND_NAMES, backend_class, backend_classes, spec_problem
 from .masks import check_sparsity
 from .methods import MaskMethod, Target, mask_method
 from .protocol import sparse_layers
 from .selection import ParamFilter, select
 from .sharding import SUPPORTED, model_problem
-from .sparse_linear import SparseLinear
 from .sparsifier import Sparsifier, matching_layers
 
-BACKENDS = ("masked", "compressed")
+BACKENDS = BACKEND_NAMES  # the registry's names (backends.py)
 
 
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
@@ -50,13 +50,18 @@ def sparsify(
     init: a mask method -- Random() (the paper's), Magnitude(), ERK(), NM(n, m), Block(size), GlobalMagnitude(),
     their registry names ("random", "nm", ...), a {name: bool mask} dict or a callable (name, shape, level) -> mask.
     param_filter: None (the paper's layers), a glob, a list of globs ("!glob" excludes), or {glob: sparsity}.
-    overrides: {glob: sparsity} applied on top of the filter's levels. backend: "masked" or "compressed".
+    overrides: {glob: sparsity} applied on top of the filter's levels. backend: one of BACKENDS ("masked",
+    "compressed", "block", "semi_structured"; see spdf/sparsity/backends.py for what each supports).
     algorithm: Static() (default), GMP(...), SET(...) or RigL(...): how the masks change after optimizer steps.
     """
     method = mask_method(init)
     algorithm = _algorithm(algorithm)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sparse backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    layer_cls = backend_class(backend)  # refuses an unknown name
+    settings = method.settings()
+    problem = spec_problem(backend, method.name, settings, algorithm.dynamic)
+    if problem:
+        raise ValueError(problem)
+    tile = layer_cls.tile_for(settings, tile)
     check_sparsity(sparsity, "sparsity")
     for pattern, level in (overrides or {}).items():
         check_sparsity(level, pattern)
@@ -93,27 +98,22 @@ def sparsify(
             mask = mask.t() if candidate.transposed else mask
             # A dynamic algorithm starts below its target (GMP); the layer's target stays the one asked for.
             target = level if algorithm.initial_sparsity(level) != level else made_at
-            if backend == "compressed":  # built from the dense module directly: no masked twin left to free
-                from .compressed import CompressedSparseLinear
-
-                built[name] = CompressedSparseLinear.from_dense(candidate.module, mask, candidate.transposed, target,
-                                                                tile=tile)
-            else:
-                built[name] = SparseLinear(candidate.module, mask, candidate.transposed, target, zero_now=False)
+            try:
+                built[name] = layer_cls.build(candidate.module, mask, candidate.transposed, target, tile)
+            except ValueError as e:  # the layer's own check (a user-given mask of another pattern): say which
+                raise ValueError(f"{name}: {e}") from None
     except BaseException:
         for layer in built.values():
-            if isinstance(layer, SparseLinear):
-                layer.to_dense()  # gives the dense module its parameters back and removes the hook
+            layer.release()
         raise
     for name, layer in built.items():
-        if isinstance(layer, SparseLinear):
-            layer.apply_mask_()
+        layer.apply_mask_()
         _replace(model, chosen[name][0].module_name, layer)
     config = dict(sparsity=sparsity, **method.settings(), seed=seed, backend=backend, **algorithm.settings(),
                   param_filter=param_filter if param_filter is None or isinstance(param_filter, str) else
                   (dict(param_filter) if isinstance(param_filter, dict) else list(param_filter)),
                   overrides=dict(overrides or {}))
-    if backend == "compressed" and callable(getattr(type(model), "save_pretrained", None)):
+    if not layer_cls.stores_dense_weight and callable(getattr(type(model), "save_pretrained", None)):
         model.__dict__["save_pretrained"] = _refuse_plain_save
         if DENSE_SAVE_HOOK not in model.__dict__:
             model.__dict__[DENSE_SAVE_HOOK] = model.register_state_dict_post_hook(_dense_for_transformers_save)
@@ -127,7 +127,7 @@ def sparsify(
 def _refuse_plain_save(*args, **kwargs):
     # Hugging Face's save_pretrained would write a compressed layer's values and tile buffers, which its
     # from_pretrained does not know: the layer would load back randomly initialised, with only a log line saying so.
-    raise ValueError("save_pretrained on a model with compressed sparse layers would save weights that "
+    raise ValueError("save_pretrained on a model with compressed or block sparse layers would save weights that "
                      "from_pretrained loads as random layers: use spdf.save_pretrained(model, directory) (dense "
                      "weights, masks beside them) or spdf.densify(model) first")
 
@@ -170,9 +170,7 @@ def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module
 
 
 def is_sparse_state_dict(state_dict: dict) -> bool:
-    from .compressed import is_compressed_state
-
-    return any(k.endswith("weight_mask") for k in state_dict) or is_compressed_state(state_dict)
+    return any(cls.owns_state(state_dict) for cls in backend_classes())
 
 
 def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = False, strict: bool = True):
@@ -195,22 +193,19 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
 
 
 def to_dense_state_dict(state_dict: dict) -> dict:
-    """The state dict a dense model of the same shape loads: masks dropped, compressed layers expanded to dense
-    weights (zeros in place) by their backend."""
-    from .compressed import dense_state_dict, is_compressed_state
-
-    if is_compressed_state(state_dict):
-        state_dict = dense_state_dict(state_dict)
-    return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
+    """The state dict a dense model of the same shape loads: each backend turns its layers into dense weights (zeros
+    in place) and drops its masks."""
+    for cls in backend_classes():
+        if cls.owns_state(state_dict):
+            state_dict = cls.dense_state_dict(state_dict)
+    return state_dict
 
 
 def state_dict_masks(state_dict: dict) -> dict[str, torch.Tensor]:
     """Module name -> bool mask read from a sparse model's state dict (any backend): in the stored weight's layout
     for masked layers (`weight_mask`), in (out, in) orientation for compressed ones (they store no weight)."""
-    from .compressed import state_masks
-
-    masks = state_masks(state_dict)
-    for key, value in state_dict.items():
-        if key.endswith(".weight_mask"):
-            masks[key[: -len(".weight_mask")]] = value.bool()
+    masks = {}
+    for cls in backend_classes():
+        if cls.owns_state(state_dict):
+            masks.update(cls.state_masks(state_dict))
     return masks

@@ -29,8 +29,10 @@ PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ...
 class CompressedSparseLinear(SparseLayer):
     # A new mask means a new `values` parameter of another size: an optimizer holding the old one cannot follow.
     # Dynamic algorithms are refused for this backend (Sparsifier), and set_mask refuses under an optimizer.
+    backend = "compressed"
     supports_dynamic = False
     dense_compute = False  # only kept products are computed
+    stores_dense_weight = False  # `values` and tile buffers: a dense loader would not know them
 
     def __init__(self, weight: torch.Tensor, mask: torch.Tensor, bias: nn.Parameter | None = None,
                  tile=(64, 64), transposed: bool = False, dense_shell: nn.Module | None = None,
@@ -69,6 +71,22 @@ class CompressedSparseLinear(SparseLayer):
         shell.__dict__["_parameters"] = {}  # a copy emptied of parameters; the user's module keeps its own
         return cls(weight, mask.t() if transposed else mask, dense.bias, tile=tile, transposed=transposed,
                    dense_shell=copy.deepcopy(shell), target_sparsity=target_sparsity)
+
+    @classmethod
+    def build(cls, dense, mask, transposed, target_sparsity, tile=(64, 64)) -> "CompressedSparseLinear":
+        return cls.from_dense(dense, mask, transposed, target_sparsity, tile=tile)
+
+    @classmethod
+    def owns_state(cls, state_dict: dict) -> bool:
+        return is_compressed_state(state_dict)
+
+    @classmethod
+    def state_masks(cls, state_dict: dict) -> dict[str, torch.Tensor]:
+        return state_masks(state_dict)
+
+    @classmethod
+    def dense_state_dict(cls, state_dict: dict) -> dict:
+        return dense_state_dict(state_dict)
 
     @property
     def layout(self) -> TiledLayout:

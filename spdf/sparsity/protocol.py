@@ -1,7 +1,8 @@
 """SparseLayer: what every sparse backend answers, so no code outside spdf/sparsity asks which backend a layer is.
 
-Both backends subclass it: the masked SparseLinear (dense weight with exact zeros) and CompressedSparseLinear (only
-the non-zeros stored). Everything else -- the Sparsifier, the optimizer's decay rule, checkpoints, FLOP accounting,
+Every backend of the registry (backends.py) subclasses it: the masked SparseLinear (dense weight with exact zeros),
+CompressedSparseLinear (only the non-zeros stored), BlockSparseLinear (whole blocks, only kept ones computed) and
+SemiStructuredLinear (2:4 on the sparse tensor cores). Everything else -- the Sparsifier, the optimizer's decay rule, checkpoints, FLOP accounting,
 the CLI -- talks to a layer through these members only:
 
     mask                 bool (out, in), nn.Linear orientation, True = kept
@@ -22,8 +23,15 @@ the CLI -- talks to a layer through these members only:
     dense_compute        whether the forward computes a dense matmul (zeros included) or only kept products
     tile                 the (rows, cols) tile of a tiled storage layout, None for a dense weight (what a saved model
                          needs to rebuild the same layout)
+
+What a backend supports, declared on its class and read by the registry's users (backends.py): `backend` (its name),
+`supports_dynamic`, `supports_fsdp2`, `mask_patterns` (which mask methods, with which settings, it can compute),
+`devices`, `stores_dense_weight` (its state dict holds each weight densely, so any dense loader reads it). It owns
+its building (`build`, `tile_for`) and its state-dict form (`owns_state`, `state_masks`, `dense_state_dict`).
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,7 +42,14 @@ class SparseLayer(nn.Module):
 
     target_sparsity: float
     transposed: bool
+    backend: ClassVar[str]
     supports_dynamic: bool = False
+    supports_fsdp2: ClassVar[bool] = False
+    # mask method name -> {setting: allowed values}; None: masks of any pattern. User-given masks ("user") are
+    # checked by the layer itself when it is built.
+    mask_patterns: ClassVar[dict[str, dict[str, tuple]] | None] = None
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    stores_dense_weight: ClassVar[bool] = True
     dense_compute: bool = True
     tile: tuple[int, int] | None = None
     keep_dense_grad: bool = False  # RigL's update steps (backends with supports_dynamic only)
@@ -44,6 +59,66 @@ class SparseLayer(nn.Module):
     # update rule keeps zeros zero. A backend that stores no masked entries never needs it.
     zeros_version: int = 0
 
+    # ---- what the backend is (class level: the registry asks before any layer exists) -------------------------------
+    @classmethod
+    def pattern_problem(cls, method: str, settings: dict) -> str | None:
+        """Why masks of mask method `method` with `settings` ({"n": 2, "block_size": 64, ...}) cannot be computed by
+        this backend, or None."""
+        if cls.mask_patterns is None or method == "user":
+            return None
+        allowed = " or ".join(
+            f"'{name}'" + (" with " if keys else "") + ", ".join(f"{key} {' or '.join(map(str, values))}"
+                                                               for key, values in keys.items())
+            for name, keys in cls.mask_patterns.items())
+        keys = cls.mask_patterns.get(method)
+        if keys is None or any(settings.get(key) not in values for key, values in keys.items()):
+            shown = ", ".join(f"{key} {settings.get(key)}" for key in (keys or {}))
+            return (f"backend '{cls.backend}' computes masks of sparsity.method {allowed} only, not "
+                    f"'{method}'{' with ' + shown if shown else ''}: use backend 'masked' for those")
+        return None
+
+    @classmethod
+    def device_problem(cls, device_type: str) -> str | None:
+        if device_type in cls.devices:
+            return None
+        return (f"backend '{cls.backend}' computes on {' or '.join(cls.devices)} only, not {device_type}: "
+                f"use backend 'masked' (the same masks, computed densely) there")
+
+    @classmethod
+    def tile_for(cls, method_settings: dict, tile: tuple[int, int]) -> tuple[int, int]:
+        """The tile this backend lays its layers out in for masks made with `method_settings`."""
+        return tile
+
+    @classmethod
+    def build(cls, dense: nn.Module, mask: torch.Tensor, transposed: bool, target_sparsity: float,
+              tile: tuple[int, int]) -> "SparseLayer":
+        """A layer replacing `dense` (mask in its weight's layout) that leaves `dense`'s weights untouched until
+        `apply_mask_()`; `release()` undoes it where sparsify() fails on a later layer."""
+        raise NotImplementedError
+
+    def apply_mask_(self) -> None:
+        """Zero the masked entries of a weight shared with the dense module (after every layer was built)."""
+
+    def release(self) -> None:
+        """Give the dense module back what `build` took (a later layer failed to build)."""
+
+    # ---- the backend's state-dict form ---------------------------------------------------------------------------
+    @classmethod
+    def owns_state(cls, state_dict: dict) -> bool:
+        """Whether `state_dict` holds layers in this backend's form."""
+        raise NotImplementedError
+
+    @classmethod
+    def state_masks(cls, state_dict: dict) -> dict[str, torch.Tensor]:
+        """Module name -> bool mask of every layer of this backend's form in `state_dict`."""
+        raise NotImplementedError
+
+    @classmethod
+    def dense_state_dict(cls, state_dict: dict) -> dict:
+        """`state_dict` with this backend's layers in the dense model's form (a `weight`, zeros in place)."""
+        raise NotImplementedError
+
+    # ---- one layer -----------------------------------------------------------------------------------------------
     def take_dense_grad(self) -> None:
         """Keep the current dense gradient as `dense_grad` (out, in), then mask the gradient for the step."""
         raise NotImplementedError

@@ -22,9 +22,10 @@ from .sharding import SUPPORTED, distributed, full, is_dtensor, local, shard_lik
 
 
 class SparseLinear(SparseLayer):
-    supports_dynamic = True
+    backend = "masked"
+    supports_dynamic = True  # a new mask is a new buffer content; parameters and optimizer state keep their shape
+    supports_fsdp2 = True  # the mask is sharded like the weight (shard_mask)
     dense_compute = True  # the forward is a dense matmul over a weight with zeros
-  # a new mask is a new buffer content; parameters and optimizer state keep their shape
 
     def __init__(self, dense: nn.Module, mask: torch.Tensor, transposed: bool, target_sparsity: float,
                  zero_now: bool = True):
@@ -54,6 +55,26 @@ class SparseLinear(SparseLayer):
         self.dense_grad: torch.Tensor | None = None
         if zero_now:
             self.apply_mask_()
+
+    @classmethod
+    def build(cls, dense, mask, transposed, target_sparsity, tile=None) -> "SparseLinear":
+        return cls(dense, mask, transposed, target_sparsity, zero_now=False)
+
+    def release(self) -> None:
+        self.to_dense()  # gives the dense module its parameters back and removes the hook
+
+    # The state-dict form: the dense module's entries plus one `weight_mask` buffer per layer, in the weight's layout.
+    @classmethod
+    def owns_state(cls, state_dict: dict) -> bool:
+        return any(k.endswith("weight_mask") for k in state_dict)
+
+    @classmethod
+    def state_masks(cls, state_dict: dict) -> dict[str, torch.Tensor]:
+        return {k[: -len(".weight_mask")]: v.bool() for k, v in state_dict.items() if k.endswith(".weight_mask")}
+
+    @classmethod
+    def dense_state_dict(cls, state_dict: dict) -> dict:
+        return {k: v for k, v in state_dict.items() if not k.endswith("weight_mask")}
 
     def __setstate__(self, state: dict) -> None:
         # copy.deepcopy and pickle bring the weight back without its hook: register it on the new tensor.
@@ -214,7 +235,7 @@ class SparseLinear(SparseLayer):
                 local(value).masked_fill_(changed_here, 0)
         return changed.t() if self.transposed else changed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_training(self) -> None:
         # Under torch.compile both checks are left out of the trace: a warning there is a graph break, and the flags
         # they read are guards that recompile the graph when they flip. The gradient hook warns compiled training.
         if not torch.compiler.is_compiling() and self.training and torch.is_grad_enabled():
@@ -223,6 +244,9 @@ class SparseLinear(SparseLayer):
                 self._follow_replaced_weight()
             if self.weight.requires_grad and not (self.optimizer_attached or self._warned_unattached):
                 self._warn_unattached()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_training()
         if self.transposed:  # the same arithmetic as Hugging Face's Conv1D, so densify() is bit-exact
             out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight) if self.bias is not None else (
                 x.view(-1, x.size(-1)) @ self.weight)

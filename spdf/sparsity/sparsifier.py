@@ -94,9 +94,8 @@ class Sparsifier:
         if self.algorithm.dynamic:
             static = [n for n, layer in self.layers.items() if not layer.supports_dynamic]
             if static:
-                raise ValueError(f"sparsity algorithm {self.algorithm.name!r} changes masks during training, which "
-                                 f"the {type(self.layers[static[0]]).__name__} backend does not support (static "
-                                 f"masks only); use backend 'masked'")
+                raise ValueError(f"sparsity algorithm {self.algorithm.name!r} changes masks during training; backend "
+                                 f"'{self.layers[static[0]].backend}' keeps static masks only: use backend 'masked'")
         self._optimizers: list[_Attached] = []
 
     @property
@@ -117,6 +116,10 @@ class Sparsifier:
         ZeRO), and, under torch.distributed, masks that differ across ranks (a collective: call it on every rank)."""
         problems = [f"{name}: {problem}" for name, layer in self.layers.items()
                     if (problem := layer.sharding_problem(self.algorithm.dynamic))]
+        devices = [f"{name}: {problem}" for name, layer in self.layers.items()
+                   if (problem := layer.device_problem(layer.weight_parameters()[0].device.type))]
+        if devices:  # a GPU-only backend (semi_structured) on a CPU: it would fail at the first forward
+            raise ValueError(devices[0])
         problem = optimizer_problem(optimizer)
         if problem or problems:
             shown = [problem] if problem else problems[:3] + ([f"... {len(problems) - 3} more"] if len(problems) > 3

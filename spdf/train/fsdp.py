@@ -24,6 +24,7 @@ import torch
 from ..model import GPT
 from ..recipe import Recipe, RecipeError
 from ..sparsity import Sparsifier, sparsify
+from ..sparsity.backends import backend_class
 
 DDP_CONFIGS = "recipes/accelerate/ddp-8gpu.yaml, ddp-2node.yaml"
 
@@ -68,6 +69,9 @@ def check_parallelism(accelerator, recipe: Recipe, phases, sparse: bool) -> None
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    device_problem = backend_class(recipe.sparsity.backend).device_problem(accelerator.device.type)
+    if sparse and device_problem:
+        raise RecipeError(f"sparsity.backend: {device_problem}")
     if kind == DistributedType.FSDP and not is_fsdp2(accelerator):
         # dense phases too: exports are written from FSDP2's gathered weights only
         why = " (it steps flat copies of the weights that no mask reaches)" if sparse else ""
@@ -82,7 +86,7 @@ def check_parallelism(accelerator, recipe: Recipe, phases, sparse: bool) -> None
     if sparse and recipe.sparsity.dynamic:
         raise RecipeError(f"sparsity.method '{recipe.sparsity.method}' changes masks during training, which spdf "
                           f"does not do on FSDP2-sharded weights; use method 'static' or a DDP config ({DDP_CONFIGS})")
-    if sparse and recipe.sparsity.backend != "masked":
+    if sparse and not backend_class(recipe.sparsity.backend).supports_fsdp2:
         raise RecipeError(f"sparsity.backend '{recipe.sparsity.backend}' does not run under FSDP2; use backend "
                           f"'masked' (same masks, same results) or a DDP config ({DDP_CONFIGS})")
     generating = [p.name for p in phases if p.eval.generate is not None]

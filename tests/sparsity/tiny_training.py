@@ -34,3 +34,16 @@ def train_tiny_gpt(backend: str, steps: int = 20, make_optimizer=plain_adamw) ->
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, model
+
+
+def autocast_steps(model: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor, steps: int = 3) -> list[float]:
+    """`steps` optimizer steps on one batch under bf16 autocast (the GPU tests of the fast backends); the losses."""
+    losses = []
+    for _ in range(steps):
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
