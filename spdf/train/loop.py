@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..export import layout_meta
+from ..layout import PhaseLayout
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteGuard, check_state_finite
@@ -122,7 +123,7 @@ def run_phase(accelerator, model, sparsifier, source, plan: PhasePlan, state: Tr
     if sparsifier is not None:
         sparsifier.attach(optimizer)
     learning_rates = LearningRates(optimizer, accelerator.unwrap_model(model), sparsifier)  # × µP/SµPar LR scales
-    ckpt_root = phase_dir / "checkpoints"
+    ckpt_root = PhaseLayout(phase_dir).checkpoints
     meta = {"phase": plan.name, "kind": plan.kind, **layout_meta(accelerator.unwrap_model(model)),
             "sparsity": sparsifier.config if sparsifier is not None else None, **(meta_extra or {})}
     state.load_state_dict(TrainState(phase=plan.name).state_dict())
