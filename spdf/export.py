@@ -190,7 +190,21 @@ def read_export(path: Path) -> Export:
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CheckpointError(f"{what} {path} does not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
+    unfit = sorted(name for name, mask in masks.items() if not _mask_fits(model, name, mask))
+    if unfit:  # refused here, where the file is named, rather than deep inside sparsify by each reader
+        source = WEIGHTS_FILE if checkpoint else MASKS_FILE
+        raise CheckpointError(f"{what} {path}: the masks of {unfit[:3]} in {source} fit no linear layer of its "
+                              f"model (masks of another model?)")
     return Export(path, model, masks, config, find_tokenizer(path))
+
+
+def _mask_fits(model: nn.Module, name: str, mask: torch.Tensor) -> bool:
+    """Whether `name` is a linear layer of `model` with the mask's shape: what sparsify can make sparse with it."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == tuple(mask.shape)
 
 
 # ---- Hugging Face GPT-2 directories ---------------------------------------------------------------------------------
