@@ -71,13 +71,24 @@ def is_temporary(path: Path) -> bool:
     return any(part.startswith(TMP_PREFIX) for part in Path(path).parts)
 
 
+def _under_root(name: str) -> property:
+    """A path named `name` in the layout's root directory."""
+    return property(lambda self: self.root / name)
+
+
 @dataclass(frozen=True)
-class PhaseLayout:
-    """The paths of one phase of a run: `<run_dir>/phases/<name>/`."""
+class _Directory:
     root: Path
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+
+
+class PhaseLayout(_Directory):
+    """The paths of one phase of a run: `<run_dir>/phases/<name>/`."""
+    checkpoints = _under_root(CHECKPOINTS_DIR)
+    export = _under_root(EXPORT_DIR)
+    done = _under_root(DONE_FILE)
 
     @property
     def name(self) -> str:
@@ -87,20 +98,8 @@ class PhaseLayout:
     def run(self) -> "RunLayout":
         return RunLayout(self.root.parent.parent)
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS_DIR
-
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / checkpoint_name(step)
-
-    @property
-    def export(self) -> Path:
-        return self.root / EXPORT_DIR
-
-    @property
-    def done(self) -> Path:
-        return self.root / DONE_FILE
 
     @property
     def finished(self) -> bool:
@@ -115,37 +114,14 @@ class PhaseLayout:
         return cls(export.parent)
 
 
-@dataclass(frozen=True)
-class RunLayout:
+class RunLayout(_Directory):
     """The paths of one run directory (see the module's docstring)."""
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / RECIPE_FILE
-
-    @property
-    def fingerprint(self) -> Path:
-        return self.root / FINGERPRINT_FILE
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / TOKENIZER_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_FILE
-
-    @property
-    def phases(self) -> Path:
-        return self.root / PHASES_DIR
+    recipe = _under_root(RECIPE_FILE)
+    fingerprint = _under_root(FINGERPRINT_FILE)
+    tokenizer = _under_root(TOKENIZER_FILE)
+    metrics = _under_root(METRICS_FILE)
+    lock = _under_root(LOCK_FILE)
+    phases = _under_root(PHASES_DIR)
 
     def phase(self, name: str) -> PhaseLayout:
         return PhaseLayout(self.phases / name)
