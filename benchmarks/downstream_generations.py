@@ -21,6 +21,7 @@ from pathlib import Path
 
 from spdf.data import load_finetune_task
 from spdf.eval.evaluate import evaluate_model, load_for_evaluation
+from spdf.fswrite import write_text_atomic
 from spdf.recipe import load_recipe
 
 
@@ -76,9 +77,7 @@ def write_generations(run_dir: Path, out_file: Path, start_from: Path | None = N
     if not generations:
         return None
     out_file = Path(out_file)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    tmp.write_text(json.dumps(generations, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out_file)
+    write_text_atomic(out_file, json.dumps(generations, indent=1, ensure_ascii=False) + "\n")
     return out_file
 
 

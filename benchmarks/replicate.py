@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy
 
 from downstream_generations import write_generations  # beside this script
+from spdf.fswrite import write_text_atomic
 from machine import cpu_name  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,9 +292,7 @@ def raw_record(job: Job, budget: dict) -> dict:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def prepare(work: Path, sets: list[str], env: dict) -> Path:

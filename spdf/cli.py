@@ -1,7 +1,9 @@
-"""The `spdf` command: run, pretrain, finetune, prepare, evaluate, inspect, flops.
+"""The `spdf` command: run, pretrain, finetune, prepare, evaluate, export, inspect, flops; each subcommand names its
+handler (`set_defaults(func=...)`).
 
 User errors (a bad recipe key, a missing file, an unknown model name, a damaged checkpoint, a full disk, a run
-directory in use) print one line and exit with status 2; nothing already on disk is touched by a failed start.
+directory in use: an spdf.errors.SpdfUserError, or an OSError on a path the user gave) print one line and exit with
+status 2; nothing already on disk is touched by a failed start. Any other exception is a bug and shows its traceback.
 Training that diverges (non-finite loss or gradients too many steps in a row) exits 3; a run stopped by SIGINT or
 SIGTERM writes a checkpoint and exits 130 or 143 (README, "Failures and recovery").
 """
@@ -12,6 +14,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from .errors import SpdfUserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -43,13 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every phase of a recipe: sparse pre-training, densify, dense fine-tuning",
                        description="Run every phase of a recipe in order, resuming an existing run directory.")
     _add_recipe_args(p)
+    p.set_defaults(func=_cmd_train, kinds=("pretrain", "finetune"))
     p = sub.add_parser("pretrain", help="run only the recipe's pre-training phases",
                        description="Run only the pre-training phases of a recipe (resumable).")
     _add_recipe_args(p)
+    p.set_defaults(func=_cmd_train, kinds=("pretrain",))
     p = sub.add_parser("finetune", help="run the recipe's fine-tuning phases, from --from CHECKPOINT",
                        description="Run the fine-tuning phases of a recipe, starting from a checkpoint (an export, "
                                    "a phase or a run directory) or from the recipe's own finished pre-training.")
     _add_recipe_args(p)
+    p.set_defaults(func=_cmd_train, kinds=("finetune",))
     p.add_argument("--from", dest="init_from", type=Path, default=None, metavar="CHECKPOINT",
                    help="export, phase or run directory whose weights (and masks) to fine-tune")
 
@@ -59,11 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "phase's packed tokens into the data cache (SPDF_CACHE_DIR). Interrupted, it "
                                    "resumes from its last committed chunk; a later `spdf run` reuses the cache.")
     _add_recipe_args(p)
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("evaluate", help="generate on a downstream task and score it (BLEU, ROUGE, ...), offline",
                        description="Generate for every input of a task split with an export (or a phase's or run's "
                                    "last export), score against every reference of each input with the task's "
                                    "metrics, and write eval/<task>-<split>.json and .md next to it (or in --out).")
+    p.set_defaults(func=_cmd_evaluate)
     p.add_argument("path", type=Path, help="export, phase or run directory")
     *others, last = task_names()  # the registered tasks (spdf.data.task_registry)
     p.add_argument("--task", required=True, metavar="TASK", help=f"{', '.join(others)} or {last}")
@@ -90,13 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a Hugging Face transformers GPT-2 directory (config, dense weights, tokenizer; "
                                    "masks beside them for a sparse model) that AutoModelForCausalLM and "
                                    "AutoTokenizer load offline.")
+    p.set_defaults(func=_cmd_export)
     p.add_argument("path", type=Path, help="export, phase or run directory")
     p.add_argument("out", type=Path, help="directory to write: new or empty (an earlier export only with --force); "
                                           "never inside the run or export it reads")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier export of this format")
-    p.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (GPT-2)")
+    p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="hf",
+                   help="hf: Hugging Face transformers (GPT-2)")
 
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
+    p.set_defaults(func=_cmd_inspect)
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--verify", action="store_true",
@@ -105,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("flops", help="analytic training FLOPs, dense vs sparse, per component",
                        description="Training FLOPs per token (and in total) of a named model at a sparsity, or of a "
                                    "checkpoint with its masks.")
+    p.set_defaults(func=_cmd_flops)
     p.add_argument("model", nargs="?", help="model name (e.g. gpt3-xl; see --list), a checkpoint/export/run "
                                             "directory, or a recipe (.yaml: its model, sparsity method and pre-training steps)")
     p.add_argument("--sparsity", type=float, default=None, help="sparsity of attention and MLP weights (named models)")
@@ -118,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_train(args, kinds) -> int:
+def _cmd_train(args) -> int:
     from .recipe import load_recipe
     from .train import run_recipe
     from .train.nonfinite import NonFiniteTraining
@@ -126,7 +139,7 @@ def _cmd_train(args, kinds) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        summary = run_recipe(recipe, kinds=kinds, init_from=getattr(args, "init_from", None))
+        summary = run_recipe(recipe, kinds=args.kinds, init_from=getattr(args, "init_from", None))
     except NonFiniteTraining as e:
         print(f"spdf: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -151,6 +164,8 @@ def _cmd_prepare(args) -> int:
 
 
 def _format_summary(summary: dict, command: str = "run") -> str:
+    from .layout import RunLayout
+
     lines = ["", f"spdf {command} finished"]
     for p in summary["phases"]:
         before, after = p.get("val_loss_before"), p.get("val_loss_after")
@@ -164,9 +179,9 @@ def _format_summary(summary: dict, command: str = "run") -> str:
             lines.append(f"  {'':12s} tokens by source: " + ", ".join(
                 f"{name} {n:,} ({100 * n / total:.1f}%)" for name, n in p["tokens_by_source"].items()))
     lines += _format_downstream(summary["phases"])
+    every_phase = RunLayout(summary["run_dir"]).phase("<phase>")
     lines += [f"  run directory: {summary['run_dir']}", f"  metrics:       {summary['metrics']}",
-              f"  checkpoints:   {summary['run_dir']}/phases/<phase>/checkpoints",
-              f"  exports:       {summary['run_dir']}/phases/<phase>/export"]
+              f"  checkpoints:   {every_phase.checkpoints}", f"  exports:       {every_phase.export}"]
     return "\n".join(lines)
 
 
@@ -177,6 +192,7 @@ def _cmd_evaluate(args) -> int:
     import yaml
 
     from .fswrite import check_dir_target
+    from .layout import EVAL_DIR
     from .typed_spec import RecipeError, build
 
     # Everything that can be checked without the model is checked first, and nothing is written before the end.
@@ -202,7 +218,7 @@ def _cmd_evaluate(args) -> int:
         except yaml.YAMLError:
             raise RecipeError(f"--task-set {setting!r}: cannot parse the value {text!r}") from None
     task = build(TaskSpec, task_data, "task")
-    out_dir = args.out if args.out is not None else Path(args.path) / "eval"
+    out_dir = args.out if args.out is not None else Path(args.path) / EVAL_DIR
     check_dir_target(out_dir, "--out" if args.out is not None else "the report folder")
     split = args.split or (recorded or {}).get("split") or task_splits(task.task)[-1]
     report = evaluate_export(args.path, task, split, decoding, decoding_name, limit=args.limit,
@@ -240,8 +256,23 @@ def _format_downstream(phases: list[dict]) -> list[str]:
     return lines
 
 
+def _export_hf(source: Path, out: Path, force: bool) -> Path:
+    from .integrations.hf_gpt2 import export_hf  # imported when used: transformers is an optional extra
+
+    return export_hf(source, out, force=force)
+
+
+EXPORT_FORMATS = {"hf": _export_hf}  # `spdf export --format NAME`: the writer of each format
+
+
+def _cmd_export(args) -> int:
+    out = Path(os.path.abspath(args.out))  # "." or "..": a named directory
+    print(EXPORT_FORMATS[args.format](args.path, out, args.force))
+    return 0
+
+
 def _cmd_inspect(args) -> int:
-    from .export import CheckpointError
+    from .errors import CheckpointError
     from .inspect import checkpoint_stats, format_stats, verify_saved
 
     if args.verify:
@@ -297,19 +328,19 @@ def _check_flops_flags(args, configs) -> None:
                                           ("--json", args.json), ("--list", args.list))
                  if value is not None and value is not False]
         if given:
-            raise ValueError(f"--table covers every named model at fixed levels and budget; it takes no "
-                             f"{', '.join(given)} (and its optional argument is the output directory)")
+            raise SpdfUserError(f"--table covers every named model at fixed levels and budget; it takes no "
+                                f"{', '.join(given)} (and its optional argument is the output directory)")
         if str(args.table) in configs:
-            raise ValueError(f"--table {args.table}: that is a model name; --table takes an output directory "
-                             f"and covers every named model")
+            raise SpdfUserError(f"--table {args.table}: that is a model name; --table takes an output directory "
+                                f"and covers every named model")
     elif args.model is None and not args.list:
-        raise ValueError("flops: name a MODEL (or a checkpoint, or a recipe), or give --list or --table")
+        raise SpdfUserError("flops: name a MODEL (or a checkpoint, or a recipe), or give --list or --table")
     if args.seq_len is not None and args.seq_len < 1:
-        raise ValueError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
+        raise SpdfUserError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
     if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):
-        raise ValueError(f"--tokens must be a positive finite number of tokens, got {args.tokens}")
+        raise SpdfUserError(f"--tokens must be a positive finite number of tokens, got {args.tokens}")
     if args.sparsity is not None and not (math.isfinite(args.sparsity) and 0.0 <= args.sparsity < 1.0):
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+        raise SpdfUserError(f"--sparsity must be in [0, 1), got {args.sparsity}")
 
 
 def _flops_table(out_dir: Path) -> int:
@@ -356,31 +387,14 @@ def _recipe_flops(args, path: Path) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import DataError
-    from .recipe import RecipeError
-    from .export import CheckpointError
-
     try:
-        if args.command in ("run", "pretrain", "finetune"):
-            kinds = {"run": ("pretrain", "finetune"), "pretrain": ("pretrain",), "finetune": ("finetune",)}
-            return _cmd_train(args, kinds[args.command])
-        if args.command == "prepare":
-            return _cmd_prepare(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "inspect":
-            return _cmd_inspect(args)
-        if args.command == "export":
-            from .integrations.hf_gpt2 import export_hf
-
-            print(export_hf(args.path, Path(os.path.abspath(args.out)), force=args.force))  # "." or "..": a named directory
-            return 0
-        return _cmd_flops(args)
+        return args.func(args)
     except BrokenPipeError:  # `spdf inspect … | head`
         return 0
-    except (RecipeError, DataError, CheckpointError, ValueError, OSError, ImportError) as e:
+    except (SpdfUserError, OSError, ImportError) as e:
+        # SpdfUserError: spdf's own user errors (RecipeError, DataError, CheckpointError, WriteError, ...);
         # ImportError: an optional extra (e.g. spdf[eval]) is missing; OSError: a path the user gave cannot be
-        # read or written (the messages of spdf's own writes say which and why)
+        # read or written (the messages of spdf's own writes say which and why). Anything else is a bug: traceback.
         print(f"spdf: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

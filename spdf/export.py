@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,48 +25,15 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .fswrite import write_text_atomic, writing_dir
+from .errors import CheckpointError
+from .fswrite import read_json, write_json_atomic, writing_dir
+from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, PhaseLayout, RunLayout,
+                     temporary_dir)
 from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 from .model import GPT, GPTConfig
 from .model.gpt import HF_CONV1D_WEIGHTS
 from .sparsity import set_masks, sparse_layers, sparsify, state_dict_masks, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
-
-WEIGHTS_FILE, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE = ("model.safetensors", "config.json", "masks.safetensors",
-                                                         "tokenizer.json")
-# A training checkpoint (spdf.train.checkpoint) holds the model's own state dict (masks included) in WEIGHTS_FILE and
-# its description in CHECKPOINT_META; `--from` and the other readers accept one in place of an export.
-CHECKPOINT_META = "spdf.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or export that is missing, corrupt, truncated or does not fit what it is loaded into."""
-
-
-def finite_json(value):
-    """`value` with every NaN/inf float replaced by None: JSON has no NaN, and strict readers refuse a bare `NaN`."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    # a temporary file per call (two writers never share one), removed on any error; a full disk names `path`
-    write_text_atomic(path, json.dumps(finite_json(data), indent=2, sort_keys=True, allow_nan=False))
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what}: {path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what}: {path} is corrupt ({e})") from None
 
 
 def layout_meta(model: nn.Module) -> dict:
@@ -85,8 +51,8 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     a crash never leaves a half export where a reader would look, and a later damaged byte is detected on reading.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")  # per process: two writers never share it
-    for stale in out_dir.parent.glob(f".tmp-{out_dir.name}.*"):  # left by a killed writer (its pid is gone)
+    tmp = temporary_dir(out_dir, os.getpid())  # per process: two writers never share it
+    for stale in out_dir.parent.glob(f"{temporary_dir(out_dir).name}.*"):  # left by a killed writer (its pid is gone)
         if stale != tmp and not _alive(stale.name.rpartition(".")[2]):
             shutil.rmtree(stale, ignore_errors=True)
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
@@ -142,22 +108,19 @@ def find_export(path: Path) -> Path:
         raise CheckpointError(f"{path} does not exist (give an spdf export, phase or run directory)")
     if is_export(path) or is_checkpoint(path):
         return path
-    if (path / "export").is_dir():
-        return path / "export"
-    if (path / "phases").is_dir():
-        done = sorted((p for p in (path / "phases").iterdir() if (p / "done.json").exists()),
-                      key=lambda p: (p / "done.json").stat().st_mtime)
-        if done:
-            return done[-1] / "export"
+    if PhaseLayout(path).export.is_dir():
+        return PhaseLayout(path).export
+    finished = RunLayout(path).finished_phases()
+    if finished:
+        return finished[-1].export
     raise CheckpointError(f"{path} is not an spdf export, checkpoint, phase or run directory with a finished phase")
 
 
 def find_tokenizer(path: Path) -> Path | None:
     """The tokenizer.json of an export, or of a checkpoint's run (<run>/phases/<phase>/checkpoints/step-X)."""
     path = Path(path)
-    if not is_export(path) and is_checkpoint(path) and len(path.parents) > 3:
-        path = path.parents[3]
-    tokenizer = path / TOKENIZER_FILE
+    run = RunLayout.of_checkpoint(path) if not is_export(path) and is_checkpoint(path) else None
+    tokenizer = run.tokenizer if run is not None else path / TOKENIZER_FILE
     return tokenizer if tokenizer.is_file() else None
 
 
@@ -227,7 +190,21 @@ def read_export(path: Path) -> Export:
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise CheckpointError(f"{what} {path} does not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
+    unfit = sorted(name for name, mask in masks.items() if not _mask_fits(model, name, mask))
+    if unfit:  # refused here, where the file is named, rather than deep inside sparsify by each reader
+        source = WEIGHTS_FILE if checkpoint else MASKS_FILE
+        raise CheckpointError(f"{what} {path}: the masks of {unfit[:3]} in {source} fit no linear layer of its "
+                              f"model (masks of another model?)")
     return Export(path, model, masks, config, find_tokenizer(path))
+
+
+def _mask_fits(model: nn.Module, name: str, mask: torch.Tensor) -> bool:
+    """Whether `name` is a linear layer of `model` with the mask's shape: what sparsify can make sparse with it."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == tuple(mask.shape)
 
 
 # ---- Hugging Face GPT-2 directories ---------------------------------------------------------------------------------

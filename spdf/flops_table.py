@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .flops import CONVENTION, DENSE_COMPONENTS, WEIGHT_COMPONENTS, analytic_flops
-from .fswrite import replacing_file, write_text_atomic
+from .fswrite import WriteError, replacing_file, write_text_atomic
 from .model.config import CONFIGS, GPTConfig
 from .model.gpt import GPT
 
@@ -201,7 +201,7 @@ def write_tables(out_dir: Path, levels=LEVELS) -> dict:
     the paths written and, when the plot could not be drawn, why."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--table {out_dir}: not a directory (give the directory to write {', '.join(FILES)} into)")
+        raise WriteError(f"--table {out_dir}: not a directory (give the directory to write {', '.join(FILES)} into)")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = table_rows(levels)
     try:

@@ -1,6 +1,7 @@
-"""Writes that fail as one clear line: disk full or a read-only/forbidden destination becomes a WriteError naming
-the path (and, for a full disk, the space needed), after the partial temporary file or directory is removed; and
-single files replaced atomically (temporary file, then rename).
+"""spdf's one durable writer: writes that fail as one clear line: disk full or a read-only/forbidden destination
+becomes a WriteError naming the path (and, for a full disk, the space needed), after the partial temporary file or
+directory is removed; single files replaced atomically (temporary file, fsync, then rename), JSON among them (and
+read back with a one-line error for a missing or corrupt file).
 
 Not every writer says "disk full" the same way: Python raises OSError(ENOSPC), safetensors a SafetensorError whose
 text holds "No space left on device (os error 28)", and torch.save's C++ stream writer a RuntimeError ("unexpected
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import CheckpointError, SpdfUserError
 
-class WriteError(ValueError):
+
+class WriteError(SpdfUserError):
     """A checkpoint, export or run file could not be written for a reason the user must fix (space, permissions)."""
 
 
@@ -119,6 +124,34 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())  # a full disk may only show at the flush; a rename must not publish a short file
+
+
+def finite_json(value):
+    """`value` with every NaN/inf float replaced by None: JSON has no NaN, and strict readers refuse a bare `NaN`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    # a temporary file per call (two writers never share one), removed on any error; a full disk names `path`
+    write_text_atomic(path, json.dumps(finite_json(data), indent=2, sort_keys=True, allow_nan=False))
+
+
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object of a file spdf wrote (a checkpoint's or export's description, a run's record): a missing or
+    corrupt one is a CheckpointError naming `what` and the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what}: {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what}: {path} is corrupt ({e})") from None
 
 
 def append_line(path: Path, line: str) -> None:

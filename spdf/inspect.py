@@ -2,19 +2,18 @@
 a check of every checkpoint and export under a path against its manifest."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, is_export, read_masks
+from .errors import CheckpointError
+from .export import find_export, is_export, read_masks
+from .fswrite import read_json
+from .layout import (CHECKPOINT_META, CONFIG_FILE, MANIFEST_FILE, MASKS_FILE, SHARDED_MODEL_DIR, WEIGHTS_FILE,
+                     is_checkpoint_name, is_temporary)
 from .manifest import ManifestError, has_manifest, verify_manifest
 from .sparsity import state_dict_masks, to_dense_state_dict
-
-
-# where accelerate puts an FSDP2 run's sharded model state (torch.distributed.checkpoint) in a checkpoint
-SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
 
 
 def _weights_file(path: Path) -> Path:
@@ -54,10 +53,10 @@ def _load_state(file: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - the (weights-only) unpickler fails on arbitrary bytes in arbitrary
         # ways (KeyError, IndexError, UnpicklingError…); whatever it raised, the file is not a readable checkpoint
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{file} could not be read (corrupt or truncated, or not a weights file?): "
-                         f"{first}") from None
+        raise CheckpointError(f"{file} could not be read (corrupt or truncated, or not a weights file?): "
+                              f"{first}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{file} does not hold a state dict")
+        raise CheckpointError(f"{file} does not hold a state dict")
     return state
 
 
@@ -81,9 +80,9 @@ def checkpoint_stats(path: str | Path) -> dict:
     masks = _masks(file, state)
     state = to_dense_state_dict(state)  # compressed layers' weights as dense tensors, zeros in place
     targets = {}
-    for meta_file in (file.with_name("spdf.json"), file.with_name("config.json")):  # checkpoint / export
+    for meta_file in (file.with_name(CHECKPOINT_META), file.with_name(CONFIG_FILE)):  # checkpoint / export
         if meta_file.exists():
-            targets = json.loads(meta_file.read_text(encoding="utf-8")).get("targets", {})
+            targets = read_json(meta_file, "checkpoint or export").get("targets", {})
     rows = []
     for key, tensor in state.items():
         if not key.endswith(".weight") or tensor.dim() != 2 or "wte" in key or "wpe" in key or "lm_head" in key:
@@ -115,10 +114,10 @@ def format_stats(stats: dict) -> str:
 
 def _saved_dirs(path: Path) -> list[Path]:
     """Every checkpoint (step-*) and export directory at or under `path`."""
-    if path.is_dir() and (has_manifest(path) or is_export(path) or path.name.startswith("step-")):
+    if path.is_dir() and (has_manifest(path) or is_export(path) or is_checkpoint_name(path.name)):
         return [path]
-    found = {p.parent for p in path.rglob(WEIGHTS_FILE)} | {p.parent for p in path.rglob("manifest.json")}
-    return sorted(p for p in found if not any(part.startswith(".tmp-") for part in p.parts))
+    found = {p.parent for p in path.rglob(WEIGHTS_FILE)} | {p.parent for p in path.rglob(MANIFEST_FILE)}
+    return sorted(p for p in found if not is_temporary(p))
 
 
 def verify_saved(path: str | Path) -> list[tuple[str, Path, str]]:

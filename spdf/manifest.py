@@ -17,10 +17,12 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-MANIFEST_FILE = "manifest.json"
+from .errors import SpdfUserError
+from .fswrite import write_text_atomic
+from .layout import MANIFEST_FILE
 
 
-class ManifestError(ValueError):
+class ManifestError(SpdfUserError):
     """A directory whose files do not match its manifest (changed, truncated, missing) or whose manifest is unreadable."""
 
 
@@ -56,12 +58,8 @@ def write_manifest(directory: Path) -> Path:
     paths = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE]
     files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, HASH: digest}
              for p, digest in zip(paths, _digests(paths))}
-    tmp = directory / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"version": 1, "hash": HASH, "files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST_FILE)
+    write_text_atomic(directory / MANIFEST_FILE,
+                      json.dumps({"version": 1, "hash": HASH, "files": files}, indent=1, sort_keys=True))
     return directory / MANIFEST_FILE
 
 

@@ -28,7 +28,7 @@ Public API
     The named model shape with the recipe's overrides. The vocabulary is, in order: model.vocab_size, the
     `vocab_size` argument (the loaded tokenizer's real size), tokenizer.vocab_size for kind=train, the named shape's.
 ``Recipe.run_path -> Path``, ``Recipe.phase(name) -> PhaseSpec``, ``Recipe.sparsity_seed -> int``.
-``RecipeError(ValueError)``: one line naming the key path and what is allowed.
+``RecipeError`` (an ``spdf.errors.SpdfUserError``): one line naming the key path and what is allowed.
 """
 from __future__ import annotations
 

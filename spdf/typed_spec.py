@@ -16,8 +16,9 @@ import typing
 from dataclasses import field
 from typing import Any, ClassVar, Literal, Union
 
+from .errors import SpdfUserError
 
-class RecipeError(ValueError):
+class RecipeError(SpdfUserError):
     """A user-fixable problem in a recipe: one line naming the key path and what is allowed.
 
     `key` is the path of the offending key relative to where the error was raised; `problem` is a template in which

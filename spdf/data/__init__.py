@@ -4,7 +4,7 @@ Public API (settings are the typed specs of spdf.data.specs, which a recipe's da
 every user-caused problem while reading data raises DataError):
 
     DataSpec, TaskSpec, TokenizerSpec, SourceSpec         # the settings, validated at construction (RecipeError)
-    DataError(ValueError)
+    DataError(SpdfUserError, a ValueError)
     iter_documents(source: DataSpec) -> Iterator[str]
     load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None, save_dir) -> TextTokenizer
     TextTokenizer: .encode(str), .encode_batch(list[str]), .decode(ids), .eos_id, .vocab_size, .path, .file_hash

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..fswrite import write_text_atomic
 from .rank_share import RankShare
 from .sources import stable_fraction
 from .tokenizer import TextTokenizer
@@ -148,12 +149,7 @@ def _read_progress(progress_path: Path, key: str) -> dict | None:
 
 
 def _write_progress(progress_path: Path, progress: dict) -> None:
-    tmp = progress_path.with_name(f".{progress_path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(progress, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, progress_path)
+    write_text_atomic(progress_path, json.dumps(progress))
 
 
 def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs: Iterable[str],

@@ -18,12 +18,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
 from ..fswrite import write_text_atomic
+from ..layout import TOKENIZER_FILE, TOKENIZER_RECORD_FILE
 from .specs import TokenizerSpec
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 _MIN_VOCAB = 257  # 256 byte symbols + the end-of-text token
-RECORD_FILE = "tokenizer_spec.json"  # beside a run directory's tokenizer.json: how it was made, its sha256
 
 
 class TextTokenizer:
@@ -72,10 +72,11 @@ def read_record(record_path: Path) -> dict | None:
 def check_recorded_hash(path: Path, file_hash: str) -> None:
     """A run directory's tokenizer.json must match the sha256 its sidecar recorded when it was made: a flipped bit
     can leave valid JSON (and a different vocabulary) that would otherwise load without a word."""
-    record = read_record(path.parent / RECORD_FILE) if path.name == "tokenizer.json" else None
+    record_path = path.parent / TOKENIZER_RECORD_FILE
+    record = read_record(record_path) if path.name == TOKENIZER_FILE else None
     recorded = record.get("sha256") if record else None
     if recorded is not None and recorded != file_hash:
-        raise DataError(f"{path} does not match the checksum recorded in {path.parent / RECORD_FILE} when it was "
+        raise DataError(f"{path} does not match the checksum recorded in {record_path} when it was "
                         f"made (damaged or edited); restore it (each export of the run holds a copy: "
                         f"phases/<phase>/export/tokenizer.json)")
 
@@ -83,14 +84,14 @@ def check_recorded_hash(path: Path, file_hash: str) -> None:
 def record_tokenizer(path: Path, record: dict) -> None:
     """Write the sidecar of `path` with `record` plus the file's sha256 (a file copied into a run directory)."""
     sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    write_text_atomic(Path(path).parent / RECORD_FILE, json.dumps({**record, "sha256": sha}))
+    write_text_atomic(Path(path).parent / TOKENIZER_RECORD_FILE, json.dumps({**record, "sha256": sha}))
 
 
 def _save_with_record(tokenizer: Tokenizer, path: Path, record: dict) -> None:
     """The sidecar (how it was made, and the file's sha256) first, the tokenizer last: its presence means the pair
     is complete."""
     text = tokenizer.to_str(pretty=True)
-    write_text_atomic(path.parent / RECORD_FILE,
+    write_text_atomic(path.parent / TOKENIZER_RECORD_FILE,
                       json.dumps({**record, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}))
     write_text_atomic(path, text)
 
@@ -140,7 +141,7 @@ def load_or_train_tokenizer(spec: TokenizerSpec, documents: Iterable[str] | None
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    path, record_path = save_dir / "tokenizer.json", save_dir / RECORD_FILE
+    path, record_path = save_dir / TOKENIZER_FILE, save_dir / TOKENIZER_RECORD_FILE
     # A sidecar records how the saved file was made, so a changed spec never silently reuses the wrong vocab.
     if spec.kind == "hub":
         record = {"kind": "hub", "name": spec.name}

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 
 from ..data import Example, FinetuneDataset, TaskSpec, TextTokenizer, load_finetune_task, pad_collate
 from ..data.finetune import IGNORE_INDEX, truncate_pair
+from ..errors import SpdfUserError
 from ..export import CheckpointError, find_export, model_fingerprint, read_export
 from ..fswrite import write_text_atomic
+from ..layout import PhaseLayout
 from ..typed_spec import to_plain
 from .generate import DecodingConfig, generate
 from .metric_registry import METRICS, RegistryView
@@ -33,7 +35,7 @@ METRIC_LABELS = RegistryView(lambda: {name: metric.label for name, metric in MET
 SAMPLE_SIZE = 5  # inputs shown with their references and generation in the .md report
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SpdfUserError):
     """A user-fixable problem with what was asked to be evaluated (limit, context, decoding)."""
 
 
@@ -165,10 +167,10 @@ def recorded_generation(path, task: str) -> dict | None:
         export = find_export(path)
     except CheckpointError:
         return None  # said by load_for_evaluation, with the reason
-    run_dir, phase_name = export.parent.parent.parent, export.parent.name
-    recipe_file = run_dir / "recipe.yaml"
-    if export.name != "export" or export.parent.parent.name != "phases" or not recipe_file.is_file():
+    phase_paths = PhaseLayout.of_export(export)
+    if phase_paths is None or not phase_paths.run.recipe.is_file():
         return None
+    phase_name, recipe_file = phase_paths.name, phase_paths.run.recipe
     import yaml
 
     try:

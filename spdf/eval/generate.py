@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import SpdfUserError
 from .beam_search import beam_search
 from .decoding import Rows, Runner, ban_repeated_ngrams, stop_hits
 
@@ -49,7 +50,7 @@ class DecodingConfig:
         def positive_int(key: str, minimum: int) -> None:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"decoding.{key} must be an integer >= {minimum}, got {value!r}")
+                raise SpdfUserError(f"decoding.{key} must be an integer >= {minimum}, got {value!r}")
 
         positive_int("max_new_tokens", 1)
         positive_int("num_beams", 1)
@@ -57,24 +58,24 @@ class DecodingConfig:
         positive_int("top_k", 0)
         positive_int("seed", 0)
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"decoding.temperature must be > 0, got {self.temperature!r}")
+            raise SpdfUserError(f"decoding.temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"decoding.top_p must be in (0, 1], got {self.top_p!r}")
+            raise SpdfUserError(f"decoding.top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
-            raise ValueError(f"decoding.length_penalty must be a finite number, got {self.length_penalty!r}")
+            raise SpdfUserError(f"decoding.length_penalty must be a finite number, got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"decoding.early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+            raise SpdfUserError(f"decoding.early_stopping must be true, false or 'never', got {self.early_stopping!r}")
         if self.do_sample and self.num_beams > 1:
-            raise ValueError("decoding: sampling (do_sample) with num_beams > 1 is not supported; choose one")
+            raise SpdfUserError("decoding: sampling (do_sample) with num_beams > 1 is not supported; choose one")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "DecodingConfig":
         if name not in DECODING_PRESETS:
-            raise ValueError(f"unknown decoding {name!r}; known: {', '.join(DECODING_PRESETS)}")
+            raise SpdfUserError(f"unknown decoding {name!r}; known: {', '.join(DECODING_PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown decoding setting {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+            raise SpdfUserError(f"unknown decoding setting {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
         return dataclasses.replace(DECODING_PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
@@ -139,20 +140,20 @@ def generate(
 
 def _check_inputs(prompts, n_ctx: int, vocab: int, batch_size: int, stop_sequences, eos_id) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise SpdfUserError(f"batch_size must be a positive integer, got {batch_size!r}")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: generation needs at least one token to start from")
+            raise SpdfUserError(f"prompt {i} is empty: generation needs at least one token to start from")
         if len(prompt) > n_ctx:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, longer than the model's context of {n_ctx} "
-                             f"tokens: truncate it")
+            raise SpdfUserError(f"prompt {i} has {len(prompt)} tokens, longer than the model's context of {n_ctx} "
+                                f"tokens: truncate it")
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
+            raise SpdfUserError(f"prompt {i} has a token id outside the vocabulary [0, {vocab})")
     for s in stop_sequences or []:
         if len(s) == 0 or min(s) < 0 or max(s) >= vocab:
-            raise ValueError(f"stop sequence {s!r} must be a non-empty list of token ids in [0, {vocab})")
+            raise SpdfUserError(f"stop sequence {s!r} must be a non-empty list of token ids in [0, {vocab})")
     if eos_id is not None and not 0 <= eos_id < vocab:
-        raise ValueError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
+        raise SpdfUserError(f"eos_id {eos_id} is outside the vocabulary [0, {vocab})")
 
 
 def _decode_one_beam(runner: Runner, rows: Rows, config: DecodingConfig, eos_id, stops, generator) -> list:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..data.tokenizer import TextTokenizer
 from ..fswrite import writing_dir
-from ..export import CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, find_export, read_export
+from ..export import CheckpointError, find_export, read_export
+from ..layout import CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, temporary_dir
 from ..sparsity import sparse_layers, sparsify
 from .hf_save import SPARSITY_FILE, save_pretrained
 from .target_dir import check_target, reading_run, replace_dir, run_dir_of
@@ -65,7 +66,7 @@ def _write_hf(exported, out_dir: Path) -> Path:
         sparsifier = sparsify(hf, init=exported.masks, param_filter=[f"{n}.weight" for n in exported.masks])
         for name, layer in sparse_layers(hf).items():
             layer.target_sparsity = float(exported.config.get("targets", {}).get(name, layer.target_sparsity))
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}.{os.getpid()}")  # its own: nothing of anyone else's removed
+    tmp = temporary_dir(out_dir, os.getpid())  # its own: nothing of anyone else's removed
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with writing_dir(tmp, "the Hugging Face export", weights_bytes):
         save_pretrained(hf, tmp, sparsifier=sparsifier)

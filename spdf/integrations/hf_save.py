@@ -21,7 +21,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from ..export import MASKS_FILE, CheckpointError, read_json, read_masks, write_json_atomic, write_masks
+from ..export import CheckpointError, read_masks, write_masks
+from ..fswrite import read_json, write_json_atomic
+from ..layout import MASKS_FILE
 from ..sparsity import ALGORITHMS, Sparsifier, sparse_layers, sparsify, to_dense_state_dict
 from ..sparsity.schedules import SCHEDULES, ramp
 

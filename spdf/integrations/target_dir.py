@@ -13,18 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..export import CheckpointError
-
-RUN_MARKER = "phases"  # every run directory holds phases/<phase>/ (spdf.train.runner)
+from ..errors import CheckpointError
+from ..layout import RunLayout
 
 
 def run_dir_of(path: Path) -> Path | None:
     """The run directory `path` is (or lies inside: a phase, its export or a checkpoint), or None."""
-    path = Path(path).resolve()
-    for candidate in (path, *path.parents):
-        if (candidate / RUN_MARKER).is_dir():
-            return candidate
-    return None
+    run = RunLayout.containing(path)
+    return run.root if run is not None else None
 
 
 def _overlap(a: Path, b: Path) -> bool:

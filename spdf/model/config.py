@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
+from ..errors import SpdfUserError
+
 GPT2_VOCAB = 50257
 PARAMETRIZATIONS = ("sp", "mup", "supar")
 
@@ -46,20 +48,20 @@ class GPTConfig:
         for key in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+                raise SpdfUserError(f"model.{key} must be a positive integer, got {value!r}")
         if self.head_dim is None and self.d_model % self.n_head:
-            raise ValueError(
+            raise SpdfUserError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), or set model.head_dim"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+            raise SpdfUserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
-                             f"got {self.parametrization!r}")
+            raise SpdfUserError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
+                                f"got {self.parametrization!r}")
         if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width < 1:
-            raise ValueError(f"model.base_width must be a positive integer, got {self.base_width!r}")
+            raise SpdfUserError(f"model.base_width must be a positive integer, got {self.base_width!r}")
         if not self.output_mult > 0:
-            raise ValueError(f"model.output_mult must be > 0, got {self.output_mult!r}")
+            raise SpdfUserError(f"model.output_mult must be > 0, got {self.output_mult!r}")
 
     @property
     def mup(self) -> bool:
@@ -103,7 +105,7 @@ class GPTConfig:
         if name not in CONFIGS:
             close = difflib.get_close_matches(name, CONFIGS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown model name {name!r}{hint}; known: {', '.join(CONFIGS)}")
+            raise SpdfUserError(f"unknown model name {name!r}{hint}; known: {', '.join(CONFIGS)}")
         base = CONFIGS[name]
         if "d_model" in overrides and overrides.get("d_ff") is None:
             # a narrower or wider named model keeps its MLP ratio (4 for every shipped config)

@@ -20,19 +20,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..export import CheckpointError, read_json, write_json_atomic
-from ..fswrite import writing_dir
+from ..errors import CheckpointError
+from ..fswrite import read_json, write_json_atomic, writing_dir
+from ..layout import CHECKPOINT_META, MANIFEST_FILE, checkpoint_name, is_checkpoint_name, temporary_dir
 from .nonfinite import all_finite, state_tensors
-from ..manifest import MANIFEST_FILE, ManifestError, has_manifest, verify_manifest, write_manifest
-
-CHECKPOINT_PREFIX = "step-"
-META_FILE = "spdf.json"
+from ..manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_checkpoint_name(p.name))
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -77,8 +75,8 @@ def _state_bytes(accelerator) -> int:
 def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -> Path:
     """Every rank calls this; the main process renames the finished directory into place, verifies it there and only
     then prunes old ones (never the one just written, which is the newest verified)."""
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"  # one name for every rank of this run (they all write into it); the run lock
+    final = root / checkpoint_name(step)
+    tmp = temporary_dir(final)  # one name for every rank of this run (they all write into it); the run lock
     # keeps other runs out
     with writing_dir(tmp, "a checkpoint", _state_bytes(accelerator) if accelerator.is_main_process else 0):
         if accelerator.is_main_process:
@@ -96,7 +94,7 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
             quiet.setLevel(level)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / META_FILE, meta)
+            write_json_atomic(tmp / CHECKPOINT_META, meta)
             write_manifest(tmp)
     if accelerator.is_main_process:
         if final.exists():
@@ -115,7 +113,7 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
     """Restore everything `save_checkpoint` saved; returns its spdf.json. A checkpoint of another shape or sparsity,
     gives a CheckpointError and changes nothing; a damaged one a DamagedCheckpoint."""
     try:
-        meta = read_json(path / META_FILE, "checkpoint")
+        meta = read_json(path / CHECKPOINT_META, "checkpoint")
     except CheckpointError as e:
         raise DamagedCheckpoint(str(e)) from None
     for key, what in (("model", "model shape"), ("targets", "sparse layers")):

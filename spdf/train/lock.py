@@ -11,16 +11,17 @@ import os
 import socket
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from ..errors import SpdfUserError
+from ..layout import RunLayout
 
 
-class RunDirLocked(ValueError):
+class RunDirLocked(SpdfUserError):
     """Another spdf process is writing this run directory."""
 
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = RunLayout(run_dir).lock
         self._fd: int | None = None
 
     def acquire(self, shared: bool = False) -> "RunLock":

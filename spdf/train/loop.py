@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..export import layout_meta
+from ..layout import PhaseLayout
 from .checkpoint import resume_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteGuard, check_state_finite
@@ -172,7 +173,7 @@ class PhaseRun:
         self.model, self.sparsifier = inputs.model, inputs.sparsifier
         self.source, self.flops = inputs.source, inputs.flops
         self.records, self.metrics, self.hooks = records, records.metrics, tuple(hooks)
-        self.ckpt_root = records.phase_dir / "checkpoints"
+        self.ckpt_root = PhaseLayout(records.phase_dir).checkpoints
         self.saved_step: int | None = None  # the step of the newest checkpoint on disk
         self.stopping = False  # a stop was requested (on any rank) during the current step
 

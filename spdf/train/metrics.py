@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export import finite_json
-from ..fswrite import append_line, write_text_atomic
+from ..fswrite import append_line, finite_json, write_text_atomic
 
 
 class MetricsLog:

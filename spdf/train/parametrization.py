@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import SpdfUserError
 from ..sparsity import Sparsifier, sparse_layers
 from ..sparsity.sharding import canonical_name
 
@@ -97,7 +98,7 @@ def apply_supar_init(model: nn.Module) -> None:
     for name, (layer, sparse) in hidden_layers(model).items():
         if sparse and layer.density < 1.0:
             if layer.density == 0.0:
-                raise ValueError(f"supar cannot scale {name}: it keeps no weight (density 0)")
+                raise SpdfUserError(f"supar cannot scale {name}: it keeps no weight (density 0)")
             for p in _weights(layer, sparse):
                 p.mul_(1.0 / math.sqrt(layer.density))
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from ..export import read_json, write_json_atomic
-from ..fswrite import check_dir_target
+from ..errors import SpdfUserError
+from ..fswrite import check_dir_target, read_json, write_json_atomic
+from ..layout import RunLayout
 from ..recipe import Recipe, RecipeError, dump_recipe, recipe_fingerprint
 
-RECIPE_FILE, FINGERPRINT_FILE = "recipe.yaml", "fingerprint.json"
 # top-level settings that shape every phase's training beyond the fingerprint (model, sparsity, tokenizer, data)
 _TRAINING_KEYS = ("seed", "precision")
 
@@ -37,16 +37,16 @@ def make_run_dir(run_dir: Path) -> None:
 
 def check_run_dir(recipe: Recipe) -> None:
     """Refuse (read-only) a directory made by a different recipe, or a recipe that changes a finished phase."""
-    run_dir = recipe.run_path
-    saved = run_dir / RECIPE_FILE
+    run_dir, run = recipe.run_path, RunLayout(recipe.run_path)
+    saved = run.recipe
     if not saved.is_file():
         return
-    previous = read_json(run_dir / FINGERPRINT_FILE, "run directory").get("fingerprint")
+    previous = read_json(run.fingerprint, "run directory").get("fingerprint")
     if previous != recipe_fingerprint(recipe):
         raise RecipeError(
             f"run directory {run_dir} was made by a different recipe (model, sparsity, tokenizer or data differ); "
             f"choose another run_dir (--set run_dir=...) or delete it")
-    finished = [p.name for p in recipe.phases if (run_dir / "phases" / p.name / "done.json").is_file()]
+    finished = [p.name for p in recipe.phases if run.phase(p.name).finished]
     if finished:
         _check_finished_unchanged(recipe, saved, finished)
 
@@ -85,14 +85,14 @@ def _first_difference(key: str, was, asked):
 
 def record_recipe(recipe: Recipe) -> None:
     """Write the resolved recipe and its fingerprint (after every check of the start has passed)."""
-    run_dir = recipe.run_path
-    dump_recipe(recipe, run_dir / RECIPE_FILE)
-    write_json_atomic(run_dir / FINGERPRINT_FILE, {"fingerprint": recipe_fingerprint(recipe)})
+    run = RunLayout(recipe.run_path)
+    dump_recipe(recipe, run.recipe)
+    write_json_atomic(run.fingerprint, {"fingerprint": recipe_fingerprint(recipe)})
 
 
 class RefusedStart:
     """`with RefusedStart(run_dir) as start:` … `start.claim(created)` once this process holds the run's lock,
-    `start.began()` once a phase may write state: a user error (ValueError, which RecipeError, DataError and
+    `start.began()` once a phase may write state: a user error (SpdfUserError, which RecipeError, DataError and
     CheckpointError are, or an OSError: both exit 2) raised in between, in a directory this start created, removes
     the directory again. Only the lock holder removes anything: a second start refused by the lock never does."""
 
@@ -110,7 +110,7 @@ class RefusedStart:
 
     def __exit__(self, kind, error, tb) -> bool:
         if (self.created and not self.started and kind is not None
-                and issubclass(kind, (ValueError, OSError)) and self.run_dir.is_dir()):
+                and issubclass(kind, (SpdfUserError, OSError)) and self.run_dir.is_dir()):
             with contextlib.suppress(OSError):
                 shutil.rmtree(self.run_dir)
         return False

@@ -1,14 +1,7 @@
 """From a recipe to a finished run: tokenizer, model, sparsity, then each phase through the one loop.
 
-Layout of a run directory (an export's own format is spdf.export's):
-    recipe.yaml              the resolved recipe (and its fingerprint, to refuse another recipe's directory),
-                             written once a start has passed every check (spdf.train.run_dir)
-    tokenizer.json           trained offline on the corpus, or a copy of the file/hub tokenizer
-    tokenizer_spec.json      how tokenizer.json was made, and its sha256 (checked whenever the run loads it)
-    metrics.jsonl            every logged step and validation, all phases
-    phases/<name>/checkpoints/step-XXXXXXXX/   resumable training state (last K kept)
-    phases/<name>/export/    model.safetensors + config.json (+ masks.safetensors) + tokenizer.json
-    phases/<name>/done.json  the phase's summary; a finished phase is skipped on resume
+The run directory's layout (recipe.yaml, tokenizer.json, metrics.jsonl, phases/<name>/{checkpoints,export,done.json})
+is spdf.layout's; an export's own format is spdf.export's.
 """
 from __future__ import annotations
 
@@ -21,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..export import (CHECKPOINT_META, CONFIG_FILE, CheckpointError, find_export, find_tokenizer, is_checkpoint,
-                      is_export, load_weights, read_json, sparse_model, verify_export, write_export, write_json_atomic)
+from ..errors import CheckpointError
+from ..export import (find_export, find_tokenizer, is_checkpoint, is_export, load_weights, sparse_model, verify_export,
+                      write_export)
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
 from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
-from ..fswrite import check_dir_target, replacing_file
+from ..fswrite import check_dir_target, read_json, replacing_file, write_json_atomic
+from ..layout import CHECKPOINT_META, CONFIG_FILE, RunLayout
 from ..model import GPT
 from ..recipe import PhaseSpec, Recipe, RecipeError, model_config
 from ..sparsity import densify, sparse_layers
@@ -79,7 +74,7 @@ def _tokenizer(recipe: Recipe, run_dir: Path, init_from: Path | None):
 
 def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
     """Copy a tokenizer file into the run directory, so the run stays usable if the original moves or changes."""
-    kept = run_dir / "tokenizer.json"
+    kept = RunLayout(run_dir).tokenizer
     if not tokenizer_file.is_file():
         raise RecipeError(f"tokenizer file not found: '{tokenizer_file}'")
     if kept.exists():
@@ -252,7 +247,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     set_seed(recipe.seed)
     model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
     model.to(accelerator.device)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
+    metrics = MetricsLog(RunLayout(run_dir).metrics, accelerator, enabled=accelerator.is_main_process)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     phases = [p for p in recipe.phases if p.kind in kinds]
@@ -267,21 +262,21 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
         record_recipe(recipe)
     summaries = []
     for i, phase in enumerate(recipe.phases):
-        phase_dir = run_dir / "phases" / phase.name
+        phase_paths = RunLayout(run_dir).phase(phase.name)
         if phase.kind not in kinds:
             if init_from is None and phase.kind == "pretrain" and "finetune" in kinds:
-                if not (phase_dir / "done.json").exists():
+                if not phase_paths.done.exists():
                     raise RecipeError(f"phase '{phase.name}' of {run_dir} has not finished: run `spdf pretrain` "
                                       f"first, or fine-tune a checkpoint with --from")
-                load_weights(model, phase_dir / "export")
+                load_weights(model, phase_paths.export)
             continue
         if phase.kind == "finetune" and sparsifier is not None and phase.init == "densify":
             sparsifier.detach()
             densify(model)
             sparsifier = None
-        if (phase_dir / "done.json").exists():
-            load_weights(model, phase_dir / "export")
-            summaries.append(read_json(phase_dir / "done.json", "phase summary"))
+        if phase_paths.done.exists():
+            load_weights(model, phase_paths.export)
+            summaries.append(read_json(phase_paths.done, "phase summary"))
             accelerator.print(f"[{phase.name}] already finished; skipped")
             continue
         train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
@@ -292,7 +287,8 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
         plan = _plan(recipe, phase, len(train), accelerator.num_processes)
         downstream = DownstreamEval(phase, tokenizer, metrics, accelerator) if phase.eval.generate else None
         inputs = PhaseInputs(model, sparsifier, source, TrainingFlops(model, phase.seq_len, sparsifier))
-        records = PhaseRecords(phase_dir, metrics, later_phases=[p.name for p in recipe.phases[i + 1:]],
+        records = PhaseRecords(phase_paths.root, metrics,
+                               later_phases=[p.name for p in recipe.phases[i + 1:]],
                                meta_extra={"recipe": recipe.to_dict()})
         hooks = [downstream] if downstream is not None else []
         model, val_loss = PhaseRun(accelerator, plan, state, inputs, records, hooks, stop).run()
@@ -309,7 +305,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
                    "val_loss_before": first_val, "val_loss_after": val_loss,
                    "flops_dense_equivalent": state.flops_dense, "flops_spent": state.flops_spent,
                    "train_seconds": state.elapsed, "sparse": bool(sparse_layers(model)),
-                   "export": str(phase_dir / "export")}
+                   "export": str(phase_paths.export)}
         by_source = source.tokens_by_source()  # a mixture's: counted over all ranks
         if by_source is not None:
             summary["tokens_by_source"] = by_source
@@ -317,14 +313,14 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             summary.update(downstream_before=downstream.summary("before"),
                            downstream_after=downstream.summary("final"))
         if accelerator.is_main_process:
-            write_export(model, phase_dir / "export", tokenizer_file=tokenizer.path,
+            write_export(model, phase_paths.export, tokenizer_file=tokenizer.path,
                          extra={"phase": phase.name, "recipe": recipe.name,
                                 "sparsity": sparsifier.config if sparsifier is not None else None})
-            write_json_atomic(phase_dir / "done.json", summary)
+            write_json_atomic(phase_paths.done, summary)
         accelerator.wait_for_everyone()
         summaries.append(summary)
     accelerator.end_training()
-    return {"run_dir": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"), "phases": summaries,
+    return {"run_dir": str(run_dir), "metrics": str(RunLayout(run_dir).metrics), "phases": summaries,
             "main_process": accelerator.is_main_process}
 
 

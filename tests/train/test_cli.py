@@ -6,17 +6,29 @@ tiny_runs.py (fixtures in conftest.py): the session's finished tiny demo run, co
 """
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from spdf.cli import main
+import spdf.cli as cli
+from spdf.cli import build_parser, main
+from spdf.data import DataError
+from spdf.errors import CheckpointError, SpdfUserError
+from spdf.eval.evaluate import EvaluationError
+from spdf.fswrite import WriteError
+from spdf.manifest import ManifestError
+from spdf.recipe import RecipeError
+from spdf.train.checkpoint import DamagedCheckpoint
+from spdf.train.lock import RunDirLocked
 from spdf.flops import analytic_flops
 from spdf.model.config import GPTConfig
-from tiny_runs import (assert_user_error, copy_run, loss_trace, run_cli, set_args, spdf_subprocess, tree_digest, truncate_to_kill,
-                       write_recipe)
+from tiny_runs import (assert_user_error, copy_run, loss_trace, run_cli, set_args, spdf_subprocess, subprocess_env,
+                       tree_digest, truncate_to_kill, write_recipe)
 
 SUBCOMMANDS = ("run", "pretrain", "finetune", "evaluate", "inspect", "flops")
 SPARSE_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -66,6 +78,62 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert_user_error(exit_info.value.code, capsys.readouterr().err, "required: COMMAND", "spdf --help")
+
+
+def test_an_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate", "gpt3-xl"])
+    assert_user_error(exit_info.value.code, capsys.readouterr().err, "invalid choice: 'frobnicate'", "flops")
+
+
+def test_every_command_names_its_own_handler():
+    """Dispatch is by each subcommand's own handler: none falls through to another command's."""
+    parser = build_parser()
+    minimal = {"run": ["r.yaml"], "pretrain": ["r.yaml"], "finetune": ["r.yaml"], "prepare": ["r.yaml"],
+               "evaluate": ["p", "--task", "e2e"], "export": ["p", "o"], "inspect": ["p"], "flops": []}
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(minimal)
+    handlers = {cmd: parser.parse_args([cmd, *minimal[cmd]]).func.__name__ for cmd in commands}
+    assert handlers == {**{cmd: "_cmd_train" for cmd in ("run", "pretrain", "finetune")}, "prepare": "_cmd_prepare",
+                        "evaluate": "_cmd_evaluate", "export": "_cmd_export", "inspect": "_cmd_inspect",
+                        "flops": "_cmd_flops"}
+    assert [parser.parse_args([cmd, "r.yaml"]).kinds for cmd in ("run", "pretrain", "finetune")] == [
+        ("pretrain", "finetune"), ("pretrain",), ("finetune",)]
+
+
+def test_export_format_chooses_the_writer(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setitem(cli.EXPORT_FORMATS, "hf", lambda source, out, force: calls.append((source, out, force)) or out)
+    rc, out, _ = run_cli(["export", tmp_path / "run", tmp_path / "hf", "--format", "hf", "--force"], capsys)
+    assert rc == 0 and calls == [(tmp_path / "run", tmp_path / "hf", True)] and out.strip() == str(tmp_path / "hf")
+
+
+def test_a_bug_inside_a_command_shows_its_traceback(cache_dir, tmp_path):
+    """Only spdf's user errors are one line and exit 2: a ValueError from deep inside a library (a bug) reaches the
+    user as a traceback with exit status 1, not as if the user had made a mistake."""
+    code = ("import sys, spdf.flops\n"
+            "def broken(*args, **kwargs):\n"
+            "    raise ValueError('simulated bug inside torch')\n"
+            "spdf.flops.analytic_flops = broken\n"
+            "from spdf.cli import main\n"
+            "sys.exit(main(['flops', 'gpt3-xl']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(cache_dir),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" in proc.stderr and "ValueError: simulated bug inside torch" in proc.stderr
+    assert "spdf: error" not in proc.stderr
+
+
+@pytest.mark.parametrize("error", [RecipeError("x"), DataError("x"), CheckpointError("x"), DamagedCheckpoint("x"),
+                                   WriteError("x"), ManifestError("x"), RunDirLocked("x"), EvaluationError("x")],
+                         ids=lambda e: type(e).__name__)
+def test_every_user_error_class_is_an_spdf_user_error(error):
+    assert isinstance(error, SpdfUserError) and isinstance(error, ValueError)  # library callers' except ValueError
+
+
+def test_unknown_model_name_is_a_user_error(capsys):
+    rc, _, err = run_cli(["flops", "gpt3-xll"], capsys)
+    assert_user_error(rc, err, "unknown model name 'gpt3-xll'", "did you mean 'gpt3-xl'")
 
 
 # ---- flops ---------------------------------------------------------------------------------------------------------

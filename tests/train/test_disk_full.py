@@ -15,8 +15,7 @@ import pytest
 from safetensors import SafetensorError
 
 import spdf.fswrite as fswrite
-from spdf.export import write_json_atomic
-from spdf.fswrite import WriteError, write_failure
+from spdf.fswrite import WriteError, write_failure, write_json_atomic
 from tiny_runs import assert_user_error, loss_trace, read_metrics, run_cli, truncate_to_kill, tree_digest
 
 TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save on a full tmpfs

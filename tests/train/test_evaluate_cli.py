@@ -95,6 +95,7 @@ def bad_inputs(finished_run, tmp_path):
     (["--task", "docstring", "--limit", "0"], ["limit must be a positive number of inputs, got 0"]),
     (["--task", "docstring", "--num-beams", "0"], ["num_beams must be an integer >= 1, got 0"]),
     (["--task", "docstring", "--decoding", "fancy"], ["unknown decoding 'fancy'", "paper, greedy, sample"]),
+    (["--task", "docstring", "--batch-size", "0", "--limit", "2"], ["batch_size must be a positive integer, got 0"]),
     (["--task", "e2e", "--task-path", str(TASK_FILES["e2e"]), "--max-new-tokens", "8"],
      ["input 0 has a prompt of", "context of 64 tokens", "--truncate-prompts"]),
     (["--task", "docstring", "--task-set", "promptfield=x"], ["unknown key 'task.promptfield'"]),

@@ -18,7 +18,8 @@ import pytest
 
 import spdf.train.checkpoint as checkpoint_module
 from spdf.export import CheckpointError
-from spdf.train.lock import LOCK_FILE, RunLock
+from spdf.layout import LOCK_FILE
+from spdf.train.lock import RunLock
 from spdf.train.metrics import MetricsLog
 from tiny_runs import (PRETRAIN_STEPS, assert_user_error, copy_run, loss_trace, read_metrics, run_cli,
                        subprocess_env, tree_digest, truncate_to_kill, wait_for)

@@ -92,6 +92,25 @@ def test_truncated_masks_in_inspect_and_finetune_from(finished_run, tmp_path, ca
     assert_user_error(rc, err, str(masks), "could not be read")
 
 
+def test_masks_of_another_model_in_an_export(finished_run, tmp_path, capsys):
+    """A user's own export whose masks.safetensors names a layer its model does not have (masks copied from another
+    model): one line naming the file from every reader, not a traceback from inside sparsify."""
+    import shutil
+
+    import torch
+
+    from spdf.export import write_masks
+
+    export = tmp_path / "export"
+    shutil.copytree(finished_run["run_dir"] / "phases/pretrain/export", export)
+    (export / "manifest.json").unlink()  # as a user's own export: nothing to verify against
+    write_masks({"transformer.h.7.mlp.c_fc": torch.ones(8, 4, dtype=torch.bool)}, export / "masks.safetensors")
+    for argv in (["flops", export], ["export", export, tmp_path / "hf", "--format", "hf"],
+                 ["finetune", finished_run["recipe"], "--from", export, "--set", f"run_dir={tmp_path / 'ft'}"]):
+        rc, _, err = run_cli(argv, capsys)
+        assert_user_error(rc, err, str(export), "'transformer.h.7.mlp.c_fc'", "masks.safetensors fit no linear layer")
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--seq-len", "0"], "--seq-len must be a positive"), (["--seq-len", "-5"], "--seq-len must be a positive"),
     (["--tokens=-1e9"], "--tokens must be a positive finite"), (["--tokens", "nan"], "--tokens must be a positive"),

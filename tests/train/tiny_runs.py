@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from spdf.cli import main
-from spdf.train.lock import LOCK_FILE
+from spdf.layout import LOCK_FILE
 from spdf.recipe import apply_overrides, dump_recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
