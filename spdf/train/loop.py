@@ -234,8 +234,9 @@ class PhaseRun:
         plan = self.plan
         # On a terminal a redrawn bar; otherwise (a log file) one plain line per logging interval.
         terminal = sys.stderr.isatty()
+        shown = plan.progress and self.accelerator.is_main_process and terminal
         self.bar = tqdm(total=plan.total_steps, initial=self.state.step, desc=plan.name, unit="step",
-                        dynamic_ncols=True, disable=not (plan.progress and self.accelerator.is_main_process and terminal))
+                        dynamic_ncols=True, disable=not shown)
         self.log_lines = plan.progress and not terminal
 
     def _open_window(self) -> None:
