@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .export import MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, is_export, read_masks
+from .export import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, WEIGHTS_FILE, CheckpointError, find_export, is_export,
+                     read_masks)
+from .model.families import DEFAULT_FAMILY, family_for_hf, get_family
 from .manifest import ManifestError, has_manifest, verify_manifest
 from .sparsity import state_dict_masks, to_dense_state_dict
 
@@ -80,15 +82,17 @@ def checkpoint_stats(path: str | Path) -> dict:
     state = _load_state(file)
     masks = _masks(file, state)
     state = to_dense_state_dict(state)  # compressed layers' weights as dense tensors, zeros in place
-    targets = {}
-    for meta_file in (file.with_name("spdf.json"), file.with_name("config.json")):  # checkpoint / export
+    meta = {}
+    for meta_file in (file.with_name(CHECKPOINT_META), file.with_name(CONFIG_FILE)):  # checkpoint / export
         if meta_file.exists():
-            targets = json.loads(meta_file.read_text(encoding="utf-8")).get("targets", {})
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    targets, family = meta.get("targets", {}), _family(meta)
     rows = []
     for key, tensor in state.items():
-        if not key.endswith(".weight") or tensor.dim() != 2 or "wte" in key or "wpe" in key or "lm_head" in key:
-            continue
         name = key[: -len(".weight")]
+        # the weight matmuls of the blocks, as the model's family names them (embeddings and the head are not)
+        if not key.endswith(".weight") or tensor.dim() != 2 or (family is not None and family.role(name) is None):
+            continue
         numel = tensor.numel()
         nnz = int(torch.count_nonzero(tensor))
         mask = masks.get(name)
@@ -98,6 +102,17 @@ def checkpoint_stats(path: str | Path) -> dict:
     total = sum(r["numel"] for r in rows) or 1
     return {"file": str(file), "sparse": bool(masks), "layers": rows,
             "total_numel": total, "total_nnz": sum(r["nnz"] for r in rows)}
+
+
+def _family(meta: dict):
+    """The model family that wrote these weights (a file alone, or a meta file without one: gpt, as older spdf wrote
+    only GPTs); None for a Hugging Face architecture no family maps onto (then every 2-D weight is listed)."""
+    try:
+        if "model_type" in meta:
+            return family_for_hf(meta["model_type"])
+        return get_family(meta.get("family", DEFAULT_FAMILY))
+    except ValueError:
+        return None
 
 
 def format_stats(stats: dict) -> str:

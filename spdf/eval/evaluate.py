@@ -24,6 +24,7 @@ from ..data import Example, FinetuneDataset, TaskSpec, TextTokenizer, load_finet
 from ..data.finetune import IGNORE_INDEX, truncate_pair
 from ..export import CheckpointError, find_export, model_fingerprint, read_export
 from ..fswrite import write_text_atomic
+from ..model import family_of
 from ..typed_spec import to_plain
 from .generate import DecodingConfig, generate
 from .metrics import TASK_METRICS, compute_metrics
@@ -151,6 +152,7 @@ def evaluate_export(path, task: TaskSpec, split: str, decoding: DecodingConfig, 
                             batch_size=batch_size, truncate_prompts=truncate_prompts, progress=progress)
     report.update(split=split, limit=limit, task_spec=to_plain(task))
     report["model"] = {"export": str(export_dir.resolve()), "fingerprint": "sha256:" + model_fingerprint(export_dir),
+                       "family": family_of(exported.model).name,
                        **{k: exported.config.get(k) for k in ("recipe", "phase", "sparse")},
                        "shape": exported.config.get("model")}
     return report

@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
+from ..typed_spec import added_later, compatible_dict
+
 GPT2_VOCAB = 50257
 PARAMETRIZATIONS = ("sp", "mup", "supar")
 
@@ -38,9 +40,10 @@ class GPTConfig:
     name: str = "custom"
     # Width of one attention head. None means d_model // n_head; GPT-3 13B (d_model 5140, 40 heads of 128) needs it.
     head_dim: int | None = None
-    parametrization: str = "sp"  # sp | mup | supar (module docstring)
-    base_width: int = MUP_BASE_WIDTH  # µP: the width whose hyper-parameters transfer (unused under sp)
-    output_mult: float = 1.0  # µP: logits are multiplied by output_mult / width_mult
+    # Added after exports and checkpoints existed: a dict leaves them out at their defaults (to_dict).
+    parametrization: str = added_later("sp")  # sp | mup | supar (module docstring)
+    base_width: int = added_later(MUP_BASE_WIDTH)  # µP: the width whose hyper-parameters transfer (unused under sp)
+    output_mult: float = added_later(1.0)  # µP: logits are multiplied by output_mult / width_mult
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size"):
@@ -117,11 +120,7 @@ class GPTConfig:
         """The fields as a dict. The parametrization fields, added after exports and checkpoints existed, appear only
         when they differ from their defaults: a standard model's dict is what it always was, so older checkpoints
         still resume (their layout is compared with this dict) and older readers still load newer exports."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in _ADDED_FIELDS or v != _ADDED_FIELDS[k]}
-
-
-_ADDED_FIELDS = {"parametrization": "sp", "base_width": MUP_BASE_WIDTH, "output_mult": 1.0}  # name -> default
+        return compatible_dict(self)
 
 
 def _gpt(name: str, n_layer: int, d_model: int, n_head: int, **kw) -> GPTConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from spdf.train.coord_check import small_gpt_rms, spread
+from spdf.train.coord_check import small_model_rms, spread
 
 STEP = 4  # the fifth forward pass: four Adam updates in
 FACTOR = 2.0
@@ -18,12 +18,12 @@ SPARSE_OUTPUTS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the
 
 @pytest.fixture(scope="module")
 def across_widths():
-    return {p: spread([small_gpt_rms(p, width) for width in (64, 128, 256, 512)], STEP) for p in ("sp", "mup")}
+    return {p: spread([small_model_rms(p, width) for width in (64, 128, 256, 512)], STEP) for p in ("sp", "mup")}
 
 
 @pytest.fixture(scope="module")
 def across_sparsity():
-    return {p: spread([small_gpt_rms(p, 128, s) for s in (0.0, 0.5, 0.75, 0.875)], STEP)
+    return {p: spread([small_model_rms(p, 128, s) for s in (0.0, 0.5, 0.75, 0.875)], STEP)
             for p in ("sp", "mup", "supar")}
 
 
