@@ -1,0 +1,60 @@
+"""The parametrization a model config carries (standard or µP), for any model family's config.
+
+A family's frozen config dataclass mixes in `ParametrizedShape` and declares the fields it reads: `parametrization`
+(sp | mup | supar), `base_width`, `output_mult`, `d_model`, `n_head` and `head_dim`. The multipliers are derived
+from `width_mult = d_model / base_width`, so µP behaves identically in every family (Cerebras-GPT's µP: embeddings
+x10, logits x output_mult / width_mult, attention scores / d_head; see spdf.model.config).
+"""
+from __future__ import annotations
+
+from .config import MUP_EMBEDDING_MULT, MUP_INIT_STD, PARAMETRIZATIONS, SP_INIT_STD
+
+
+class ParametrizedShape:
+    """µP-derived properties of a config; `check_parametrization` validates the fields they read."""
+
+    def check_parametrization(self) -> None:
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
+                             f"got {self.parametrization!r}")
+        if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width < 1:
+            raise ValueError(f"model.base_width must be a positive integer, got {self.base_width!r}")
+        if not self.output_mult > 0:
+            raise ValueError(f"model.output_mult must be > 0, got {self.output_mult!r}")
+
+    @property
+    def mup(self) -> bool:
+        """µP multipliers and init (mup, and supar, whose density corrections are the trainer's)."""
+        return self.parametrization != "sp"
+
+    @property
+    def width_mult(self) -> float:
+        return self.d_model / self.base_width if self.mup else 1.0
+
+    @property
+    def init_std(self) -> float:
+        """Std of the embeddings; hidden weights get init_std / sqrt(width_mult) (the models' reset_parameters)."""
+        return MUP_INIT_STD if self.mup else SP_INIT_STD
+
+    @property
+    def embedding_mult(self) -> float:
+        return MUP_EMBEDDING_MULT if self.mup else 1.0
+
+    @property
+    def logits_mult(self) -> float:
+        return self.output_mult / self.width_mult if self.mup else 1.0
+
+    @property
+    def attn_scale(self) -> float | None:
+        """Attention-score scale: 1/d_head under µP (keys and queries become correlated as they learn); None is
+        SDPA's default 1/sqrt(d_head)."""
+        return 1.0 / self.d_head if self.mup else None
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def d_attn(self) -> int:
+        """Width of the concatenated query heads (d_model unless head_dim says otherwise)."""
+        return self.n_head * self.d_head
