@@ -10,12 +10,11 @@ FLOPs = 2·MACs, training = 3 × forward, a sparse weight's products scaled by i
 from __future__ import annotations
 
 from .flops import WEIGHT_COMPONENTS, FlopBreakdown
+from .model.llama import PROJECTIONS
 from .model.llama_config import LlamaConfig
 
 # module-name suffix -> FLOP component, for reading densities from a sparse Llama's masks
-LLAMA_FLOP_ROLES = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
-                    "self_attn.o_proj": "attn_out", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
-                    "mlp.down_proj": "mlp_out"}
+LLAMA_FLOP_ROLES = dict(zip(PROJECTIONS, ("qkv", "qkv", "qkv", "attn_out", "mlp_in", "mlp_in", "mlp_out")))
 
 
 def llama_component_weights(cfg: LlamaConfig) -> dict[str, int]:

@@ -21,6 +21,12 @@ import torch.nn.functional as F
 from .gpt import GPT, KVCache
 from .llama_config import LlamaConfig
 
+# Every block's linear layers: the paper's sparse layers for this family (embeddings, norms and the head stay dense)
+# and µP's hidden weights (an untied lm_head is not one: it is initialised and trained as the embedding).
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+SPARSE_FILTER = [f"model.layers.*.{p}.weight" for p in PROJECTIONS]  # spdf.sparsify's param_filter
+
 # The causal + padding mask of a decoding step is the same for both families: a key is visible if it is not after the
 # query and is a real token.
 _decoding_mask = GPT._attention_mask

@@ -45,9 +45,8 @@ class LlamaConfig(ParametrizedShape):
         if self.n_head % self.kv_heads:
             raise ValueError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})")
         if self.head_dim is None and self.d_model % self.n_head:
-            raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), or set model.head_dim"
-            )
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}), "
+                             f"or set model.head_dim")
         if self.d_head % 2:
             raise ValueError(f"the head width ({self.d_head}) must be even: RoPE rotates pairs of channels")
         if not self.rope_base > 1:

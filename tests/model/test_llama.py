@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import spdf
-from spdf.model.llama import Llama, apply_rotary, rotary_cos_sin
+from spdf.model.llama import PROJECTIONS, SPARSE_FILTER, Llama, apply_rotary, rotary_cos_sin
 from spdf.model.llama_config import LLAMA_CONFIGS, LlamaConfig
 from spdf.sparsity import sparse_layers
 
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
+HF_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # LlamaForCausalLM
 
 
 def make_llama(seed: int = 0, **overrides) -> Llama:
@@ -61,7 +60,8 @@ def test_tied_head_is_the_embedding_and_untied_is_its_own():
 @pytest.mark.parametrize("overrides,key", [(dict(n_kv_head=3), "n_kv_head"), (dict(n_layer=0), "n_layer"),
                                            (dict(d_model=30), "d_model"), (dict(head_dim=7), "head width"),
                                            (dict(rope_base=0.5), "rope_base"), (dict(norm_eps=0.0), "norm_eps"),
-                                           (dict(dropout=1.0), "dropout"), (dict(parametrization="x"), "parametrization"),
+                                           (dict(dropout=1.0), "dropout"),
+                                           (dict(parametrization="x"), "parametrization"),
                                            (dict(tie_embeddings="yes"), "tie_embeddings")])
 def test_bad_config_values_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):
@@ -78,7 +78,7 @@ def test_unknown_name_suggests_the_closest_and_resizing_keeps_the_mlp_ratio():
 
 # ---- forward -----------------------------------------------------------------------------------------------------
 def test_rope_rotates_each_channel_with_the_one_half_a_head_away():
-    # position p turns the pair (i, i + D/2) by p · base^(-2i/D): the norm of every pair is kept, position 0 is identity
+    # position p turns the pair (i, i + D/2) by p · base^(-2i/D): each pair keeps its norm, position 0 is identity
     x = torch.randn(1, 1, 3, 8)
     cos, sin = rotary_cos_sin(torch.arange(3), 8, 10000.0, torch.float32)
     y = apply_rotary(x, cos, sin)
@@ -164,11 +164,13 @@ def test_cache_keeps_the_autocast_dtype():
 
 # ---- sparsity ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tie", [True, False])
-def test_default_filter_sparsifies_the_seven_projections_only(tie):
-    model = make_llama(tie_embeddings=tie)
-    spdf.sparsify(model, sparsity=0.75, seed=0)
+def test_default_filter_and_the_family_filter_sparsify_the_seven_projections_only(tie):
+    assert {p.split(".")[-1] for p in PROJECTIONS} == HF_PROJECTIONS
     expected = {f"model.layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
-    assert set(sparse_layers(model)) == expected
+    for param_filter in (None, SPARSE_FILTER):
+        model = make_llama(tie_embeddings=tie)
+        spdf.sparsify(model, sparsity=0.75, seed=0, param_filter=param_filter)
+        assert set(sparse_layers(model)) == expected
 
 
 def test_sparsify_then_densify_keeps_the_logits_and_the_zeros():
