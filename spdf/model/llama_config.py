@@ -2,16 +2,15 @@
 
 `LlamaConfig.from_name("llama-3.2-1b")` returns the shape; every field can be overridden
 (`LlamaConfig.from_name("llama-tiny", n_ctx=256)`). The parametrization fields (sp | mup | supar, base_width,
-output_mult) mean what they mean for GPTConfig (spdf.model.mup).
+output_mult) mean what they mean for GPTConfig (spdf.model.shape).
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 
 from .config import MUP_BASE_WIDTH
-from .mup import ParametrizedShape
+from .shape import ParametrizedShape, named_shape
 
 LLAMA2_VOCAB = 32000
 
@@ -71,15 +70,7 @@ class LlamaConfig(ParametrizedShape):
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "LlamaConfig":
-        if name not in LLAMA_CONFIGS:
-            close = difflib.get_close_matches(name, LLAMA_CONFIGS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown Llama model name {name!r}{hint}; known: {', '.join(LLAMA_CONFIGS)}")
-        base = LLAMA_CONFIGS[name]
-        if "d_model" in overrides and overrides.get("d_ff") is None:
-            # a narrower or wider named model keeps its MLP ratio
-            overrides["d_ff"] = base.d_ff * overrides["d_model"] // base.d_model
-        return dataclasses.replace(base, **overrides)
+        return named_shape(LLAMA_CONFIGS, name, overrides, "Llama model name")
 
     def replace(self, **overrides) -> "LlamaConfig":
         return dataclasses.replace(self, **overrides)

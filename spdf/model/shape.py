@@ -1,4 +1,4 @@
-"""The parametrization a model config carries (standard or µP), for any model family's config.
+"""What every model family's config shares: the parametrization (standard or µP) and the named-shape lookup.
 
 A family's frozen config dataclass mixes in `ParametrizedShape` and declares the fields it reads: `parametrization`
 (sp | mup | supar), `base_width`, `output_mult`, `d_model`, `n_head` and `head_dim`. The multipliers are derived
@@ -6,6 +6,9 @@ from `width_mult = d_model / base_width`, so µP behaves identically in every fa
 x10, logits x output_mult / width_mult, attention scores / d_head; see spdf.model.config).
 """
 from __future__ import annotations
+
+import dataclasses
+import difflib
 
 from .config import MUP_EMBEDDING_MULT, MUP_INIT_STD, PARAMETRIZATIONS, SP_INIT_STD
 
@@ -58,3 +61,16 @@ class ParametrizedShape:
     def d_attn(self) -> int:
         """Width of the concatenated query heads (d_model unless head_dim says otherwise)."""
         return self.n_head * self.d_head
+
+
+def named_shape(configs: dict, name: str, overrides: dict, what: str = "model name"):
+    """`configs[name]` with `overrides` applied; an unknown name is a ValueError suggesting the closest. A narrower or
+    wider named model (d_model overridden, d_ff not) keeps its MLP ratio."""
+    if name not in configs:
+        close = difflib.get_close_matches(name, configs, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint}; known: {', '.join(configs)}")
+    base = configs[name]
+    if "d_model" in overrides and overrides.get("d_ff") is None:
+        overrides = {**overrides, "d_ff": base.d_ff * overrides["d_model"] // base.d_model}
+    return dataclasses.replace(base, **overrides)
