@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .config import MUP_BASE_WIDTH
-from .shape import ParametrizedShape, named_shape
+from .shape import MUP_BASE_WIDTH, ParametrizedShape, named_shape
 
 LLAMA2_VOCAB = 32000
 

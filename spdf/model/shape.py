@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from .config import MUP_EMBEDDING_MULT, MUP_INIT_STD, PARAMETRIZATIONS, SP_INIT_STD
+PARAMETRIZATIONS = ("sp", "mup", "supar")
+
+# Cerebras-GPT µP (Dey et al. 2023, the µP variants of 111M-2.7B): base width 256 (d_ff 1024), init std 0.08,
+# embedding output x10, logits x output_mult / width_mult, attention scores / d_head.
+MUP_BASE_WIDTH = 256
+MUP_INIT_STD = 0.08
+MUP_EMBEDDING_MULT = 10.0
+SP_INIT_STD = 0.02  # GPT-3
 
 
 class ParametrizedShape:
