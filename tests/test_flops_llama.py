@@ -6,11 +6,14 @@ import pytest
 import torch
 
 import spdf
-from spdf.flops import COMPONENTS, format_table, measure_training_flops
-from spdf.flops_llama import LLAMA_FLOP_ROLES, analytic_llama_flops, llama_component_weights
+from spdf.flops import COMPONENTS, format_table, measure_training_flops, model_flops
+from spdf.flops import analytic_flops as analytic_llama_flops  # the llama family's formula, through the seam
+from spdf.model.families import FAMILIES
+from spdf.model.families.llama import component_weights as llama_component_weights
 from spdf.model.llama import Llama
 from spdf.model.llama_config import LlamaConfig
-from spdf.sparsity import sparse_layers
+
+LLAMA_FLOP_ROLES = FAMILIES["llama"].flop_roles
 
 
 def test_components_count_swiglu_and_the_smaller_grouped_kv():
@@ -73,16 +76,14 @@ def test_measured_sparse_llama_matches_analytic(kwargs, densities):
     torch.manual_seed(0)
     model = Llama.from_name("llama-tiny-test")
     spdf.sparsify(model, seed=0, **kwargs)
-    if densities == "read":  # per component, weighted by layer size, from the masks
-        kept, total = {}, {}
-        for name, layer in sparse_layers(model).items():
-            role = next(r for suffix, r in LLAMA_FLOP_ROLES.items() if name.endswith(suffix))
-            kept[role] = kept.get(role, 0) + float(layer.mask.sum())
-            total[role] = total.get(role, 0) + layer.mask.numel()
-        densities = {role: kept[role] / total[role] for role in kept}
-        assert 0.25 < densities["qkv"] < 0.5
-    fb = analytic_llama_flops(model.config, seq_len=32, densities=densities) if densities else \
-        analytic_llama_flops(model.config, kwargs["sparsity"], seq_len=32)
+    if densities == "read":  # per component, weighted by layer size, from the masks (the family's FLOP roles)
+        fb = model_flops(model, seq_len=32)
+        assert 0.25 < fb.sparse_forward["qkv"] / fb.dense_forward["qkv"] < 0.5
+    elif densities:
+        fb = analytic_llama_flops(model.config, seq_len=32, densities=densities)
+    else:
+        fb = analytic_llama_flops(model.config, kwargs["sparsity"], seq_len=32)
+        assert model_flops(model, seq_len=32).sparse_train == pytest.approx(fb.sparse_train, rel=1e-12)
     measured = _measure(model)
     assert measured["dense_per_token"] == pytest.approx(fb.dense_train, rel=1e-6)
     assert measured["spent_per_token"] == pytest.approx(fb.sparse_train, rel=1e-6)

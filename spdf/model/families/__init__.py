@@ -73,8 +73,9 @@ class ModelFamily:
 
 def _entries() -> tuple[ModelFamily, ...]:
     from .gpt import FAMILY as GPT
+    from .llama import FAMILY as LLAMA
 
-    return (GPT,)
+    return (GPT, LLAMA)
 
 
 FAMILIES: dict[str, ModelFamily] = {family.name: family for family in _entries()}
