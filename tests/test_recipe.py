@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from spdf.model import GPT
 from spdf.recipe import (Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, model_config,
                          recipe_fingerprint, recipe_from_dict)
 
@@ -67,7 +66,8 @@ def test_shipped_recipe_loads_and_round_trips(path, tmp_path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_builds_at_tiny_size(path):
     recipe = load_recipe(path)
-    sets = ["model.name=tiny-test", "run_dir=null"]
+    family = recipe.model.model_family
+    sets = [f"model.name={family.default_shape}-test", "run_dir=null"]  # each family's unit-test shape
     for phase in recipe.phases:
         sets += [f"phases.{phase.name}.seq_len=16", f"phases.{phase.name}.batch_size=2",
                  f"phases.{phase.name}.micro_batch_size=1", f"phases.{phase.name}.steps=2"]
@@ -76,7 +76,7 @@ def test_shipped_recipe_builds_at_tiny_size(path):
     assert tiny.sparsity == recipe.sparsity and tiny.tokenizer == recipe.tokenizer
     cfg = model_config(tiny, vocab_size=100)
     assert (cfg.n_layer, cfg.d_model, cfg.vocab_size) == (2, 32, 100)
-    logits, _ = GPT(cfg)(torch.zeros(2, 16, dtype=torch.long))
+    logits, _ = family.build(cfg)(torch.zeros(2, 16, dtype=torch.long))
     assert logits.shape == (2, 16, 100)
 
 
