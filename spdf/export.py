@@ -212,7 +212,8 @@ def export_family(path: Path) -> ModelFamily:
     """The model family of an export, a checkpoint or a Hugging Face directory, from its config file alone."""
     path = Path(path)
     checkpoint = not is_export(path) and is_checkpoint(path)
-    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), "checkpoint" if checkpoint else "export")
+    what = "checkpoint" if checkpoint else "export"
+    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
     try:
         if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
             return family_for_hf(config["model_type"])

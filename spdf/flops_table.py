@@ -57,7 +57,8 @@ def table_rows(levels=LEVELS) -> list[dict]:
         for level in levels:
             fb = analytic_flops(cfg, level)
             rows.append(dict(
-                model=names[0], family=family_of(cfg).name, same_shape=names[1:], n_layer=cfg.n_layer, d_model=cfg.d_model, seq_len=fb.seq_len,
+                model=names[0], family=family_of(cfg).name, same_shape=names[1:], n_layer=cfg.n_layer,
+                d_model=cfg.d_model, seq_len=fb.seq_len,
                 vocab_size=cfg.vocab_size, parameters=params, tokens=tokens, sparsity=level,
                 dense_flops=fb.dense_train * tokens, sparse_flops=fb.sparse_train * tokens, reduction=fb.reduction,
                 kaplan_reduction=fb.kaplan_reduction,

@@ -23,10 +23,13 @@ Public API
     sha256 of what makes a run directory incompatible with another recipe: model, sparsity (with its resolved
     seed), tokenizer, the named sources, and each phase's name, kind, init, data/task/mixture, seq_len and
     batch_size. Logging, eval and
-    checkpoint cadence, budgets, optimizer/schedule, precision and micro batch size do not count.
+    checkpoint cadence, budgets, optimizer/schedule, precision and micro batch size do not count. A setting added
+    after run directories existed (its field says so: spdf.typed_spec.added_later) counts only once it leaves its
+    default, so those directories still resume: `model.family: gpt` is every older recipe's fingerprint.
 ``model_config(recipe: Recipe, vocab_size: int | None = None)``
-    The config of the recipe's model family (model.family): its named shape with the recipe's overrides. The vocabulary is, in order: model.vocab_size, the
-    `vocab_size` argument (the loaded tokenizer's real size), tokenizer.vocab_size for kind=train, the named shape's.
+    The config of the recipe's model family (model.family): its named shape with the recipe's overrides. The
+    vocabulary is, in order: model.vocab_size, the `vocab_size` argument (the loaded tokenizer's real size),
+    tokenizer.vocab_size for kind=train, the named shape's.
 ``Recipe.run_path -> Path``, ``Recipe.phase(name) -> PhaseSpec``, ``Recipe.sparsity_seed -> int``.
 ``RecipeError(ValueError)``: one line naming the key path and what is allowed.
 """

@@ -43,7 +43,8 @@ class ModelSpec(Spec):
     # named model's (sp, or mup for cerebras-gpt-*-mup). µP is relative to base_width (None: 256, Cerebras-GPT's).
     parametrization: Optional[Literal[PARAMETRIZATIONS]] = added_later(None)
     base_width: Optional[int] = num(None, ge=1, added_later=True)
-    output_mult: Optional[float] = num(None, gt=0.0, added_later=True)  # µP: logits x output_mult / width_mult (None: 1.0)
+    # µP: logits x output_mult / width_mult (None: 1.0)
+    output_mult: Optional[float] = num(None, gt=0.0, added_later=True)
     family: Literal[tuple(FAMILIES)] = added_later(DEFAULT_FAMILY)  # the model family: gpt, ...
 
     SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "head_dim")
@@ -97,7 +98,8 @@ class SparsitySpec(Spec):
     init: Literal[MASK_INITS] = added_later("random")  # the initial mask
     update_every: int = num(100, ge=1, added_later=True)  # masks change after every update_every-th step ...
     update_start: int = num(0, ge=0, added_later=True)  # ... after this step ...
-    update_stop: Optional[int] = num(None, ge=1, added_later=True)  # ... up to this step (None: 3/4 of the pre-training steps)
+    # ... up to this step (None: 3/4 of the pre-training steps)
+    update_stop: Optional[int] = num(None, ge=1, added_later=True)
     # How the drop fraction decays (set, rigl; default cosine) or the sparsity rises (gmp; default cubic), from
     # update_start to update_stop.
     schedule: Optional[Literal["constant", "linear", "cosine", "cubic"]] = added_later(None)

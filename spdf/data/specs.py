@@ -42,7 +42,8 @@ class TokenizerSpec(_KindOptions, Spec):
     vocab_size: int = num(4096, ge=257)  # kind=train: 256 byte tokens + at least one merge
     path: Optional[str] = None  # kind=file
     name: Optional[str] = None  # kind=hub, e.g. "gpt2"
-    max_bytes: Optional[int] = num(None, ge=1, added_later=True)  # kind=train: read at most this much text (None: all of it)
+    # kind=train: read at most this much text (None: all of it)
+    max_bytes: Optional[int] = num(None, ge=1, added_later=True)
 
     selector: ClassVar[str] = "kind"
     OPTIONS: ClassVar = {"max_bytes": {"train": None}}
@@ -61,8 +62,9 @@ class DataSpec(_KindOptions, Spec):
     """
     source: Literal["stdlib", "files", "hf"] = "stdlib"
     part: Literal["pretrain", "heldout"] = "pretrain"  # stdlib only
-    content: Optional[Literal["source", "text"]] = added_later(None)  # stdlib: whole modules or their docstrings/comments
-    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0, added_later=True)  # stdlib: modules held out (default 0.1)
+    # stdlib: whole modules or their docstrings/comments; the modules held out (default 0.1)
+    content: Optional[Literal["source", "text"]] = added_later(None)
+    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0, added_later=True)
     max_bytes: Optional[int] = num(None, ge=1)  # stdlib: cap on the text read
     paths: tuple[str, ...] = ()  # source=files: files or globs (.txt, .jsonl, .parquet)
     text_field: str = "text"  # files (.jsonl/.parquet) and hf: the column holding the text

@@ -39,7 +39,8 @@ _HF_DEFAULTS = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "
 
 
 def config_from_hf(hf: dict) -> GPTConfig:
-    """The GPTConfig of a transformers GPT2Config (as a dict); what spdf's GPT cannot compute the same way is refused."""
+    """The GPTConfig of a transformers GPT2Config (as a dict); what spdf's GPT cannot compute the same way is refused
+    (ValueError)."""
     for key, allowed in _UNMAPPED.items():
         if hf.get(key, _HF_DEFAULTS[key]) not in allowed:
             raise ValueError(f"GPT-2 {key}={hf[key]!r} has no equivalent in spdf.GPT (allowed: {allowed})")
