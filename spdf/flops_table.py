@@ -111,11 +111,14 @@ def _full_table(rows: list[dict]) -> list[str]:
 
 
 def _why(rows: list[dict], level: float) -> list[str]:
+    rows = [r for r in rows if r["family"] == "gpt"]  # the closed forms below are GPT's (d_ff = 4·d, full heads)
     dense = {r["model"]: r for r in rows if r["sparsity"] == 0.0}
     at = [r for r in rows if r["sparsity"] == level]
     ceiling = 1 / (1 - level)
     lines = [
         "## Why small models save less", "",
+        "(The gpt family's models; a Llama's SwiGLU, grouped K/V and large vocabulary change the terms, not the "
+        "argument: its rows above follow from the same accounting.) "
         "Sparsity thins only the matmuls with a weight. Per token and layer those cost 2·(4·d·d_attn + 2·d·d_ff) = "
         "24·d² forward FLOPs (d_ff = 4·d), while the attention scores and AV cost 4·n_ctx·d_attn, which no weight "
         "thins: next to the weights that is n_ctx/(6·d), and the context is 2048 for every model here, so it "
@@ -148,7 +151,8 @@ def format_markdown(rows: list[dict], levels=LEVELS, plotted: bool = True) -> st
              "Written by `spdf flops --table` (analytic, no measurement: the same on every machine). Budget: "
              f"{TOKENS_PER_PARAMETER} tokens per parameter (parameters counted with the tied embedding once), the "
              "same at every sparsity; sequence length = the model's context. Sparsity is uniform on the attention "
-             "projections and MLP weights (the paper's layout); embeddings, norms, biases and the tied LM head stay "
+             "projections and MLP weights (the paper's layout: each model family's default filter); embeddings, "
+             "norms, biases and the LM head stay "
              f"dense. Convention: {CONVENTION}. Reduction = dense FLOPs / sparse FLOPs; dense share = the share of "
              "the sparse run's FLOPs (at 0%: the dense run's) in matmuls without a weight (attention scores and AV, "
              "logits).", ""]
