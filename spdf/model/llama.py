@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .gpt import GPT, KVCache
+from .decoding import decoding_inputs, lm_result
+from .gpt import KVCache
 from .llama_config import LlamaConfig
 
 # Every block's linear layers: the paper's sparse layers for this family (embeddings, norms and the head stay dense)
@@ -26,10 +27,6 @@ from .llama_config import LlamaConfig
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
 SPARSE_FILTER = [f"model.layers.*.{p}.weight" for p in PROJECTIONS]  # spdf.sparsify's param_filter
-
-# The causal + padding mask of a decoding step is the same for both families: a key is visible if it is not after the
-# query and is a real token.
-_decoding_mask = GPT._attention_mask
 
 
 class RMSNorm(nn.Module):
@@ -198,19 +195,8 @@ class Llama(nn.Module):
         `targets` entries equal to -100 are ignored. `attention_mask` (B, past + T; 1 = token, 0 = padding) covers
         past and new positions; `positions` (B, T) default to counting from each row's first real token (left
         padding) or from the cache length."""
-        B, T = idx.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if kv_cache is not None and targets is not None:
-            raise ValueError("pass either targets (training) or kv_cache (decoding), not both")
-        if positions is None:
-            if attention_mask is not None:  # left padding: a row's first real token is position 0
-                positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
-            else:
-                if past + T > self.config.n_ctx:
-                    raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
-                                     f"({self.config.n_ctx})")
-                positions = torch.arange(past, past + T, device=idx.device)
-        mask = None if past == 0 and attention_mask is None else _decoding_mask(attention_mask, B, past, T, idx)
+        T = idx.size(1)
+        past, positions, mask = decoding_inputs(idx, targets, kv_cache, attention_mask, positions, self.config.n_ctx)
         x = self.model.embed_tokens(idx)
         if self.config.mup:
             x = x * self.config.embedding_mult
@@ -224,9 +210,4 @@ class Llama(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         if self.config.mup:
             logits = logits * self.config.logits_mult
-        if kv_cache is not None:
-            return logits, kv_cache
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return lm_result(logits, targets, kv_cache)
