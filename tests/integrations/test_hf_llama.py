@@ -149,3 +149,23 @@ def test_a_bare_llama_model_state_dict_reads_with_its_tied_head():
     idx = _idx(1, 8)
     with torch.no_grad():
         assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_spdf_generate_gives_transformers_tokens_on_a_left_padded_batch(num_beams):
+    # spdf.eval.generate drives a Llama as it drives a GPT: its cache (selected rows for beams) holds n_kv_head heads
+    from spdf.eval.generate import DecodingConfig, generate
+
+    model = make_llama(seed=4)
+    hf = to_hf_llama(model).eval()
+    eos = 3
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20, 21]]
+    ours = generate(model, prompts, DecodingConfig(max_new_tokens=12, num_beams=num_beams, length_penalty=0.8),
+                    eos_id=eos)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, num_beams=num_beams, length_penalty=0.8,
+                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+    theirs = [row[width:].tolist() for row in out]
+    assert ours == [row[:row.index(eos)] if eos in row else row for row in theirs]
