@@ -11,7 +11,7 @@ import torch
 from spdf.export import read_export, read_masks
 from spdf.model import Llama, family_of
 from spdf.recipe import load_recipe, recipe_fingerprint
-from tiny_runs import DEMO, PRETRAIN_STEPS, run_cli, write_recipe
+from tiny_runs import DEMO, PRETRAIN_STEPS, loss_trace, run_cli, write_recipe
 
 LLAMA = "model.family=llama"
 
@@ -75,3 +75,12 @@ def test_the_llama_export_loads_in_transformers_with_equal_logits(llama_run, off
         torch.testing.assert_close(hf(ids).logits, ours(ids)[0], rtol=1e-5, atol=1e-5)
     back = read_export(tmp_path / "hf")  # and the directory reads back as an export (a fine-tuning --from)
     assert back.config["family"] == "llama" and set(back.masks) == set(exported.masks)
+    # fine-tuning from the Hugging Face directory starts from the same weights, masks and tokens: the same losses
+    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "new-run", LLAMA)
+    rc, _, err = run_cli(["finetune", recipe, "--from", tmp_path / "hf"], capsys)
+    assert rc == 0, err
+    assert loss_trace(tmp_path / "new-run") == loss_trace(llama_run, "finetune")
+    # a GPT recipe is told what the directory holds
+    gpt = write_recipe(tmp_path / "gpt.yaml", tmp_path / "gpt-run")
+    rc, _, err = run_cli(["finetune", gpt, "--from", tmp_path / "hf"], capsys)
+    assert rc == 2 and "holds a llama model where the recipe asks model.family=gpt" in err
