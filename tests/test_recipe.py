@@ -260,6 +260,25 @@ def test_fingerprint_changes_with_what_makes_runs_incompatible():
     assert recipe_fingerprint(recipe_from_dict(edited(sparsity__seed=3, seed=9))) == fixed
 
 
+def test_settings_added_later_count_only_once_they_leave_their_default():
+    """What keeps older run directories resuming is on the schema's fields (spdf.typed_spec.added_later): a marked
+    field is left out of the fingerprint while it holds its default, and counts as soon as it does not."""
+    import dataclasses
+
+    from spdf.recipe_schema import ModelSpec, SparsitySpec
+    from spdf.typed_spec import ADDED_LATER, compatible_dict, to_plain
+
+    base = recipe_fingerprint(recipe_from_dict(minimal()))
+    assert recipe_fingerprint(recipe_from_dict(apply_overrides(minimal(), ["model.family=gpt"]))) == base
+    llama = ["model.family=llama", "model.name=llama-tiny-test"]
+    assert recipe_fingerprint(recipe_from_dict(apply_overrides(minimal(), llama))) != base
+    for spec in (ModelSpec(), SparsitySpec()):
+        marked = {f.name for f in dataclasses.fields(spec) if f.metadata.get(ADDED_LATER)}
+        assert set(to_plain(spec)) - set(compatible_dict(spec)) == marked
+    assert {f.name for f in dataclasses.fields(ModelSpec) if f.metadata.get(ADDED_LATER)} == {
+        "parametrization", "base_width", "output_mult", "family"}
+
+
 # Fingerprints of shipped recipes as spdf computed them before data/task/tokenizer settings were added to the schema:
 # run directories made then must still be accepted (settings added later count only once they are set).
 PINNED_FINGERPRINTS = {

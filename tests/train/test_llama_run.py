@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spdf.export import read_export, read_masks
+from spdf.inspect import checkpoint_stats
 from spdf.model import Llama, family_of
 from spdf.recipe import load_recipe, recipe_fingerprint
 from tiny_runs import DEMO, PRETRAIN_STEPS, loss_trace, run_cli, write_recipe
@@ -49,6 +50,9 @@ def test_llama_pretrains_sparse_densifies_and_fine_tunes(llama_run):
     assert finetune.masks == {}
     learned = [bool((weights[f"{n}.weight"].detach()[~m] != 0).any()) for n, m in masks.items()]
     assert all(learned)  # the formerly masked weights trained after densify
+    stats = checkpoint_stats(llama_run / "phases/pretrain/export")  # `spdf inspect`: the family's block matmuls
+    assert sorted(r["name"] for r in stats["layers"]) == sorted(masks)
+    assert all(r["actual"] == pytest.approx(0.75, abs=0.01) for r in stats["layers"])
     done = json.loads((llama_run / "phases/pretrain/done.json").read_text())
     assert done["steps"] == PRETRAIN_STEPS and done["flops_spent"] < done["flops_dense_equivalent"]
 
