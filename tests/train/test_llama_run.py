@@ -88,3 +88,21 @@ def test_the_llama_export_loads_in_transformers_with_equal_logits(llama_run, off
     gpt = write_recipe(tmp_path / "gpt.yaml", tmp_path / "gpt-run")
     rc, _, err = run_cli(["finetune", gpt, "--from", tmp_path / "hf"], capsys)
     assert rc == 2 and "holds a llama model where the recipe asks model.family=gpt" in err
+
+
+def test_fsdp2_launch_of_the_llama_shards_its_blocks_and_trains_like_one_process(llama_run, cache_dir, tmp_path):
+    """`accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml` (whose wrap class is GPT's `Block`) on two
+    CPU processes: spdf shards each LlamaBlock, and the gathered pre-training export is the one-process run's."""
+    from safetensors.torch import load_file
+
+    from test_fsdp_run import NO_GENERATION, launch_fsdp2
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run", LLAMA, NO_GENERATION)
+    launch_fsdp2("pretrain", recipe, cache_dir, tmp_path)
+    ours = load_file(str(tmp_path / "run/phases/pretrain/export/model.safetensors"))
+    reference = load_file(str(llama_run / "phases/pretrain/export/model.safetensors"))
+    assert set(ours) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
+    masks = "phases/pretrain/export/masks.safetensors"
+    assert (tmp_path / "run" / masks).read_bytes() == (llama_run / masks).read_bytes()
