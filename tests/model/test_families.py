@@ -133,3 +133,14 @@ def test_a_recipe_naming_another_familys_shape_is_told_which_family_it_is():
     with pytest.raises(RecipeError, match="'llama-tiny' is a shape of model family 'llama'.*set model.family: llama"):
         load_recipe(demo, ["model.name=llama-tiny"])
     assert load_recipe(demo, ["model.family=llama", "model.name=smollm2-135m"]).model.name == "smollm2-135m"
+
+
+def test_flops_list_names_every_familys_shapes_and_flops_takes_any_of_them(capsys):
+    from spdf.cli import main
+
+    assert main(["flops", "--list"]) == 0
+    rows = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()}
+    for family, name, _ in spdf.model.families.named_shapes():
+        assert rows[name] == family.name, name
+    assert main(["flops", "llama-3.2-1b", "--sparsity", "0.75", "--seq-len", "2048"]) == 0
+    assert "2.14x" in capsys.readouterr().out
