@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
-from spdf.model import config_by_name, family_of
+from spdf.model import FAMILIES, config_by_name, family_of
 
 STEPS, ACCUM, CLIP = 4, 2, 0.05
 
@@ -113,7 +113,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, shape: str):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("shape", ["tiny-test", "llama-tiny-test"])
+@pytest.mark.parametrize("shape", [f"{family.default_shape}-test" for family in FAMILIES.values()])
 def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_path, shape):
     mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path), shape), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

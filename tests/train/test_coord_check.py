@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 
-from spdf.model.families import family_of_shape
+from spdf.model.families import FAMILIES, family_of_shape
 from spdf.train.coord_check import small_model_rms, spread
 
 STEP = 4  # the fifth forward pass: four Adam updates in
 FACTOR = 2.0
-SHAPES = ("tiny-test", "llama-tiny-test")  # one small shape of each model family
+SHAPES = tuple(f"{f.default_shape}-test" for f in FAMILIES.values())  # each family's test shape (tiny-test, ...)
 
 
 @pytest.fixture(scope="module", params=SHAPES)
