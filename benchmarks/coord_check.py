@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from machine import cpu_name  # benchmarks/machine.py, beside this script
-from spdf.train.coord_check import small_gpt_rms, spread
+from spdf.train.coord_check import small_model_rms, spread
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 WIDTHS = (64, 128, 256, 512)
@@ -35,8 +35,8 @@ def measure() -> dict:
     out = {}
     for param, axis in SWEEPS:
         xs = WIDTHS if axis == "width" else SPARSITIES
-        runs = [small_gpt_rms(param, x, steps=STEPS) if axis == "width" else
-                small_gpt_rms(param, 128, x, steps=STEPS) for x in xs]
+        runs = [small_model_rms(param, x, steps=STEPS) if axis == "width" else
+                small_model_rms(param, 128, x, steps=STEPS) for x in xs]
         out[f"{param}/{axis}"] = {"x": list(xs), "rms": runs, "spread": spread(runs, CHECK_STEP)}
     return out
 

@@ -94,9 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut the middle of prompts that leave no room for the new tokens, instead of refusing them")
     p.add_argument("--out", type=Path, default=None, metavar="DIR", help="report folder (default: PATH/eval)")
 
-    p = sub.add_parser("export", help="write a run's model in another ecosystem's format (Hugging Face GPT-2)",
+    p = sub.add_parser("export", help="write a run's model in another ecosystem's format (Hugging Face)",
                        description="Write the model of an export, phase or run directory (its last finished phase) as "
-                                   "a Hugging Face transformers GPT-2 directory (config, dense weights, tokenizer; "
+                                   "a Hugging Face transformers directory of its family's architecture (gpt: "
+                                   "GPT-2) (config, dense weights, tokenizer; "
                                    "masks beside them for a sparse model) that AutoModelForCausalLM and "
                                    "AutoTokenizer load offline.")
     p.set_defaults(func=_cmd_export)
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "never inside the run or export it reads")
     p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier export of this format")
     p.add_argument("--format", choices=sorted(EXPORT_FORMATS), default="hf",
-                   help="hf: Hugging Face transformers (GPT-2)")
+                   help="hf: Hugging Face transformers (GPT-2 or Llama, by the model's family)")
 
     p = sub.add_parser("inspect", help="per-layer sparsity of a checkpoint, export or run directory")
     p.set_defaults(func=_cmd_inspect)
@@ -290,15 +291,15 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_flops(args) -> int:
     from .flops import analytic_flops, format_table, model_flops
-    from .model.config import CONFIGS, GPTConfig
+    from .model.families import config_by_name, named_shapes
 
-    _check_flops_flags(args, CONFIGS)
+    _check_flops_flags(args, {name for _, name, _ in named_shapes()})
     if args.table is not None:
         return _flops_table(args.table)
     if args.list:
-        for name, cfg in CONFIGS.items():
-            print(f"{name:20s} {cfg.n_layer:3d} layers  d_model {cfg.d_model:5d}  heads {cfg.n_head:3d}  "
-                  f"d_ff {cfg.d_ff:6d}  ctx {cfg.n_ctx}")
+        for family, name, cfg in named_shapes():
+            print(f"{name:22s} {cfg.n_layer:3d} layers  d_model {cfg.d_model:5d}  heads {cfg.n_head:3d}  "
+                  f"d_ff {cfg.d_ff:6d}  ctx {cfg.n_ctx:5d}  family {family.name}")
         return 0
     path = Path(args.model)
     if path.suffix in (".yaml", ".yml"):
@@ -310,7 +311,7 @@ def _cmd_flops(args) -> int:
         fb, label, name = model_flops(model, args.seq_len), "densities from the masks", str(path)
     else:
         sparsity = args.sparsity or 0.0
-        fb = analytic_flops(GPTConfig.from_name(args.model), sparsity, args.seq_len)
+        fb = analytic_flops(config_by_name(args.model), sparsity, args.seq_len)
         label, name = f"{sparsity:.0%} sparse attention and MLP weights", args.model
     if args.json:
         print(json.dumps({"model": name, **fb.to_dict(), "tokens": args.tokens}, indent=2))

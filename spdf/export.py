@@ -1,12 +1,14 @@
 """The export format, in one place: write an export, read it back, and find one from a run, phase or export path.
 
 An export directory holds
-    model.safetensors   dense-shaped weights with the zeros in place (compressed layers expanded); `lm_head.weight`
-                        is left out because it is tied to the token embedding
-    config.json         {"model": GPTConfig fields, "targets": {layer: target sparsity}, "sparse": bool, ...extra}
+    model.safetensors   dense-shaped weights with the zeros in place (compressed layers expanded); a weight tied
+                        to another (GPT's `lm_head.weight`, the token embedding) is written once, under the first name
+    config.json         {"family": model family, "model": its config's fields, "targets": {layer: target
+                        sparsity}, "sparse": bool, ...extra}; an export without "family" is a gpt's (older spdf)
     masks.safetensors   a sparse model's masks, packed 8 per byte, with their shapes in the file's metadata
     tokenizer.json      the tokenizer the model was trained with
-and loads with plain torch: `GPT(GPTConfig(**config["model"]))` + `load_state_dict(..., strict=False)`.
+and loads with plain torch: `get_family(config["family"])`'s `build(config_from_dict(config["model"]))` +
+`load_state_dict(..., strict=False)`.
 
 Training (`spdf.train`), `spdf inspect`, `spdf flops` and evaluation (`spdf.eval`) all read and write exports through
 this module, so evaluation never needs the training package.
@@ -30,15 +32,15 @@ from .fswrite import read_json, write_json_atomic, writing_dir
 from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, PhaseLayout, RunLayout,
                      temporary_dir)
 from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
-from .model import GPT, GPTConfig
-from .model.gpt import HF_CONV1D_WEIGHTS
+from .model.families import DEFAULT_FAMILY, ModelFamily, family_for_hf, family_of, get_family
 from .sparsity import set_masks, sparse_layers, sparsify, state_dict_masks, to_dense_state_dict
 from .sparsity.bitpack import pack_bits, unpack_bits
 
 
 def layout_meta(model: nn.Module) -> dict:
-    """What a checkpoint must agree on with the model it is loaded into: the shape and each layer's target sparsity."""
-    return {"model": model.config.to_dict(),
+    """What a checkpoint must agree on with the model it is loaded into: the family, the shape and each layer's target
+    sparsity."""
+    return {"family": family_of(model).name, "model": model.config.to_dict(),
             "targets": {name: layer.target_sparsity for name, layer in sparse_layers(model).items()}}
 
 
@@ -55,8 +57,9 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     for stale in out_dir.parent.glob(f"{temporary_dir(out_dir).name}.*"):  # left by a killed writer (its pid is gone)
         if stale != tmp and not _alive(stale.name.rpartition(".")[2]):
             shutil.rmtree(stale, ignore_errors=True)
+    tied = tied_aliases(model)
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
-             if k != "lm_head.weight"}
+             if k not in tied}
     with writing_dir(tmp, "the export", sum(t.numel() * t.element_size() for t in state.values())):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -79,6 +82,13 @@ def write_masks(masks: dict[str, torch.Tensor], masks_file: Path) -> None:
     packed = {f"{name}.mask_bits": pack_bits(mask) for name, mask in masks.items()}
     shapes = {name: list(mask.shape) for name, mask in masks.items()}
     save_file(packed, str(masks_file), metadata={"shapes": json.dumps(shapes)})
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (GPT's LM head is its token embedding):
+    written once, under the first name, and left to the tie when loading."""
+    return ({name for name, _ in model.named_parameters(remove_duplicate=False)}
+            - {name for name, _ in model.named_parameters()})
 
 
 def _alive(pid: str) -> bool:
@@ -140,9 +150,10 @@ def read_masks(masks_file: Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class Export:
-    """What an export holds: a dense GPT with its weights, the masks of a sparse model, config.json, the tokenizer."""
+    """What an export holds: its family's dense model with its weights, the masks of a sparse model, config.json, the
+    tokenizer."""
     path: Path
-    model: GPT
+    model: nn.Module
     masks: dict[str, torch.Tensor]
     config: dict
     tokenizer_path: Path | None  # None: an export written without one (a user's own, or an old spdf)
@@ -160,18 +171,34 @@ def verify_export(path: Path) -> bool:
     return True
 
 
+def export_family(path: Path) -> ModelFamily:
+    """The model family of an export, a checkpoint or a Hugging Face directory, from its config file alone."""
+    path = Path(path)
+    checkpoint = not is_export(path) and is_checkpoint(path)
+    what = "checkpoint" if checkpoint else "export"
+    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
+    try:
+        if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
+            return family_for_hf(config["model_type"])
+        return get_family(config.get("family", DEFAULT_FAMILY))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def read_export(path: Path) -> Export:
-    """Load the export at `path` (an export, a training checkpoint directory or a Hugging Face GPT-2 directory; see
-    find_export for run and phase directories), verified against its manifest when it has one."""
+    """Load the export at `path` (an export, a training checkpoint directory or a Hugging Face directory of an
+    architecture a model family maps onto; see find_export for run and phase directories), verified against its
+    manifest when it has one."""
     path = Path(path)
     verify_export(path)
     checkpoint = not is_export(path) and is_checkpoint(path)
     what = "checkpoint" if checkpoint else "export"
     config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
     if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
-        return read_hf_gpt2(path, config)
+        return read_hf(path, config)
+    family = export_family(path)
     try:
-        model = GPT(GPTConfig(**config["model"]))
+        model = family.build(family.config_from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{what} {path}: {CHECKPOINT_META if checkpoint else CONFIG_FILE} does not describe "
                               f"a model ({e})") from None
@@ -187,7 +214,7 @@ def read_export(path: Path) -> Export:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise CheckpointError(f"{what} {path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - tied_aliases(model):
         raise CheckpointError(f"{what} {path} does not fit its config: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     unfit = sorted(name for name, mask in masks.items() if not _mask_fits(model, name, mask))
@@ -207,56 +234,33 @@ def _mask_fits(model: nn.Module, name: str, mask: torch.Tensor) -> bool:
     return isinstance(layer, nn.Linear) and tuple(layer.weight.shape) == tuple(mask.shape)
 
 
-# ---- Hugging Face GPT-2 directories ---------------------------------------------------------------------------------
-def gpt_config_from_hf_gpt2(hf: dict, path: Path) -> GPTConfig:
-    """The GPTConfig of a transformers GPT2Config (as a dict); what spdf's GPT cannot compute the same way is refused."""
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{path} holds a Hugging Face {hf.get('model_type')!r} model; spdf.GPT maps onto GPT-2 "
-                              f"only")
-    unmapped = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
-                "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
-                "reorder_and_upcast_attn": (False,), "tie_word_embeddings": (True,)}
-    defaults = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True}
-    for key, allowed in unmapped.items():
-        if hf.get(key, defaults[key]) not in allowed:
-            raise CheckpointError(f"{path}: GPT-2 {key}={hf[key]!r} has no equivalent in spdf.GPT (allowed: {allowed})")
-    dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    if len(dropouts) != 1:
-        raise CheckpointError(f"{path}: spdf.GPT has one dropout rate, this GPT-2 has {sorted(dropouts)}")
+# ---- Hugging Face directories -------------------------------------------------------------------------------------
+def read_hf(path: Path, hf: dict) -> Export:
+    """A Hugging Face directory (`model.safetensors`, as save_pretrained writes it) of an architecture some model
+    family maps onto (its `model_type`: gpt2, ...) as an Export: the family's model with the same weights (the
+    family's adapter renames and re-lays them out), the masks of a directory written by spdf.save_pretrained, its
+    tokenizer.json if any. What the family's model cannot compute the same way is refused."""
+    family = export_family(path)
     try:
-        return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
-                         d_ff=hf.get("n_inner") or 4 * hf["n_embd"], n_ctx=hf["n_positions"],
-                         vocab_size=hf["vocab_size"], dropout=dropouts.pop(), name="hf-gpt2")
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: config.json does not describe a GPT-2 model ({e})") from None
-
-
-def read_hf_gpt2(path: Path, hf: dict) -> Export:
-    """A Hugging Face GPT-2 directory (`model.safetensors`, as save_pretrained writes it, of GPT2LMHeadModel or
-    GPT2Model) as an Export: an spdf.GPT with the same weights (Conv1D weights transposed), the masks of a directory
-    written by spdf.save_pretrained, its tokenizer.json if any."""
-    model = GPT(gpt_config_from_hf_gpt2(hf, path))
+        model = family.build(family.hf.config_from_hf(hf))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} could not be read (a sharded or .bin checkpoint? re-save it "
                               f"with save_pretrained as one safetensors file) ({e})") from None
-    if not any(k.startswith("transformer.") for k in state):  # saved from GPT2Model: no head, no prefix
-        state = {f"transformer.{k}": v for k, v in state.items()}
-    head = state.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, state.get("transformer.wte.weight", head)):
-        raise CheckpointError(f"{path}: lm_head.weight differs from the token embedding; spdf.GPT ties them")
-    state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in state.items()
-             if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # causal-mask buffers of older GPT-2 code
+    try:
+        state = family.hf.state_from_hf(state, model.config)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit its config: {str(e).splitlines()[-1].strip()}") from None
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    if unexpected or set(missing) - tied_aliases(model):
         raise CheckpointError(f"{path} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    masks = {(n if n.startswith("transformer.") else f"transformer.{n}"): m
-             for n, m in read_masks(path / MASKS_FILE).items()}
+    masks = {family.hf.module_from_hf(n): m for n, m in read_masks(path / MASKS_FILE).items()}
     weights = dict(model.named_parameters())
     for name, mask in masks.items():
         weight = weights.get(f"{name}.weight")
@@ -264,7 +268,8 @@ def read_hf_gpt2(path: Path, hf: dict) -> Export:
             raise CheckpointError(f"{path}: the mask of {name!r} does not fit its weight (or the weight is not zero "
                                   f"outside it)")
     targets = {name: 1 - int(mask.sum()) / mask.numel() for name, mask in masks.items()}
-    config = {"model": model.config.to_dict(), "targets": targets, "sparse": bool(masks), "source": "hf-gpt2"}
+    config = {"family": family.name, "model": model.config.to_dict(), "targets": targets, "sparse": bool(masks),
+              "source": f"hf-{family.hf.model_type}"}
     tokenizer = path / TOKENIZER_FILE
     return Export(path, model, masks, config, tokenizer if tokenizer.is_file() else None)
 
@@ -286,30 +291,31 @@ def load_weights(model, export: Path | Export) -> None:
     """Load an export into `model` (sparse or dense): shapes, and masks where the model is sparse, must match."""
     exported = export if isinstance(export, Export) else read_export(export)
     export, masks = exported.path, exported.masks
-    shape = lambda config: {k: v for k, v in config.to_dict().items() if k != "name"}  # a name is only a label
-    if shape(exported.model.config) != shape(model.config):
+    shape = lambda m: (family_of(m).name, {k: v for k, v in m.config.to_dict().items() if k != "name"})  # a name
+    if shape(exported.model) != shape(model):  # is only a label
         raise CheckpointError(f"{export} holds a model of shape {exported.model.config.to_dict()}, but the recipe "
                               f"asks for {model.config.to_dict()}")
     layers = sparse_layers(model)
     if layers and set(masks) != set(layers):
         raise CheckpointError(f"{export} is {'dense' if not masks else 'sparse on other layers'} but the recipe's "
                               f"model is sparse; fine-tune with init: densify or use a matching checkpoint")
-    state = {k: v for k, v in exported.model.state_dict().items() if k != "lm_head.weight"}
+    tied = tied_aliases(model)
+    state = {k: v for k, v in exported.model.state_dict().items() if k not in tied}
     if layers:  # through the layer protocol: any backend takes its mask and the kept entries of a dense weight
         set_masks(model, masks)
         for name, layer in layers.items():
             layer.load_dense_weight(state.pop(f"{name}.weight"))
     missing, _ = model.load_state_dict(state, strict=False)
-    left = [k for k in missing if k != "lm_head.weight" and k.rpartition(".")[0] not in layers]
+    left = [k for k in missing if k not in tied and k.rpartition(".")[0] not in layers]
     if left:
         raise CheckpointError(f"{export} does not hold {left[:3]}")
 
 
-def sparse_model(export: Path, model: GPT | None = None):
-    """(model, sparsifier or None): `model` (default: a fresh GPT of the export's shape) with the export's weights,
+def sparse_model(export: Path, model: nn.Module | None = None):
+    """(model, sparsifier or None): `model` (default: a fresh model of the export's family and shape) with its weights,
     made sparse on exactly the export's masked layers with exactly its masks. A dense export gives sparsifier None."""
     exported = read_export(export)
-    model = model if model is not None else GPT(exported.model.config)
+    model = model if model is not None else family_of(exported.model).build(exported.model.config)
     sparsifier = None
     if exported.masks:  # the export's own layers are made sparse; its masks replace the generated ones below
         sparsifier = sparsify(model, init=exported.masks, param_filter=[f"{name}.weight" for name in exported.masks])

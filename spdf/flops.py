@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .model.config import GPTConfig
+from .model.families import family_of
 from .sparsity import sparse_layers
 
 COMPONENTS = ("qkv", "attn_out", "mlp_in", "mlp_out", "attn_scores", "logits")
@@ -80,60 +80,43 @@ class FlopBreakdown:
                     reduction=self.reduction, kaplan_reduction=self.kaplan_reduction, convention=CONVENTION)
 
 
-def _dense_components(cfg: GPTConfig, seq_len: int) -> dict[str, float]:
-    L, d, da, dff = cfg.n_layer, cfg.d_model, cfg.d_attn, cfg.d_ff
-    return {
-        "qkv": L * 2 * d * 3 * da,
-        "attn_out": L * 2 * da * d,
-        "mlp_in": L * 2 * d * dff,
-        "mlp_out": L * 2 * dff * d,
-        "attn_scores": L * 4 * seq_len * da,
-        "logits": 2 * d * cfg.vocab_size,
-    }
-
-
-def analytic_flops(cfg: GPTConfig, sparsity: float = 0.0, seq_len: int | None = None,
+def analytic_flops(cfg, sparsity: float = 0.0, seq_len: int | None = None,
                    densities: dict[str, float] | None = None) -> FlopBreakdown:
-    """Per-token FLOPs of `cfg` with every attention projection and MLP weight at `sparsity` (the paper's layout),
-    or with explicit per-component `densities` (as read from a model's masks)."""
+    """Per-token FLOPs of `cfg` (a config of any model family: the family has the formula) with every attention
+    projection and MLP weight at `sparsity` (the paper's layout), or with explicit per-component `densities` (as read
+    from a model's masks)."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     seq_len = seq_len or cfg.n_ctx
-    dense = _dense_components(cfg, seq_len)
+    dense = family_of(cfg).forward_flops(cfg, seq_len)
     density = densities or {c: 1.0 - sparsity for c in WEIGHT_COMPONENTS}
     sparse = {c: v * density.get(c, 1.0) for c, v in dense.items()}
     return FlopBreakdown(seq_len, dense, sparse)
 
 
-def _component(module_name: str) -> str | None:
-    for suffix, component in (("attn.c_attn", "qkv"), ("attn.c_proj", "attn_out"), ("mlp.c_fc", "mlp_in"),
-                              ("mlp.c_proj", "mlp_out")):
-        if module_name.endswith(suffix):
-            return component
-    return None
-
-
 def model_flops(model: nn.Module, seq_len: int | None = None) -> FlopBreakdown:
-    """Analytic FLOPs of an spdf GPT whose densities are read from its masks (weighted by layer size)."""
-    cfg = model.config
+    """Analytic FLOPs of an spdf model whose densities are read from its masks (weighted by layer size); its family
+    says which matmul each sparse layer is."""
+    cfg, family = model.config, family_of(model)
     kept: dict[str, float] = {}
     total: dict[str, float] = {}
     for name, layer in sparse_layers(model).items():
-        component = _component(name)
+        component = family.role(name)
         if component is None:
-            raise ValueError(f"sparse layer {name!r} is not one of the GPT's attention or MLP projections")
+            raise ValueError(f"sparse layer {name!r} is not one of the {family.name} model's attention or MLP "
+                             f"projections ({', '.join(family.flop_roles)})")
         mask = layer.mask
         kept[component] = kept.get(component, 0) + float(mask.sum())
         total[component] = total.get(component, 0) + mask.numel()
-    full = {"qkv": cfg.n_layer * 3 * cfg.d_attn * cfg.d_model, "attn_out": cfg.n_layer * cfg.d_attn * cfg.d_model,
-            "mlp_in": cfg.n_layer * cfg.d_ff * cfg.d_model, "mlp_out": cfg.n_layer * cfg.d_ff * cfg.d_model}
+    # A weight matmul costs 2 FLOPs per weight per token: its component's weights are half its forward FLOPs.
+    full = {c: v / 2 for c, v in family.forward_flops(cfg, 1).items() if c in WEIGHT_COMPONENTS}
     # Layers left dense by the filter count at density 1.
     densities = {c: (kept.get(c, 0) + full[c] - total.get(c, 0)) / full[c] for c in full}
     return analytic_flops(cfg, seq_len=seq_len, densities=densities)
 
 
 class TrainingFlops:
-    """Per-token training FLOPs (dense-equivalent, spent) of the next optimizer step of a sparse GPT: follows the
+    """Per-token training FLOPs (dense-equivalent, spent) of the next optimizer step of a sparse model: follows the
     masks as a dynamic algorithm changes them (GMP's rising sparsity) and charges RigL's dense-gradient steps."""
 
     def __init__(self, model: nn.Module, seq_len: int, sparsifier=None):
@@ -151,7 +134,7 @@ class TrainingFlops:
         return fb.dense_train, fb.sparse_train
 
 
-def schedule_flops(cfg: GPTConfig, sparsity: float, algorithm, steps: int, seq_len: int | None = None) -> dict:
+def schedule_flops(cfg, sparsity: float, algorithm, steps: int, seq_len: int | None = None) -> dict:
     """Mean per-token training FLOPs over `steps` optimizer steps of `algorithm` (every sparse layer at target
     `sparsity`): GMP's sparsity as its schedule sets it each step, RigL's dense-gradient steps charged."""
     spent = 0.0

@@ -14,8 +14,7 @@ import torch
 
 from .flops import CONVENTION, DENSE_COMPONENTS, WEIGHT_COMPONENTS, analytic_flops
 from .fswrite import WriteError, replacing_file, write_text_atomic
-from .model.config import CONFIGS, GPTConfig
-from .model.gpt import GPT
+from .model.families import family_of, named_shapes
 
 LEVELS = (0.0, 0.5, 0.75, 0.9)
 TOKENS_PER_PARAMETER = 20  # Chinchilla's compute-optimal budget, which the Cerebras-GPT family was trained on
@@ -23,27 +22,28 @@ EXPLAIN_LEVEL = 0.75  # the level the "why" section works through (the paper's h
 FILES = ("flops.md", "flops.json", "flops.png")
 
 
-def parameter_count(cfg: GPTConfig) -> int:
-    """Parameters of spdf's GPT of this shape (tied embeddings counted once), built on the meta device: the model's
-    own count, with no memory spent on a 13B model."""
+def parameter_count(cfg) -> int:
+    """Parameters of the spdf model of this shape (tied embeddings counted once), built by its family on the meta
+    device: the model's own count, with no memory spent on a 13B model."""
     with torch.device("meta"):
-        return GPT(cfg).num_parameters()
+        return family_of(cfg).build(cfg).num_parameters()
 
 
-def _shape(cfg: GPTConfig) -> tuple:
-    # What FLOPs and parameters depend on; names and training settings (dropout, µP multipliers) do not count.
-    return cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_model, cfg.d_ff, cfg.n_ctx, cfg.vocab_size, cfg.bias
+def _is_test_shape(name: str) -> bool:
+    return name.startswith("tiny") or name.endswith(("-tiny", "-tiny-test"))
 
 
-def table_models() -> list[tuple[GPTConfig, list[str], int]]:
-    """One (config, names, parameters) per distinct shape among the named configs, the tiny test shapes left out,
-    smallest first."""
-    groups: dict[tuple, tuple[GPTConfig, list[str]]] = {}
-    for name, cfg in CONFIGS.items():
-        if not name.startswith("tiny"):
-            groups.setdefault(_shape(cfg), (cfg, []))[1].append(name)
-    counted = [(cfg, names, parameter_count(cfg)) for cfg, names in groups.values()]
-    return sorted(counted, key=lambda model: model[2])
+def table_models() -> list[tuple[object, list[str], int]]:
+    """One (config, names, parameters) per distinct shape among the named configs of every family, the tiny test
+    shapes left out, smallest first. Configs of one family with the same parameters and the same FLOPs per
+    component are one shape (names and training settings, such as dropout or µP multipliers, do not count)."""
+    groups: dict[tuple, tuple[object, list[str], int]] = {}
+    for family, name, cfg in named_shapes():
+        if not _is_test_shape(name):
+            params = parameter_count(cfg)
+            key = (family.name, params, tuple(sorted(family.forward_flops(cfg, cfg.n_ctx).items())))
+            groups.setdefault(key, (cfg, [], params))[1].append(name)
+    return sorted(groups.values(), key=lambda model: model[2])
 
 
 def _share(forward: dict[str, float], components) -> float:
@@ -57,7 +57,8 @@ def table_rows(levels=LEVELS) -> list[dict]:
         for level in levels:
             fb = analytic_flops(cfg, level)
             rows.append(dict(
-                model=names[0], same_shape=names[1:], n_layer=cfg.n_layer, d_model=cfg.d_model, seq_len=fb.seq_len,
+                model=names[0], family=family_of(cfg).name, same_shape=names[1:], n_layer=cfg.n_layer,
+                d_model=cfg.d_model, seq_len=fb.seq_len,
                 vocab_size=cfg.vocab_size, parameters=params, tokens=tokens, sparsity=level,
                 dense_flops=fb.dense_train * tokens, sparse_flops=fb.sparse_train * tokens, reduction=fb.reduction,
                 kaplan_reduction=fb.kaplan_reduction,
@@ -110,11 +111,14 @@ def _full_table(rows: list[dict]) -> list[str]:
 
 
 def _why(rows: list[dict], level: float) -> list[str]:
+    rows = [r for r in rows if r["family"] == "gpt"]  # the closed forms below are GPT's (d_ff = 4·d, full heads)
     dense = {r["model"]: r for r in rows if r["sparsity"] == 0.0}
     at = [r for r in rows if r["sparsity"] == level]
     ceiling = 1 / (1 - level)
     lines = [
         "## Why small models save less", "",
+        "(The gpt family's models; a Llama's SwiGLU, grouped K/V and large vocabulary change the terms, not the "
+        "argument: its rows above follow from the same accounting.) "
         "Sparsity thins only the matmuls with a weight. Per token and layer those cost 2·(4·d·d_attn + 2·d·d_ff) = "
         "24·d² forward FLOPs (d_ff = 4·d), while the attention scores and AV cost 4·n_ctx·d_attn, which no weight "
         "thins: next to the weights that is n_ctx/(6·d), and the context is 2048 for every model here, so it "
@@ -147,7 +151,8 @@ def format_markdown(rows: list[dict], levels=LEVELS, plotted: bool = True) -> st
              "Written by `spdf flops --table` (analytic, no measurement: the same on every machine). Budget: "
              f"{TOKENS_PER_PARAMETER} tokens per parameter (parameters counted with the tied embedding once), the "
              "same at every sparsity; sequence length = the model's context. Sparsity is uniform on the attention "
-             "projections and MLP weights (the paper's layout); embeddings, norms, biases and the tied LM head stay "
+             "projections and MLP weights (the paper's layout: each model family's default filter); embeddings, "
+             "norms, biases and the LM head stay "
              f"dense. Convention: {CONVENTION}. Reduction = dense FLOPs / sparse FLOPs; dense share = the share of "
              "the sparse run's FLOPs (at 0%: the dense run's) in matmuls without a weight (attention scores and AV, "
              "logits).", ""]

@@ -13,6 +13,7 @@ from .fswrite import read_json
 from .layout import (CHECKPOINT_META, CONFIG_FILE, MANIFEST_FILE, MASKS_FILE, SHARDED_MODEL_DIR, WEIGHTS_FILE,
                      is_checkpoint_name, is_temporary)
 from .manifest import ManifestError, has_manifest, verify_manifest
+from .model.families import DEFAULT_FAMILY, family_for_hf, get_family
 from .sparsity import state_dict_masks, to_dense_state_dict
 
 
@@ -79,15 +80,17 @@ def checkpoint_stats(path: str | Path) -> dict:
     state = _load_state(file)
     masks = _masks(file, state)
     state = to_dense_state_dict(state)  # compressed layers' weights as dense tensors, zeros in place
-    targets = {}
+    meta = {}
     for meta_file in (file.with_name(CHECKPOINT_META), file.with_name(CONFIG_FILE)):  # checkpoint / export
         if meta_file.exists():
-            targets = read_json(meta_file, "checkpoint or export").get("targets", {})
+            meta = read_json(meta_file, "checkpoint or export")
+    targets, family = meta.get("targets", {}), _family(meta)
     rows = []
     for key, tensor in state.items():
-        if not key.endswith(".weight") or tensor.dim() != 2 or "wte" in key or "wpe" in key or "lm_head" in key:
-            continue
         name = key[: -len(".weight")]
+        # the weight matmuls of the blocks, as the model's family names them (embeddings and the head are not)
+        if not key.endswith(".weight") or tensor.dim() != 2 or (family is not None and family.role(name) is None):
+            continue
         numel = tensor.numel()
         nnz = int(torch.count_nonzero(tensor))
         mask = masks.get(name)
@@ -97,6 +100,17 @@ def checkpoint_stats(path: str | Path) -> dict:
     total = sum(r["numel"] for r in rows) or 1
     return {"file": str(file), "sparse": bool(masks), "layers": rows,
             "total_numel": total, "total_nnz": sum(r["nnz"] for r in rows)}
+
+
+def _family(meta: dict):
+    """The model family that wrote these weights (a file alone, or a meta file without one: gpt, as older spdf wrote
+    only GPTs); None for a Hugging Face architecture no family maps onto (then every 2-D weight is listed)."""
+    try:
+        if "model_type" in meta:
+            return family_for_hf(meta["model_type"])
+        return get_family(meta.get("family", DEFAULT_FAMILY))
+    except ValueError:
+        return None
 
 
 def format_stats(stats: dict) -> str:

@@ -23,10 +23,13 @@ Public API
     sha256 of what makes a run directory incompatible with another recipe: model, sparsity (with its resolved
     seed), tokenizer, the named sources, and each phase's name, kind, init, data/task/mixture, seq_len and
     batch_size. Logging, eval and
-    checkpoint cadence, budgets, optimizer/schedule, precision and micro batch size do not count.
-``model_config(recipe: Recipe, vocab_size: int | None = None) -> GPTConfig``
-    The named model shape with the recipe's overrides. The vocabulary is, in order: model.vocab_size, the
-    `vocab_size` argument (the loaded tokenizer's real size), tokenizer.vocab_size for kind=train, the named shape's.
+    checkpoint cadence, budgets, optimizer/schedule, precision and micro batch size do not count. A setting added
+    after run directories existed (its field says so: spdf.typed_spec.added_later) counts only once it leaves its
+    default, so those directories still resume: `model.family: gpt` is every older recipe's fingerprint.
+``model_config(recipe: Recipe, vocab_size: int | None = None)``
+    The config of the recipe's model family (model.family): its named shape with the recipe's overrides. The
+    vocabulary is, in order: model.vocab_size, the `vocab_size` argument (the loaded tokenizer's real size),
+    tokenizer.vocab_size for kind=train, the named shape's.
 ``Recipe.run_path -> Path``, ``Recipe.phase(name) -> PhaseSpec``, ``Recipe.sparsity_seed -> int``.
 ``RecipeError`` (an ``spdf.errors.SpdfUserError``): one line naming the key path and what is allowed.
 """
@@ -43,11 +46,10 @@ from typing import Sequence
 import yaml
 
 from .fswrite import write_text_atomic
-from .model.config import CONFIGS, GPTConfig
 from .recipe_schema import (CheckpointSpec, DataSpec, EvalSpec, GenerationEvalSpec, LoggingSpec, ModelSpec,
                             OptimizerSpec, PhaseSpec, Recipe, RecipeError, ScheduleSpec, SourceSpec, SparsitySpec,
                             TaskSpec, TokenizerSpec, join_path, suggest, to_plain)
-from .typed_spec import build, strip_optional, type_hints
+from .typed_spec import build, compatible_dict, strip_optional, type_hints
 
 __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "LoggingSpec", "ModelSpec", "OptimizerSpec",
            "PhaseSpec", "Recipe", "RecipeError", "ScheduleSpec", "SourceSpec", "SparsitySpec", "TaskSpec", "TokenizerSpec",
@@ -165,55 +167,39 @@ _BUDGET_DATA_KEYS = ("max_tokens",)
 # How the data is made, not what it is: never part of the fingerprint (the packed tokens are the same for any value)
 _HOW_DATA_KEYS = ("workers",)
 _FINGERPRINT_PHASE_KEYS = ("name", "kind", "init", "data", "task", "seq_len", "batch_size")
-# Settings added after run directories already existed: left out while unset, so that those directories resume.
-_ADDED_LATER = {
-    "tokenizer": ("max_bytes",),
-    "data": ("heldout_fraction", "content"),
-    "task": ("heldout_fraction", "validation_fraction", "max_prompt_lines", "prompt_field", "completion_field",
-             "article_field", "summary_field", "max_article_chars"),
-}
-# Sparsity settings added with the dynamic methods: left out while they keep their defaults (they have no None).
-_SPARSITY_ADDED_LATER = ("init", "update_every", "update_start", "update_stop", "schedule", "drop_fraction",
-                         "initial_level")
 
 
-def _fingerprint_part(spec, section: str, drop=()) -> dict | None:
+def _fingerprint_part(spec, drop=()) -> dict | None:
+    """A section as the fingerprint counts it: settings added after run directories existed (their fields say so,
+    spdf.typed_spec.added_later) are left out while they hold their defaults, so those directories resume."""
     if spec is None:
         return None
-    return {k: v for k, v in to_plain(spec).items()
-            if k not in drop and not (v is None and k in _ADDED_LATER[section])}
-
-
-def _sparsity_part(spec) -> dict:
-    defaults = {f.name: f.default for f in dataclasses.fields(spec)}
-    return {k: v for k, v in to_plain(spec).items() if not (k in _SPARSITY_ADDED_LATER and v == defaults[k])}
+    return {k: v for k, v in compatible_dict(spec).items() if k not in drop}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
     phases = []
     for phase in recipe.phases:
         entry = {k: to_plain(getattr(phase, k)) for k in _FINGERPRINT_PHASE_KEYS}
-        entry["data"] = _fingerprint_part(phase.data, "data", drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
-        entry["task"] = _fingerprint_part(phase.task, "task")
+        entry["data"] = _fingerprint_part(phase.data, drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
+        entry["task"] = _fingerprint_part(phase.task)
         if phase.mixture is not None:  # added later: absent from the fingerprints of single-corpus phases
             entry["mixture"] = dict(phase.mixture)
         phases.append(entry)
     payload = {
         "version": recipe.version,
-        # keys added after run directories existed count only when set, so those directories stay resumable
-        "model": {k: v for k, v in recipe.model.to_dict().items()
-                  if v is not None or k not in ModelSpec.PARAMETRIZATION_KEYS},
-        "sparsity": {**_sparsity_part(recipe.sparsity), "seed": recipe.sparsity_seed},
-        "tokenizer": _fingerprint_part(recipe.tokenizer, "tokenizer"),
+        "model": _fingerprint_part(recipe.model),
+        "sparsity": {**_fingerprint_part(recipe.sparsity), "seed": recipe.sparsity_seed},
+        "tokenizer": _fingerprint_part(recipe.tokenizer),
         "phases": phases,
     }
     if recipe.sources:
-        payload["sources"] = {s.name: _fingerprint_part(s.data, "data", drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
+        payload["sources"] = {s.name: _fingerprint_part(s.data, drop=_BUDGET_DATA_KEYS + _HOW_DATA_KEYS)
                               for s in recipe.sources}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def model_config(recipe: Recipe, vocab_size: int | None = None) -> GPTConfig:
+def model_config(recipe: Recipe, vocab_size: int | None = None):
     spec, tok = recipe.model, recipe.tokenizer
     if spec.vocab_size is not None:
         if vocab_size is not None and vocab_size > spec.vocab_size:
@@ -225,10 +211,10 @@ def model_config(recipe: Recipe, vocab_size: int | None = None) -> GPTConfig:
     elif tok.kind == "train":
         vocab = tok.vocab_size
     else:
-        vocab = CONFIGS[spec.name].vocab_size
+        vocab = spec.shape.vocab_size
     shape = {k: getattr(spec, k) for k in ModelSpec.SHAPE_KEYS + ModelSpec.PARAMETRIZATION_KEYS
              if getattr(spec, k) is not None}
     try:
-        return GPTConfig.from_name(spec.name, vocab_size=vocab, dropout=spec.dropout, **shape)
+        return spec.model_family.config(spec.name, vocab_size=vocab, dropout=spec.dropout, **shape)
     except ValueError as err:
         raise RecipeError(str(err)) from None

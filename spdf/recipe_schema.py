@@ -14,8 +14,9 @@ from typing import ClassVar, Literal, Optional
 from .data.specs import DataSpec, SourceSpec, TaskSpec, TokenizerSpec, docstring_task_leak
 from .data.task_registry import task_splits
 from .eval.generate import DecodingConfig
-from .model.config import CONFIGS, PARAMETRIZATIONS
-from .typed_spec import RecipeError, Spec, at_most_one, fail, join_path, num, suggest, to_plain
+from .model.config import PARAMETRIZATIONS
+from .model.families import DEFAULT_FAMILY, FAMILIES, ModelFamily, family_of_shape
+from .typed_spec import RecipeError, Spec, added_later, at_most_one, fail, join_path, num, suggest, to_plain
 from .sparsity.algorithms import ALGORITHMS
 from .sparsity.backends import BACKEND_NAMES, spec_problem
 from .sparsity.methods import MASK_METHODS
@@ -28,7 +29,9 @@ __all__ = ["CheckpointSpec", "DataSpec", "EvalSpec", "GenerationEvalSpec", "Logg
 # --------------------------------------------------------------------------------------------------- the schema
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec(Spec):
-    name: str = "tiny"
+    # One of the named shapes of the model family (spdf.model.families, `family` below); None: the family's default
+    # shape (gpt: tiny, llama: llama-tiny), so `--set model.family=llama` turns a recipe naming no shape into a Llama.
+    name: Optional[str] = None
     n_layer: Optional[int] = num(None, ge=1)
     n_head: Optional[int] = num(None, ge=1)
     d_model: Optional[int] = num(None, ge=1)
@@ -39,17 +42,36 @@ class ModelSpec(Spec):
     dropout: float = num(0.0, ge=0.0, lt=1.0)
     # sp (standard), mup (Cerebras-GPT µP) or supar (µP + SµPar's density correction of sparse layers); None: the
     # named model's (sp, or mup for cerebras-gpt-*-mup). µP is relative to base_width (None: 256, Cerebras-GPT's).
-    parametrization: Optional[Literal[PARAMETRIZATIONS]] = None
-    base_width: Optional[int] = num(None, ge=1)
-    output_mult: Optional[float] = num(None, gt=0.0)  # µP: logits x output_mult / width_mult (None: 1.0)
+    parametrization: Optional[Literal[PARAMETRIZATIONS]] = added_later(None)
+    base_width: Optional[int] = num(None, ge=1, added_later=True)
+    # µP: logits x output_mult / width_mult (None: 1.0)
+    output_mult: Optional[float] = num(None, gt=0.0, added_later=True)
+    family: Literal[tuple(FAMILIES)] = added_later(DEFAULT_FAMILY)  # the model family: gpt, ...
 
     SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "head_dim")
     PARAMETRIZATION_KEYS: ClassVar[tuple[str, ...]] = ("parametrization", "base_width", "output_mult")
 
     def _check(self):
-        if self.name not in CONFIGS:
-            fail("name", f"{{key}}: unknown model '{self.name}'{suggest(self.name, CONFIGS)}; "
-                          f"known: {', '.join(CONFIGS)}")
+        family = self.model_family
+        if self.name is None:  # resolved here, so the recipe (its YAML, its fingerprint) names the shape it trains
+            object.__setattr__(self, "name", family.default_shape)
+        if self.name not in family.configs:
+            other = family_of_shape(self.name)
+            if other is not None:
+                fail("name", f"{{key}}: '{self.name}' is a shape of model family '{other.name}', and model.family is "
+                             f"'{family.name}'; set model.family: {other.name}, or a {family.name} shape: "
+                             f"{', '.join(family.configs)}")
+            fail("name", f"{{key}}: unknown model '{self.name}'{suggest(self.name, family.configs)}; "
+                          f"known {family.name} shapes: {', '.join(family.configs)}")
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return FAMILIES[self.family]
+
+    @property
+    def shape(self):
+        """The named shape this spec starts from (before its overrides)."""
+        return self.model_family.configs[self.name]
 
 
 # Both lists come from the sparsity registries: a new mask method or algorithm needs no edit here.
@@ -73,15 +95,17 @@ class SparsitySpec(Spec):
     seed: Optional[int] = None  # None: the recipe seed
     backend: Literal[BACKEND_NAMES] = "masked"  # the registry's backends (spdf/sparsity/backends.py)
     # Dynamic methods only (gmp, set, rigl); steps are optimizer steps of the pre-training phase.
-    init: Literal[MASK_INITS] = "random"  # the initial mask
-    update_every: int = num(100, ge=1)  # masks change after every update_every-th step ...
-    update_start: int = num(0, ge=0)  # ... after this step ...
-    update_stop: Optional[int] = num(None, ge=1)  # ... up to this step (None: 3/4 of the pre-training steps)
+    # Added with the dynamic methods: the fingerprint leaves them out while they hold their defaults.
+    init: Literal[MASK_INITS] = added_later("random")  # the initial mask
+    update_every: int = num(100, ge=1, added_later=True)  # masks change after every update_every-th step ...
+    update_start: int = num(0, ge=0, added_later=True)  # ... after this step ...
+    # ... up to this step (None: 3/4 of the pre-training steps)
+    update_stop: Optional[int] = num(None, ge=1, added_later=True)
     # How the drop fraction decays (set, rigl; default cosine) or the sparsity rises (gmp; default cubic), from
     # update_start to update_stop.
-    schedule: Optional[Literal["constant", "linear", "cosine", "cubic"]] = None
-    drop_fraction: float = num(0.3, gt=0.0, le=1.0)  # set, rigl: of the kept weights, at update_start
-    initial_level: float = num(0.0, ge=0.0, lt=1.0)  # gmp: the sparsity at update_start
+    schedule: Optional[Literal["constant", "linear", "cosine", "cubic"]] = added_later(None)
+    drop_fraction: float = num(0.3, gt=0.0, le=1.0, added_later=True)  # set, rigl: of the kept weights, at update_start
+    initial_level: float = num(0.0, ge=0.0, lt=1.0, added_later=True)  # gmp: the sparsity at update_start
 
     @property
     def dynamic(self) -> bool:
@@ -313,7 +337,7 @@ class Recipe(Spec):
             if phase.name in seen:
                 fail(f"phases[{i}].name", f"{{key}}: phase name '{phase.name}' is used twice; names must be unique")
             seen.add(phase.name)
-        n_ctx = self.model.n_ctx or CONFIGS[self.model.name].n_ctx
+        n_ctx = self.model.n_ctx or self.model.shape.n_ctx
         for i, phase in enumerate(self.phases):
             if phase.seq_len > n_ctx:
                 fail(f"phases[{i}].seq_len", f"{{key}} ({phase.seq_len}) must be <= the model's context "

@@ -50,9 +50,27 @@ def suggest(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def num(default: Any = dataclasses.MISSING, **bounds) -> Any:
-    """A numeric field with bounds: ge, gt, le, lt (checked whenever the value is not None)."""
-    return field(default=default, metadata={"bounds": bounds})
+def num(default: Any = dataclasses.MISSING, *, added_later: bool = False, **bounds) -> Any:
+    """A numeric field with bounds: ge, gt, le, lt (checked whenever the value is not None); `added_later` as below."""
+    return field(default=default, metadata={"bounds": bounds, ADDED_LATER: added_later})
+
+
+# Field metadata key: the setting was added after run directories, checkpoints and exports already existed.
+ADDED_LATER = "added_later"
+
+
+def added_later(default: Any) -> Any:
+    """A field added after run directories, checkpoints and exports already existed. While it holds `default` (what
+    those older ones meant without it) it is left out of fingerprints and compatibility dicts (`compatible_dict`), so
+    they still resume and load; once set to anything else it counts."""
+    return field(default=default, metadata={ADDED_LATER: True})
+
+
+def compatible_dict(obj) -> dict:
+    """The fields of a dataclass (a spec, a model config) as plain data, less every added-later field that holds its
+    default: the form that fingerprints and stored layouts compare, the same as before the field existed."""
+    return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if not (f.metadata.get(ADDED_LATER) and getattr(obj, f.name) == f.default)}
 
 
 def one_of(default: Any, choices) -> Any:

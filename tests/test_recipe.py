@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from spdf.model import GPT
 from spdf.recipe import (Recipe, RecipeError, apply_overrides, dump_recipe, load_recipe, model_config,
                          recipe_fingerprint, recipe_from_dict)
 
@@ -67,7 +66,8 @@ def test_shipped_recipe_loads_and_round_trips(path, tmp_path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipe_builds_at_tiny_size(path):
     recipe = load_recipe(path)
-    sets = ["model.name=tiny-test", "run_dir=null"]
+    family = recipe.model.model_family
+    sets = [f"model.name={family.default_shape}-test", "run_dir=null"]  # each family's unit-test shape
     for phase in recipe.phases:
         sets += [f"phases.{phase.name}.seq_len=16", f"phases.{phase.name}.batch_size=2",
                  f"phases.{phase.name}.micro_batch_size=1", f"phases.{phase.name}.steps=2"]
@@ -76,7 +76,7 @@ def test_shipped_recipe_builds_at_tiny_size(path):
     assert tiny.sparsity == recipe.sparsity and tiny.tokenizer == recipe.tokenizer
     cfg = model_config(tiny, vocab_size=100)
     assert (cfg.n_layer, cfg.d_model, cfg.vocab_size) == (2, 32, 100)
-    logits, _ = GPT(cfg)(torch.zeros(2, 16, dtype=torch.long))
+    logits, _ = family.build(cfg)(torch.zeros(2, 16, dtype=torch.long))
     assert logits.shape == (2, 16, 100)
 
 
@@ -258,6 +258,25 @@ def test_fingerprint_changes_with_what_makes_runs_incompatible():
     # the recipe seed matters only through the masks: with sparsity.seed fixed it does not change the fingerprint
     fixed = recipe_fingerprint(recipe_from_dict(edited(sparsity__seed=3)))
     assert recipe_fingerprint(recipe_from_dict(edited(sparsity__seed=3, seed=9))) == fixed
+
+
+def test_settings_added_later_count_only_once_they_leave_their_default():
+    """What keeps older run directories resuming is on the schema's fields (spdf.typed_spec.added_later): a marked
+    field is left out of the fingerprint while it holds its default, and counts as soon as it does not."""
+    import dataclasses
+
+    from spdf.recipe_schema import ModelSpec, SparsitySpec
+    from spdf.typed_spec import ADDED_LATER, compatible_dict, to_plain
+
+    base = recipe_fingerprint(recipe_from_dict(minimal()))
+    assert recipe_fingerprint(recipe_from_dict(apply_overrides(minimal(), ["model.family=gpt"]))) == base
+    llama = ["model.family=llama", "model.name=llama-tiny-test"]
+    assert recipe_fingerprint(recipe_from_dict(apply_overrides(minimal(), llama))) != base
+    for spec in (ModelSpec(), SparsitySpec()):
+        marked = {f.name for f in dataclasses.fields(spec) if f.metadata.get(ADDED_LATER)}
+        assert set(to_plain(spec)) - set(compatible_dict(spec)) == marked
+    assert {f.name for f in dataclasses.fields(ModelSpec) if f.metadata.get(ADDED_LATER)} == {
+        "parametrization", "base_width", "output_mult", "family"}
 
 
 # Fingerprints of shipped recipes as spdf computed them before data/task/tokenizer settings were added to the schema:

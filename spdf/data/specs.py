@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, Optional
 
-from ..typed_spec import Spec, fail, num, one_of, require_for
+from ..typed_spec import Spec, added_later, fail, num, one_of, require_for
 from .task_registry import get_task, task_names, task_options
 
 
@@ -44,7 +44,8 @@ class TokenizerSpec(_KindOptions, Spec):
     vocab_size: int = num(4096, ge=257)  # kind=train: 256 byte tokens + at least one merge
     path: Optional[str] = None  # kind=file
     name: Optional[str] = None  # kind=hub, e.g. "gpt2"
-    max_bytes: Optional[int] = num(None, ge=1)  # kind=train: read at most this much text (None: all of it)
+    # kind=train: read at most this much text (None: all of it)
+    max_bytes: Optional[int] = num(None, ge=1, added_later=True)
 
     selector: ClassVar[str] = "kind"
     OPTIONS: ClassVar = {"max_bytes": {"train": None}}
@@ -63,8 +64,9 @@ class DataSpec(_KindOptions, Spec):
     """
     source: Literal["stdlib", "files", "hf"] = "stdlib"
     part: Literal["pretrain", "heldout"] = "pretrain"  # stdlib only
-    content: Optional[Literal["source", "text"]] = None  # stdlib: whole modules or their docstrings/comments
-    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0)  # stdlib: modules held out (default 0.1)
+    # stdlib: whole modules or their docstrings/comments; the modules held out (default 0.1)
+    content: Optional[Literal["source", "text"]] = added_later(None)
+    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0, added_later=True)
     max_bytes: Optional[int] = num(None, ge=1)  # stdlib: cap on the text read
     paths: tuple[str, ...] = ()  # source=files: files or globs (.txt, .jsonl, .parquet)
     text_field: str = "text"  # files (.jsonl/.parquet) and hf: the column holding the text
@@ -131,14 +133,14 @@ class TaskSpec(_KindOptions, Spec):
     name: Optional[str] = None  # e2e/webnlg/dart: another Hugging Face dataset id
     config: Optional[str] = None
     max_examples: Optional[int] = num(None, ge=1)  # the first N inputs of a split
-    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0)
-    validation_fraction: Optional[float] = num(None, gt=0.0, lt=1.0)
-    max_prompt_lines: Optional[int] = num(None, ge=1)
-    prompt_field: Optional[str] = None
-    completion_field: Optional[str] = None
-    article_field: Optional[str] = None
-    summary_field: Optional[str] = None
-    max_article_chars: Optional[int] = num(None, ge=1)
+    heldout_fraction: Optional[float] = num(None, ge=0.0, lt=1.0, added_later=True)
+    validation_fraction: Optional[float] = num(None, gt=0.0, lt=1.0, added_later=True)
+    max_prompt_lines: Optional[int] = num(None, ge=1, added_later=True)
+    prompt_field: Optional[str] = added_later(None)
+    completion_field: Optional[str] = added_later(None)
+    article_field: Optional[str] = added_later(None)
+    summary_field: Optional[str] = added_later(None)
+    max_article_chars: Optional[int] = num(None, ge=1, added_later=True)
 
     selector: ClassVar[str] = "task"
 

@@ -26,6 +26,7 @@ from ..errors import SpdfUserError
 from ..export import CheckpointError, find_export, model_fingerprint, read_export
 from ..fswrite import write_text_atomic
 from ..layout import PhaseLayout
+from ..model import family_of
 from ..typed_spec import to_plain
 from .generate import DecodingConfig, generate
 from .metric_registry import METRICS, RegistryView
@@ -153,6 +154,7 @@ def evaluate_export(path, task: TaskSpec, split: str, decoding: DecodingConfig, 
                             batch_size=batch_size, truncate_prompts=truncate_prompts, progress=progress)
     report.update(split=split, limit=limit, task_spec=to_plain(task))
     report["model"] = {"export": str(export_dir.resolve()), "fingerprint": "sha256:" + model_fingerprint(export_dir),
+                       "family": family_of(exported.model).name,
                        **{k: exported.config.get(k) for k in ("recipe", "phase", "sparse")},
                        "shape": exported.config.get("model")}
     return report

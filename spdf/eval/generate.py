@@ -1,4 +1,5 @@
-"""Batched decoding for `spdf.GPT`: greedy, sampling and beam search over a KV cache.
+"""Batched decoding for spdf's models (of any model family: the model makes its own KV cache, `new_kv_cache`):
+greedy, sampling and beam search over a KV cache.
 
     from spdf.eval.generate import DecodingConfig, generate
     new_tokens = generate(model, prompts, DecodingConfig.from_name("paper"), eos_id=tokenizer.eos_id)

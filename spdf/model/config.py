@@ -11,24 +11,19 @@ base_width`; the multipliers below are derived from it, so a narrower or wider c
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 
+from ..typed_spec import added_later, compatible_dict
 from ..errors import SpdfUserError
+# the parametrization's constants are every family's (spdf.model.shape); imported here by older code
+from .shape import MUP_BASE_WIDTH, MUP_EMBEDDING_MULT, MUP_INIT_STD, PARAMETRIZATIONS, SP_INIT_STD  # noqa: F401
+from .shape import ParametrizedShape, named_shape
 
 GPT2_VOCAB = 50257
-PARAMETRIZATIONS = ("sp", "mup", "supar")
-
-# Cerebras-GPT µP (Dey et al. 2023, the µP variants of 111M-2.7B): base width 256 (d_ff 1024), init std 0.08,
-# embedding output x10, logits x output_mult / width_mult, attention scores / d_head.
-MUP_BASE_WIDTH = 256
-MUP_INIT_STD = 0.08
-MUP_EMBEDDING_MULT = 10.0
-SP_INIT_STD = 0.02  # GPT-3
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(ParametrizedShape):
     n_layer: int
     n_head: int
     d_model: int
@@ -40,9 +35,10 @@ class GPTConfig:
     name: str = "custom"
     # Width of one attention head. None means d_model // n_head; GPT-3 13B (d_model 5140, 40 heads of 128) needs it.
     head_dim: int | None = None
-    parametrization: str = "sp"  # sp | mup | supar (module docstring)
-    base_width: int = MUP_BASE_WIDTH  # µP: the width whose hyper-parameters transfer (unused under sp)
-    output_mult: float = 1.0  # µP: logits are multiplied by output_mult / width_mult
+    # Added after exports and checkpoints existed: a dict leaves them out at their defaults (to_dict).
+    parametrization: str = added_later("sp")  # sp | mup | supar (module docstring)
+    base_width: int = added_later(MUP_BASE_WIDTH)  # µP: the width whose hyper-parameters transfer (unused under sp)
+    output_mult: float = added_later(1.0)  # µP: logits are multiplied by output_mult / width_mult
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "d_ff", "n_ctx", "vocab_size"):
@@ -55,62 +51,11 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise SpdfUserError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise SpdfUserError(f"model.parametrization must be one of {', '.join(PARAMETRIZATIONS)}, "
-                                f"got {self.parametrization!r}")
-        if not isinstance(self.base_width, int) or isinstance(self.base_width, bool) or self.base_width < 1:
-            raise SpdfUserError(f"model.base_width must be a positive integer, got {self.base_width!r}")
-        if not self.output_mult > 0:
-            raise SpdfUserError(f"model.output_mult must be > 0, got {self.output_mult!r}")
-
-    @property
-    def mup(self) -> bool:
-        """µP multipliers and init (mup, and supar, whose density corrections are the trainer's)."""
-        return self.parametrization != "sp"
-
-    @property
-    def width_mult(self) -> float:
-        return self.d_model / self.base_width if self.mup else 1.0
-
-    @property
-    def init_std(self) -> float:
-        """Std of the embeddings; hidden weights get init_std / sqrt(width_mult) (see GPT.reset_parameters)."""
-        return MUP_INIT_STD if self.mup else SP_INIT_STD
-
-    @property
-    def embedding_mult(self) -> float:
-        return MUP_EMBEDDING_MULT if self.mup else 1.0
-
-    @property
-    def logits_mult(self) -> float:
-        return self.output_mult / self.width_mult if self.mup else 1.0
-
-    @property
-    def attn_scale(self) -> float | None:
-        """Attention-score scale: 1/d_head under µP (keys and queries become correlated as they learn); None is
-        SDPA's default 1/sqrt(d_head)."""
-        return 1.0 / self.d_head if self.mup else None
-
-    @property
-    def d_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
-
-    @property
-    def d_attn(self) -> int:
-        """Width of the concatenated attention heads (equals d_model except for GPT-3 13B)."""
-        return self.n_head * self.d_head
+        self.check_parametrization()
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPTConfig":
-        if name not in CONFIGS:
-            close = difflib.get_close_matches(name, CONFIGS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpdfUserError(f"unknown model name {name!r}{hint}; known: {', '.join(CONFIGS)}")
-        base = CONFIGS[name]
-        if "d_model" in overrides and overrides.get("d_ff") is None:
-            # a narrower or wider named model keeps its MLP ratio (4 for every shipped config)
-            overrides["d_ff"] = base.d_ff * overrides["d_model"] // base.d_model
-        return dataclasses.replace(base, **overrides)
+        return named_shape(CONFIGS, name, overrides)  # a resized model keeps its MLP ratio (4 for every shipped one)
 
     def replace(self, **overrides) -> "GPTConfig":
         return dataclasses.replace(self, **overrides)
@@ -119,11 +64,7 @@ class GPTConfig:
         """The fields as a dict. The parametrization fields, added after exports and checkpoints existed, appear only
         when they differ from their defaults: a standard model's dict is what it always was, so older checkpoints
         still resume (their layout is compared with this dict) and older readers still load newer exports."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in _ADDED_FIELDS or v != _ADDED_FIELDS[k]}
-
-
-_ADDED_FIELDS = {"parametrization": "sp", "base_width": MUP_BASE_WIDTH, "output_mult": 1.0}  # name -> default
+        return compatible_dict(self)
 
 
 def _gpt(name: str, n_layer: int, d_model: int, n_head: int, **kw) -> GPTConfig:

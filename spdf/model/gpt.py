@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .decoding import decoding_inputs, lm_result
 
 
 # GPT-2's Conv1D layers store these weights (in, out); everything else has the same name and layout as here.
@@ -203,19 +204,8 @@ class GPT(nn.Module):
         mask, or from the cache length); `last_logits_only` skips the vocabulary projection of all but the last
         position.
         """
-        B, T = idx.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if kv_cache is not None and targets is not None:
-            raise ValueError("pass either targets (training) or kv_cache (decoding), not both")
-        if positions is None:
-            if attention_mask is not None:  # left padding: a row's first real token is position 0
-                positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
-            else:
-                if past + T > self.config.n_ctx:
-                    raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
-                                     f"({self.config.n_ctx})")
-                positions = torch.arange(past, past + T, device=idx.device)
-        mask = None if past == 0 and attention_mask is None else self._attention_mask(attention_mask, B, past, T, idx)
+        T = idx.size(1)
+        past, positions, mask = decoding_inputs(idx, targets, kv_cache, attention_mask, positions, self.config.n_ctx)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)
         if self.config.mup:
             x = x * self.config.embedding_mult
@@ -229,23 +219,4 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         if self.config.mup:
             logits = logits * self.config.logits_mult
-        if kv_cache is not None:
-            return logits, kv_cache
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
-
-    @staticmethod
-    def _attention_mask(attention_mask: torch.Tensor | None, B: int, past: int, T: int,
-                        idx: torch.Tensor) -> torch.Tensor:
-        """(B, 1, T, past + T) bool: new token t sees key j if j is not after it and j is a real token. A padding
-        position also sees itself: a query with no key at all would give NaN, which would reach real tokens."""
-        S = past + T
-        query_at = torch.arange(past, S, device=idx.device)[:, None]
-        key_at = torch.arange(S, device=idx.device)[None, :]
-        causal = key_at <= query_at
-        if attention_mask is None:
-            return causal.expand(B, 1, T, S)
-        real = attention_mask.bool()[:, None, None, :]
-        return causal & (real | (key_at == query_at))
+        return lm_result(logits, targets, kv_cache)

@@ -3,7 +3,8 @@ of every layer's output at each step. Under a parametrization whose hyper-parame
 depend on the width (µP) or on the sparsity (SµPar); under the standard one they grow with both, step after step.
 
     rms = activation_rms(model, batch, steps=4, lr=1e-2)     # {"h.0.mlp.c_fc": [step 0, step 1, ...], ...}
-    rms = small_gpt_rms("supar", d_model=128, sparsity=0.75)  # the same on a small GPT built here
+    rms = small_model_rms("supar", d_model=128, sparsity=0.75)  # the same on a small model built here (any family:
+                                                                # shape="llama-tiny-test")
     spread([rms_a, rms_b, ...], step=4)                        # per layer: max / min across the runs
 
 Used by tests/train/test_coord_check.py (the assertion) and benchmarks/coord_check.py (the plot).
@@ -13,18 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import GPT, GPTConfig
+from ..model import config_by_name, family_of
 from ..sparsity import Sparsifier, sparsify
 from .optim import build_adamw
 from .parametrization import LearningRates, apply_supar_init
 
-# Outputs recorded: the embedding (after its multiplier), each block's attention projections and MLP layers, the
-# block output, and the logits.
-WATCHED = ("transformer.drop", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
-def _label(name: str) -> str:
-    return "embedding" if name == "transformer.drop" else name.removeprefix("transformer.")
+# Outputs recorded: the embedding (the first block's input: after its multiplier), each of the family's hidden weight
+# matmuls (attention projections and MLP layers), each block's output, and the logits.
 
 
 def activation_rms(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], steps: int, lr: float,
@@ -44,8 +40,16 @@ def activation_rms(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], s
             current[label] = output.detach().float().pow(2).mean().sqrt().item()
         return save
 
-    handles = [m.register_forward_hook(hook(_label(name))) for name, m in model.named_modules()
-               if name == "transformer.drop" or name.endswith(WATCHED[1:]) or name.rsplit(".", 1)[-1].isdigit()]
+    family = family_of(model)
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, family.block_class)]
+    root = blocks[0][0].rsplit(".", 2)[0] + "." if blocks[0][0].count(".") >= 2 else ""  # "transformer." of GPT's
+
+    def embedding(module, args):
+        current["embedding"] = args[0].detach().float().pow(2).mean().sqrt().item()
+
+    handles = [blocks[0][1].register_forward_pre_hook(embedding)]
+    handles += [m.register_forward_hook(hook(name.removeprefix(root))) for name, m in model.named_modules()
+                if family.is_hidden(name) or isinstance(m, family.block_class)]
     try:
         idx, targets = batch
         for _ in range(steps):
@@ -66,15 +70,19 @@ def activation_rms(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], s
     return record
 
 
-def small_gpt_rms(parametrization: str, d_model: int, sparsity: float = 0.0, *, base_width: int = 64,
-                  n_layer: int = 2, n_head: int = 4, vocab_size: int = 256, seq_len: int = 32, batch_size: int = 8,
-                  steps: int = 5, lr: float = 1e-2, seed: int = 0) -> dict[str, list[float]]:
-    """activation_rms of a freshly initialised small GPT (d_ff = 4·d_model), static random masks at `sparsity` on
-    the paper's layers, on one fixed batch of random tokens (the same for every width, sparsity and seed)."""
+def small_model_rms(parametrization: str, d_model: int, sparsity: float = 0.0, *, shape: str = "tiny-test",
+                    base_width: int = 64, n_layer: int = 2, n_head: int = 4, vocab_size: int = 256, seq_len: int = 32,
+                    batch_size: int = 8, steps: int = 5, lr: float = 1e-2, seed: int = 0) -> dict[str, list[float]]:
+    """activation_rms of a freshly initialised small model: the named `shape` (of any family; its MLP ratio kept) at
+    width `d_model`, static random masks at `sparsity` on its family's default layers, on one fixed batch of random
+    tokens (the same for every width, sparsity and seed)."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, d_ff=4 * d_model, n_ctx=seq_len,
-                          vocab_size=vocab_size, parametrization=parametrization, base_width=base_width))
-    sparsifier = sparsify(model, sparsity=sparsity, seed=seed) if sparsity > 0 else None
+    config = config_by_name(shape, n_layer=n_layer, n_head=n_head, d_model=d_model, n_ctx=seq_len,
+                            vocab_size=vocab_size, parametrization=parametrization, base_width=base_width)
+    family = family_of(config)
+    model = family.build(config)
+    sparsifier = (sparsify(model, sparsity=sparsity, seed=seed, param_filter=list(family.default_filter))
+                  if sparsity > 0 else None)
     apply_supar_init(model)
     tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(1234))
     return activation_rms(model, (tokens[:, :-1], tokens[:, 1:]), steps, lr, sparsifier)

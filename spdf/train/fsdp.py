@@ -2,7 +2,7 @@
 
 Design. `accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml` exports the FSDP settings
 (ACCELERATE_USE_FSDP, FSDP_VERSION=2, FSDP_TRANSFORMER_CLS_TO_WRAP, FSDP_ACTIVATION_CHECKPOINTING, ...) and on GPUs
-accelerate's state turns them into DistributedType.FSDP: `prepare` applies `fully_shard` to every Block and the
+accelerate's state turns them into DistributedType.FSDP: `prepare` applies `fully_shard` to every block and the
 root (with the mixed-precision policy and activation checkpointing the config asks for), `no_sync`, clipping and
 `save_state`/`load_state` (torch.distributed.checkpoint, SHARDED_STATE_DICT) take their FSDP2 branches. On CPU
 accelerate reads the same environment but keeps its plain multi-CPU (DDP) mode: the FSDP request is dropped without
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..model import GPT
+from ..model import family_of
 from ..recipe import Recipe, RecipeError
 from ..sparsity import Sparsifier, sparsify
 from ..sparsity.backends import backend_class
@@ -53,6 +53,14 @@ def use_fsdp2_on_cpu(accelerator) -> None:
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # or the next AcceleratorState() resets it
+
+
+def shard_family_blocks(accelerator, model) -> None:
+    """Under FSDP2, shard each block of the model's family (its `block_class`), whatever block class the launch's
+    accelerate config names (`fsdp_transformer_layer_cls_to_wrap`): the family knows its model, the config cannot.
+    accelerate reads the name when it prepares the model."""
+    if is_fsdp2(accelerator):
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [family_of(model).block_class.__name__]
 
 
 def is_fsdp2(accelerator) -> bool:
@@ -106,7 +114,7 @@ def gathered(accelerator, model, sparsifier: Sparsifier | None):
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     saved = sparsifier.state_dict() if sparsifier is not None else None
-    plain = GPT(model.config)
+    plain = family_of(model).build(model.config)
     plain_sparsifier = None
     if saved is not None:
         layers = sorted(saved["layers"])

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SpdfUserError
+from ..model import family_of
 from ..sparsity import Sparsifier, sparse_layers
 from ..sparsity.sharding import canonical_name
 
@@ -50,13 +51,21 @@ def parametrization(model: nn.Module) -> str:
 
 
 def hidden_layers(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
-    """Canonical name → (layer, whether it is sparse) for the linear layers whose weights are µP's hidden weights:
-    every sparse layer and every nn.Linear except a head tied to an embedding (it trains as the embedding it is;
-    µP's readout scale is the logits multiplier)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    """Canonical name → (layer, whether it is sparse) for the layers whose weights are µP's hidden weights, as the
+    model's family names them (a block's attention and MLP matrices; embeddings, norms and the LM head are not: a
+    head tied to the embedding trains as the embedding it is, and µP's readout scale is the logits multiplier).
+    A sparse layer outside them is refused: its density correction would silently not be applied."""
+    family = family_of(model)
     sparse = {id(layer) for layer in sparse_layers(model).values()}
-    return {canonical_name(name): (m, id(m) in sparse) for name, m in model.named_modules()
-            if id(m) in sparse or (isinstance(m, nn.Linear) and id(m.weight) not in embeddings)}
+    found = {}
+    for name, m in model.named_modules():
+        name = canonical_name(name)
+        if family.is_hidden(name) and (id(m) in sparse or isinstance(m, nn.Linear)):
+            found[name] = (m, id(m) in sparse)
+        elif id(m) in sparse:
+            raise ValueError(f"sparse layer {name!r} is not one of the {family.name} model's hidden weights "
+                             f"({', '.join(family.hidden_weights)}), which µP and SµPar scale")
+    return found
 
 
 def _weights(layer: nn.Module, sparse: bool) -> list[nn.Parameter]:

@@ -15,21 +15,21 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..export import (find_export, find_tokenizer, is_checkpoint, is_export, load_weights, sparse_model, verify_export,
-                      write_export)
+from ..export import (export_family, find_export, find_tokenizer, is_checkpoint, is_export, load_weights, sparse_model,
+                      verify_export, write_export)
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
 from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
 from ..fswrite import check_dir_target, read_json, replacing_file, write_json_atomic
 from ..layout import CHECKPOINT_META, CONFIG_FILE, RunLayout
-from ..model import GPT
+from ..model import family_of
 from ..recipe import PhaseSpec, Recipe, RecipeError, model_config
 from ..sparsity import densify, sparse_layers
 from .batches import BatchSource
 from .checkpoint import check_checkpoint
 from .downstream import DownstreamEval, check_metrics_available
-from .fsdp import check_parallelism, gathered, is_fsdp2, use_fsdp2_on_cpu
+from .fsdp import check_parallelism, gathered, is_fsdp2, shard_family_blocks, use_fsdp2_on_cpu
 from .lock import RunLock
 from .loop import PhaseInputs, PhasePlan, PhaseRecords, PhaseRun, TrainState
 from .metrics import MetricsLog
@@ -227,8 +227,12 @@ def _verify_init_from(path: Path, recipe: Recipe) -> None:
     else:
         verify_export(path)
     config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), "--from")
+    family = export_family(path)
+    if family.name != recipe.model.family:
+        raise CheckpointError(f"--from {path} holds a {family.name} model where the recipe asks "
+                              f"model.family={recipe.model.family}; set model.family (and model.name) to match")
     theirs = config.get("model") if isinstance(config.get("model"), dict) else None
-    if theirs is None:  # a Hugging Face GPT-2 directory: read_export maps (or refuses) its config
+    if theirs is None:  # a Hugging Face directory: read_export maps (or refuses) its config
         return
     ours = model_config(recipe).to_dict()
     differ = [k for k in ours if k not in ("name", "vocab_size") and k in theirs and theirs[k] != ours[k]]
@@ -254,6 +258,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     if not phases:
         raise RecipeError(f"the recipe has no {' or '.join(kinds)} phase")
     check_parallelism(accelerator, recipe, phases, bool(sparse_layers(model)))
+    shard_family_blocks(accelerator, model)
     for phase in phases:  # fail before any work, not after the first phase
         _micro_batch(phase, accelerator.num_processes)
         if phase.eval.generate is not None:
@@ -325,8 +330,9 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
 
 
 def _initial_model(recipe: Recipe, config, init_from: Path | None):
-    """A fresh GPT sparsified as the recipe says, or the weights (and masks) of the checkpoint to fine-tune."""
-    model = GPT(config)
+    """A fresh model of the recipe's family sparsified as the recipe says, or the weights (and masks) of the
+    checkpoint to fine-tune."""
+    model = family_of(config).build(config)
     if init_from is None:
         sparsifier = sparsify_recipe(recipe, model)
         apply_supar_init(model)  # SµPar: after the masks exist, since the std depends on each layer's density

@@ -5,6 +5,7 @@ import math
 
 import torch.nn as nn
 
+from ..model import family_of
 from ..recipe import Recipe, RecipeError
 from ..recipe_schema import SparsitySpec
 from ..sparsity import ALGORITHMS, MASK_METHODS, NM, Algorithm, Block, Cosine, MaskMethod, Sparsifier, sparsify
@@ -57,13 +58,15 @@ def algorithm(recipe: Recipe) -> Algorithm:
 
 
 def sparsify_recipe(recipe: Recipe, model: nn.Module) -> Sparsifier | None:
-    """Sparsify a fresh model as the recipe says (None for method 'none')."""
+    """Sparsify a fresh model as the recipe says (None for method 'none'); without a `sparsity.filter`, on the
+    weights its model family's default filter names (the paper's: attention and MLP projections)."""
     sp = recipe.sparsity
     if sp.method == "none":
         return None
     try:
         return sparsify(model, sparsity=sp.level, init=mask_init(sp), seed=recipe.sparsity_seed,
-                        param_filter=list(sp.filter) if sp.filter else None, overrides=dict(sp.overrides) or None,
+                        param_filter=list(sp.filter or family_of(model).default_filter),
+                        overrides=dict(sp.overrides) or None,
                         backend=sp.backend, algorithm=algorithm(recipe))
     except ValueError as e:  # the library's words (param_filter, n, m, …): said as the recipe's keys that chose them
         raise RecipeError(f"sparsity ({_settings(sp)}) does not fit the model: {e}") from None

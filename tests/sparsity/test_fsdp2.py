@@ -1,7 +1,7 @@
 """Two CPU processes (gloo) under FSDP2: weights, gradients and AdamW state sharded across ranks keep every masked
 entry exactly zero, and the run matches one process training on the whole batch. Ranks that made other masks are
 stopped at attach. A run saved with torch.distributed.checkpoint and resumed in fresh processes' models continues
-exactly."""
+exactly. Each model family's blocks are sharded one by one (its `block_class`): GPT's and Llama's."""
 import os
 
 import pytest
@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
+from spdf.model import FAMILIES, config_by_name, family_of
 
 STEPS, ACCUM, CLIP = 4, 2, 0.05
 
@@ -39,20 +40,23 @@ def _train(model, opt, rows: slice, world: int, steps=slice(None)):
     return losses
 
 
-def _model():
+def _model(shape: str):
     torch.manual_seed(0)
-    return spdf.GPT.from_name("tiny-test")
+    config = config_by_name(shape)
+    return family_of(config).build(config)
 
 
-def _sharded(world: int, seed: int = 0):
-    """sparsify -> fully_shard (each Block, then the root) -> AdamW -> attach."""
+def _sharded(world: int, shape: str, seed: int = 0):
+    """sparsify -> fully_shard (each of the family's blocks, then the root) -> AdamW -> attach."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model(shape)
     sp = spdf.sparsify(model, sparsity=0.75, seed=seed)
     mesh = init_device_mesh("cpu", (world,))
-    for block in model.transformer.h:
+    blocks = [m for m in model.modules() if isinstance(m, family_of(model).block_class)]
+    assert len(blocks) == model.config.n_layer
+    for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -60,18 +64,18 @@ def _sharded(world: int, seed: int = 0):
     return model, sp, opt
 
 
-def _resumed_losses(rank: int, world: int, ckpt: str) -> list[float]:
+def _resumed_losses(rank: int, world: int, ckpt: str, shape: str) -> list[float]:
     """Train half the steps, save (DCP, sharded), then continue in a new model sparsified with another seed."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     rows, half = slice(2 * rank, 2 * rank + 2), slice(0, STEPS // 2)
-    model, sp, opt = _sharded(world)
+    model, sp, opt = _sharded(world, shape)
     losses = _train(model, opt, rows, world, half)
     model_state, optim_state = get_state_dict(model, opt)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=ckpt)
     saved = sp.state_dict()
-    model, sp, opt = _sharded(world, seed=1)  # the masks must come from the checkpoint
+    model, sp, opt = _sharded(world, shape, seed=1)  # the masks must come from the checkpoint
     model_state, optim_state = get_state_dict(model, opt)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=ckpt)
@@ -80,11 +84,11 @@ def _resumed_losses(rank: int, world: int, ckpt: str) -> list[float]:
     return losses + _train(model, opt, rows, world, slice(STEPS // 2, None))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
+def _worker(rank: int, world: int, port: int, out_dir: str, shape: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model, sp, opt = _sharded(world)
+    model, sp, opt = _sharded(world, shape)
     losses = _train(model, opt, slice(2 * rank, 2 * rank + 2), world)
     zeros_on_shard, mask_shards = {}, {}
     for name, layer in sp.layers.items():
@@ -96,10 +100,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         state = opt.state[layer.weight]
         zeros_on_shard[name] = all(bool((t.to_local()[local_masked] == 0).all()) and t.to_local().numel() > 0
                                    for t in (layer.weight, state["exp_avg"], state["exp_avg_sq"]))
-    result = {"losses": losses, "resumed_losses": _resumed_losses(rank, world, os.path.join(out_dir, "ckpt")),
+    result = {"losses": losses, "resumed_losses": _resumed_losses(rank, world, os.path.join(out_dir, "ckpt"), shape),
               "zeros_on_shard": zeros_on_shard, "mask_shards": mask_shards, "stats": sp.stats(), "masks": sp.masks(),
               "weights": {n: layer.dense_weight().clone() for n, layer in sp.layers.items()}}
-    other = _model()  # every rank its own seed: attach must stop all of them
+    other = _model(shape)  # every rank its own seed: attach must stop all of them
     try:
         spdf.sparsify(other, sparsity=0.75, seed=rank).attach(torch.optim.AdamW(other.parameters()))
         result["mismatch_error"] = None
@@ -109,10 +113,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     dist.destroy_process_group()
 
 
-def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_path):
-    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("shape", [f"{family.default_shape}-test" for family in FAMILIES.values()])
+def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_path, shape):
+    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path), shape), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    model = _model()
+    model = _model(shape)
     sp = spdf.sparsify(model, sparsity=0.75, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     sp.attach(opt)
