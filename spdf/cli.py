@@ -49,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_train, kinds=("pretrain", "finetune"))
     p = sub.add_parser("pretrain", help="run only the recipe's pre-training phases",
-                       description="Run only the pre-training phases of a recipe (resumable).")
+                       description="Run only the pre-training phases of a recipe (resumable), from a fresh model or, "
+                                   "with --from, from a dense model's weights (continued pre-training).")
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_train, kinds=("pretrain",))
+    p.add_argument("--from", dest="init_from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="dense export, phase, run or Hugging Face directory whose weights pre-training continues "
+                        "from (the recipe's sparsity is applied to them; its tokenizer is used)")
     p = sub.add_parser("finetune", help="run the recipe's fine-tuning phases, from --from CHECKPOINT",
                        description="Run the fine-tuning phases of a recipe, starting from a checkpoint (an export, "
                                    "a phase or a run directory) or from the recipe's own finished pre-training.")

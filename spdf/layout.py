@@ -47,6 +47,7 @@ PHASES_DIR = "phases"  # every run directory has it: what marks a directory as a
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 DONE_FILE = "done.json"
+INIT_FROM_FILE = "init_from.json"  # a pre-training phase started from `--from`: which weights (checked on resume)
 
 TMP_PREFIX = ".tmp-"
 
@@ -89,6 +90,7 @@ class PhaseLayout(_Directory):
     checkpoints = _under_root(CHECKPOINTS_DIR)
     export = _under_root(EXPORT_DIR)
     done = _under_root(DONE_FILE)
+    init_from = _under_root(INIT_FROM_FILE)
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import SpdfUserError
 from ..fswrite import check_dir_target, read_json, write_json_atomic
-from ..layout import RunLayout
+from ..layout import CONFIG_FILE, WEIGHTS_FILE, RunLayout
 from ..recipe import Recipe, RecipeError, dump_recipe, recipe_fingerprint
 
 # top-level settings that shape every phase's training beyond the fingerprint (model, sparsity, tokenizer, data)
@@ -38,6 +38,10 @@ def make_run_dir(run_dir: Path) -> None:
 def check_run_dir(recipe: Recipe) -> None:
     """Refuse (read-only) a directory made by a different recipe, or a recipe that changes a finished phase."""
     run_dir, run = recipe.run_path, RunLayout(recipe.run_path)
+    held = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if (run_dir / name).exists()]
+    if held:  # an export, checkpoint or Hugging Face directory: a run would write its files among the model's
+        raise RecipeError(f"run_dir {run_dir} holds a model ({', '.join(held)}), not a run; choose another run_dir "
+                          f"(--set run_dir=...)")
     saved = run.recipe
     if not saved.is_file():
         return

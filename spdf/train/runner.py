@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..export import (export_family, find_export, find_tokenizer, is_checkpoint, is_export, load_weights, sparse_model,
-                      verify_export, write_export)
+from ..export import (export_family, find_export, find_tokenizer, is_checkpoint, is_export, load_weights,
+                      model_fingerprint, sparse_model, verify_export, write_export)
 from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_splits, iter_documents,
                     load_finetune_task, load_or_train_tokenizer)
 from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
 from ..fswrite import check_dir_target, read_json, replacing_file, write_json_atomic
-from ..layout import CHECKPOINT_META, CONFIG_FILE, RunLayout
+from ..layout import CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, RunLayout
 from ..model import family_of
 from ..recipe import PhaseSpec, Recipe, RecipeError, model_config
 from ..sparsity import densify, sparse_layers
@@ -191,8 +191,9 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
             raise RecipeError("logging.tensorboard is true but the tensorboard package is not installed "
                               "(pip install 'spdf[tensorboard]'), or set logging.tensorboard: false") from None
     if init_from is not None:  # a bad --from is refused before the run directory is made
-        _verify_init_from(find_export(init_from), recipe)
+        _verify_init_from(find_export(init_from), recipe, kinds)
     check_run_dir(recipe)
+    _check_continued_from(recipe, kinds, init_from)
     check_dir_target(data_cache_dir(), "the data cache (SPDF_CACHE_DIR)")
     run_dir = recipe.run_path
     created = not run_dir.exists()
@@ -218,15 +219,22 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
         lock.release()
 
 
-def _verify_init_from(path: Path, recipe: Recipe) -> None:
+def _verify_init_from(path: Path, recipe: Recipe, kinds) -> None:
     """A checkpoint given to --from is verified as a resume verifies it (a lost manifest is damage), an export
-    against its manifest; and its model must have the recipe's shape (said as such, before anything is built)."""
+    against its manifest; and its model must have the recipe's shape (said as such, before anything is built).
+    Pre-training continues from dense weights only: a sparse model's masks are its own run's to continue."""
     checkpoint = is_checkpoint(path) and not is_export(path)
     if checkpoint:
         check_checkpoint(path, lambda message: print(f"spdf: warning: {message}", file=sys.stderr, flush=True))
     else:
         verify_export(path)
     config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), "--from")
+    # a checkpoint names its sparsifier, an spdf export says "sparse", a Hugging Face directory has masks beside it
+    sparse = config.get("sparsity") if checkpoint else config.get("sparse", (path / MASKS_FILE).is_file())
+    if "pretrain" in kinds and sparse:
+        raise CheckpointError(f"--from {path} holds a sparse model: continued pre-training starts from dense weights "
+                              f"(the recipe's sparsity is applied to them); resume its own run to continue it sparse, "
+                              f"or fine-tune it with `spdf finetune --from`")
     family = export_family(path)
     if family.name != recipe.model.family:
         raise CheckpointError(f"--from {path} holds a {family.name} model where the recipe asks "
@@ -249,7 +257,8 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
     if log_with:
         accelerator.init_trackers(recipe.name)
     set_seed(recipe.seed)
-    model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from)
+    model, sparsifier = _initial_model(recipe, model_config(recipe, vocab_size=tokenizer.vocab_size), init_from,
+                                       kinds)
     model.to(accelerator.device)
     metrics = MetricsLog(RunLayout(run_dir).metrics, accelerator, enabled=accelerator.is_main_process)
     state = TrainState()
@@ -286,6 +295,10 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             continue
         train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
         start.began()  # from here on the phase writes state that a refused start must not take away
+        if init_from is not None and phase.kind == "pretrain" and accelerator.is_main_process \
+                and not phase_paths.init_from.is_file():  # what a resume of it must start from again
+            phase_paths.root.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(phase_paths.init_from, _init_record(init_from))
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id,
                              vocab_size=model.config.vocab_size)
@@ -329,16 +342,49 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             "main_process": accelerator.is_main_process}
 
 
-def _initial_model(recipe: Recipe, config, init_from: Path | None):
-    """A fresh model of the recipe's family sparsified as the recipe says, or the weights (and masks) of the
+def _initial_model(recipe: Recipe, config, init_from: Path | None, kinds):
+    """A fresh model of the recipe's family sparsified as the recipe says; for continued pre-training (`pretrain
+    --from`) the dense weights of the checkpoint, sparsified as the recipe says; or the weights (and masks) of the
     checkpoint to fine-tune."""
     model = family_of(config).build(config)
-    if init_from is None:
+    if init_from is None or "pretrain" in kinds:
+        if init_from is not None:  # checked dense by _verify_init_from; its masked weights become zeros here
+            load_weights(model, find_export(init_from))
         sparsifier = sparsify_recipe(recipe, model)
-        apply_supar_init(model)  # SµPar: after the masks exist, since the std depends on each layer's density
+        if init_from is None:  # SµPar: after the masks exist, since the std depends on each layer's density
+            apply_supar_init(model)
+        _check_finite(model, init_from)
         return model, sparsifier
     model, sparsifier = sparse_model(find_export(init_from), model)
-    if not all_finite(state_tensors(model)):
-        raise CheckpointError(f"--from {init_from} holds NaN or inf weights (saved after its training diverged); "
-                              f"fine-tune from an earlier checkpoint")
+    _check_finite(model, init_from)
     return model, sparsifier
+
+
+def _check_finite(model, init_from: Path | None) -> None:
+    if init_from is not None and not all_finite(state_tensors(model)):
+        raise CheckpointError(f"--from {init_from} holds NaN or inf weights (saved after its training diverged); "
+                              f"start from an earlier checkpoint")
+
+
+def _check_continued_from(recipe: Recipe, kinds, init_from: Path | None) -> None:
+    """A pre-training started from `--from` resumes only from the same weights, and one started without it only
+    without: a killed continued pre-training rerun without --from would otherwise go on from a fresh model (or a
+    fresh one from another model's weights) without a word."""
+    phase = next((p for p in recipe.phases if p.kind == "pretrain"), None)  # the one --from starts
+    if "pretrain" in kinds and phase is not None:
+        paths = RunLayout(recipe.run_path).phase(phase.name)
+        if paths.finished or not paths.root.is_dir():
+            return
+        recorded = read_json(paths.init_from, "--from record") if paths.init_from.is_file() else None
+        given = None if init_from is None else _init_record(init_from)
+        if recorded is not None and (given is None or given["fingerprint"] != recorded["fingerprint"]):
+            raise CheckpointError(f"phase '{phase.name}' of {recipe.run_path} continues the pre-training of "
+                                  f"{recorded['path']}: resume it with the same --from (those weights)")
+        if recorded is None and given is not None and paths.checkpoints.is_dir() and any(paths.checkpoints.iterdir()):
+            raise CheckpointError(f"phase '{phase.name}' of {recipe.run_path} was started without --from: resume it "
+                                  f"without, or give another run_dir")
+
+
+def _init_record(init_from: Path) -> dict:
+    export = find_export(init_from)
+    return {"path": str(Path(export).resolve()), "fingerprint": model_fingerprint(export)}

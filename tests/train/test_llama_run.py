@@ -106,3 +106,57 @@ def test_fsdp2_launch_of_the_llama_shards_its_blocks_and_trains_like_one_process
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
     masks = "phases/pretrain/export/masks.safetensors"
     assert (tmp_path / "run" / masks).read_bytes() == (llama_run / masks).read_bytes()
+
+
+def test_a_dense_hugging_face_llama_directory_starts_a_continued_pre_training(llama_run, offline, tmp_path, capsys):
+    """`spdf pretrain --from HF_DIR`: pre-training goes on from the directory's weights (not a fresh model), with the
+    recipe's sparsity applied to them; a sparse source is refused, and a killed continuation resumes only from the
+    same weights."""
+    from tiny_runs import read_metrics
+
+    pytest.importorskip("transformers")
+    rc, _, err = run_cli(["export", llama_run / "phases/finetune", tmp_path / "hf"], capsys)  # dense weights
+    assert rc == 0, err
+    assert not (tmp_path / "hf/masks.safetensors").exists()
+    runs = {}
+    for name, source, extra in (("hf", tmp_path / "hf", ["sparsity.method=none"]),
+                                ("spdf", llama_run / "phases/finetune", ["sparsity.method=none"]),
+                                ("fresh", None, ["sparsity.method=none"]),
+                                ("sparse", tmp_path / "hf", [])):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / "runs" / name, LLAMA, *extra)
+        rc, _, err = run_cli(["pretrain", recipe, *(["--from", source] if source else [])], capsys)
+        assert rc == 0, err
+        runs[name] = loss_trace(tmp_path / "runs" / name)
+    # the Hugging Face directory and the spdf export of the same weights continue identically; a fresh model does not
+    assert runs["hf"] == runs["spdf"] and runs["hf"][0] != runs["fresh"][0]
+    record = json.loads((tmp_path / "runs/hf/phases/pretrain/init_from.json").read_text())
+    assert record["path"] == str(tmp_path / "hf")
+    # the recipe's 75% masks are applied to the loaded weights (the first validation is the masked model's)
+    masks = read_masks(tmp_path / "runs/sparse/phases/pretrain/export/masks.safetensors")
+    assert len(masks) == 7 * 2 and all(1 - m.float().mean().item() == pytest.approx(0.75, abs=0.02)
+                                       for m in masks.values())
+    first_val = {name: next(r["val_loss"] for r in read_metrics(tmp_path / "runs" / name) if "val_loss" in r)
+                 for name in ("hf", "sparse")}
+    assert first_val["sparse"] != first_val["hf"]
+    # a run directory is never written among a model's files (here: the Hugging Face directory itself)
+    recipe = write_recipe(tmp_path / "into-export.yaml", tmp_path / "hf", LLAMA)
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    rc, _, err = run_cli(["pretrain", recipe, "--from", tmp_path / "hf"], capsys)
+    assert rc == 2 and "holds a model (config.json, model.safetensors), not a run" in err
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+    # a sparse model is not the start of a continued pre-training: refused before anything is made
+    recipe = write_recipe(tmp_path / "from-sparse.yaml", tmp_path / "from-sparse", LLAMA)
+    rc, _, err = run_cli(["pretrain", recipe, "--from", llama_run / "phases/pretrain"], capsys)
+    assert rc == 2 and "holds a sparse model" in err and not (tmp_path / "from-sparse").exists()
+    # an unfinished continuation (its done.json gone, as if killed after its checkpoints) resumes only with its --from
+    (tmp_path / "runs/hf/phases/pretrain/done.json").unlink()
+    rc, _, err = run_cli(["pretrain", tmp_path / "hf.yaml"], capsys)
+    assert rc == 2 and "continues the pre-training of" in err
+    rc, _, err = run_cli(["pretrain", tmp_path / "hf.yaml", "--from", llama_run / "phases/finetune"], capsys)
+    assert rc == 2 and "continues the pre-training of" in err
+    rc, _, err = run_cli(["pretrain", tmp_path / "hf.yaml", "--from", tmp_path / "hf"], capsys)
+    assert rc == 0, err
+    # and one started without --from is not continued from another model's weights
+    (tmp_path / "runs/fresh/phases/pretrain/done.json").unlink()
+    rc, _, err = run_cli(["pretrain", tmp_path / "fresh.yaml", "--from", tmp_path / "hf"], capsys)
+    assert rc == 2 and "was started without --from" in err
