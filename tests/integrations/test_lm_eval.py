@@ -31,11 +31,16 @@ metric_list:
 """
 
 
-def test_lm_eval_scores_an_exported_model_offline(make_gpt, tmp_path, offline):
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_lm_eval_scores_an_exported_model_offline(family, make_gpt, tmp_path, offline):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
-    model = make_gpt().eval()
+    if family == "llama":  # exported as a Hugging Face LlamaForCausalLM
+        torch.manual_seed(0)
+        model = spdf.Llama.from_name("llama-tiny-test").eval()
+    else:
+        model = make_gpt().eval()
     spdf.sparsify(model, sparsity=0.5)
     write_export(model, tmp_path / "export", tmp_path / "tokenizer.json")
     assert main(["export", str(tmp_path / "export"), str(tmp_path / "hf")]) == 0

@@ -23,11 +23,17 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _model(backend="masked", algorithm=None):
+def _model(backend="masked", algorithm=None, arch="gpt2"):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(config)
+    if arch == "llama":  # a Llama-style decoder: grouped-query attention, SwiGLU, untied head
+        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                          max_position_embeddings=16, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(config)
     return model, spdf.sparsify(model, sparsity=0.75, seed=1, backend=backend, tile=(8, 8), algorithm=algorithm)
 
 
@@ -49,11 +55,15 @@ def _check_exact(sp):
         assert not (layer.dense_weight()[~layer.mask] != 0).any(), name
 
 
-@pytest.mark.parametrize("backend, dynamic", [("masked", False), ("compressed", False), ("masked", True)])
-def test_trainer_keeps_zeros_saves_masks_and_resumes_bit_identically(backend, dynamic, tmp_path, offline):
+@pytest.mark.parametrize("backend, dynamic, arch", [("masked", False, "gpt2"), ("compressed", False, "gpt2"),
+                                                    ("masked", True, "gpt2"), ("masked", False, "llama")])
+def test_trainer_keeps_zeros_saves_masks_and_resumes_bit_identically(backend, dynamic, arch, tmp_path, offline):
     algorithm = (lambda: spdf.sparsity.SET(drop_fraction=0.3, every=2)) if dynamic else (lambda: None)
-    model, sp = _model(backend, algorithm())
+    model, sp = _model(backend, algorithm(), arch)
     masks = sp.masks()
+    if arch == "llama":  # the paper's filter on this family: the seven projections of each block, nothing else
+        assert sorted({n.split(".")[-2] if n.endswith(".weight") else n.split(".")[-1] for n in masks}) == sorted(
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) and len(masks) == 14
     trainer = _trainer(model, sp, tmp_path)
     trainer.train()
     _check_exact(sp)
@@ -71,7 +81,7 @@ def test_trainer_keeps_zeros_saves_masks_and_resumes_bit_identically(backend, dy
             assert not (dense.get_parameter(name)[~mask] != 0).any(), name
         assert all(row["actual"] == 0.75 for row in sp.stats())
 
-    resumed_model, resumed_sp = _model(backend, algorithm())
+    resumed_model, resumed_sp = _model(backend, algorithm(), arch)
     resumed = _trainer(resumed_model, resumed_sp, tmp_path)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     _check_exact(resumed_sp)
