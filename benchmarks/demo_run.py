@@ -1,6 +1,7 @@
 """Wall time and throughput of the README's main job, `spdf run recipes/demo.yaml`, as a new user meets it.
 
-    python benchmarks/demo_run.py [--recipe recipes/demo.yaml] [--set key=value ...]
+    python benchmarks/demo_run.py [--recipe recipes/demo.yaml] [--set key=value ...] [--name NAME]
+    python benchmarks/demo_run.py --set model.family=llama --name demo-llama     # the demo as a Llama
 
 Runs the recipe in a fresh temporary run directory and data cache (so tokenizer training and packing are included,
 as on a fresh machine) through the real `spdf` command in a subprocess, then reads the run's own records: each
@@ -41,10 +42,13 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=None,
+                    help="the results' file name (default: the recipe's, e.g. demo); e.g. demo-llama for "
+                         "--set model.family=llama, so the demo's own results stay")
     ap.add_argument("--generations-only", action="store_true",
                     help="write only <recipe>-generations.json, after checking the scores against <recipe>.json")
     args = ap.parse_args()
-    stem = args.recipe.stem
+    stem = args.name or args.recipe.stem
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
