@@ -3,6 +3,7 @@ it cannot keep a run correct; an FSDP1 launch on CPU processes, which accelerate
 from types import SimpleNamespace
 
 import pytest
+import torch
 from accelerate.utils import DistributedType
 
 from spdf.recipe import RecipeError, apply_overrides, load_recipe
@@ -11,7 +12,7 @@ from tiny_runs import DEMO, TINY_SETS
 
 
 def _accelerator(distributed_type, fsdp2=False):
-    return SimpleNamespace(distributed_type=distributed_type, is_fsdp2=fsdp2)
+    return SimpleNamespace(distributed_type=distributed_type, is_fsdp2=fsdp2, device=torch.device("cpu"))
 
 
 def _recipe(tmp_path, *sets):
