@@ -193,7 +193,9 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
     if init_from is not None:  # a bad --from is refused before the run directory is made
         _verify_init_from(find_export(init_from), recipe, kinds)
     check_run_dir(recipe)
-    _check_continued_from(recipe, kinds, init_from)
+    # which weights a continued pre-training starts from (their sha256: hashed once, checked and then recorded)
+    continued = _init_record(init_from) if init_from is not None and "pretrain" in kinds else None
+    _check_continued_from(recipe, kinds, continued)
     check_dir_target(data_cache_dir(), "the data cache (SPDF_CACHE_DIR)")
     run_dir = recipe.run_path
     created = not run_dir.exists()
@@ -214,7 +216,7 @@ def run_recipe(recipe: Recipe, kinds=("pretrain", "finetune"), init_from: Path |
                     start.claim(created)  # removed again if this start made it and is refused
                     check_run_dir(recipe)  # again under the lock: another run may have claimed it meanwhile
                 tokenizer = _tokenizer(recipe, run_dir, init_from)
-            return _run_phases(accelerator, recipe, kinds, init_from, tokenizer, log_with, stop, start)
+            return _run_phases(accelerator, recipe, kinds, init_from, continued, tokenizer, log_with, stop, start)
     finally:
         lock.release()
 
@@ -250,7 +252,7 @@ def _verify_init_from(path: Path, recipe: Recipe, kinds) -> None:
                               f"those model keys to match, or fine-tune a checkpoint of the recipe's shape")
 
 
-def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_with, stop, start) -> dict:
+def _run_phases(accelerator, recipe: Recipe, kinds, init_from, continued, tokenizer, log_with, stop, start) -> dict:
     from accelerate.utils import set_seed
 
     run_dir = recipe.run_path
@@ -295,10 +297,10 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, tokenizer, log_wi
             continue
         train, val = _datasets(recipe, phase, tokenizer, accelerator, recipe.logging.progress)
         start.began()  # from here on the phase writes state that a refused start must not take away
-        if init_from is not None and phase.kind == "pretrain" and accelerator.is_main_process \
+        if continued is not None and phase is _continued_phase(recipe) and accelerator.is_main_process \
                 and not phase_paths.init_from.is_file():  # what a resume of it must start from again
             phase_paths.root.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(phase_paths.init_from, _init_record(init_from))
+            write_json_atomic(phase_paths.init_from, continued)
         source = BatchSource(train, val, seed=recipe.seed + i, rank=accelerator.process_index,
                              world_size=accelerator.num_processes, pad_id=tokenizer.eos_id,
                              vocab_size=model.config.vocab_size)
@@ -366,17 +368,21 @@ def _check_finite(model, init_from: Path | None) -> None:
                               f"start from an earlier checkpoint")
 
 
-def _check_continued_from(recipe: Recipe, kinds, init_from: Path | None) -> None:
-    """A pre-training started from `--from` resumes only from the same weights, and one started without it only
-    without: a killed continued pre-training rerun without --from would otherwise go on from a fresh model (or a
-    fresh one from another model's weights) without a word."""
-    phase = next((p for p in recipe.phases if p.kind == "pretrain"), None)  # the one --from starts
+def _continued_phase(recipe: Recipe) -> PhaseSpec | None:
+    """The phase `pretrain --from` starts from the given weights: the recipe's first pre-training phase."""
+    return next((p for p in recipe.phases if p.kind == "pretrain"), None)
+
+
+def _check_continued_from(recipe: Recipe, kinds, given: dict | None) -> None:
+    """A pre-training started from `--from` (`given`: its _init_record) resumes only from the same weights, and one
+    started without it only without: a killed continued pre-training rerun without --from would otherwise go on
+    from a fresh model (or a fresh one from another model's weights) without a word."""
+    phase = _continued_phase(recipe)
     if "pretrain" in kinds and phase is not None:
         paths = RunLayout(recipe.run_path).phase(phase.name)
         if paths.finished or not paths.root.is_dir():
             return
         recorded = read_json(paths.init_from, "--from record") if paths.init_from.is_file() else None
-        given = None if init_from is None else _init_record(init_from)
         if recorded is not None and (given is None or given["fingerprint"] != recorded["fingerprint"]):
             raise CheckpointError(f"phase '{phase.name}' of {recipe.run_path} continues the pre-training of "
                                   f"{recorded['path']}: resume it with the same --from (those weights)")
