@@ -63,6 +63,14 @@ def write_manifest(directory: Path) -> Path:
     return directory / MANIFEST_FILE
 
 
+def files_under(directory: Path) -> tuple[str, ...]:
+    """Every file under `directory` but its manifest, relative to it: what a checkpoint's manifest must list (nothing
+    is added to a checkpoint after its manifest, unlike an export, which may gain an evaluation report later)."""
+    directory = Path(directory)
+    return tuple(str(p.relative_to(directory)) for p in sorted(directory.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST_FILE)
+
+
 def has_manifest(directory: Path) -> bool:
     return (Path(directory) / MANIFEST_FILE).is_file()
 

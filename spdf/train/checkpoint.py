@@ -24,7 +24,7 @@ from ..errors import CheckpointError
 from ..fswrite import read_json, write_json_atomic, writing_dir
 from ..layout import CHECKPOINT_META, MANIFEST_FILE, checkpoint_name, is_checkpoint_name, temporary_dir
 from .nonfinite import all_finite, state_tensors
-from ..manifest import ManifestError, has_manifest, verify_manifest, write_manifest
+from ..manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -42,11 +42,8 @@ def verify_checkpoint(path: Path, content: bool = True) -> bool:
     (an older spdf's); DamagedCheckpoint otherwise."""
     if not has_manifest(path):
         return False
-    # nothing is added to a checkpoint after its manifest: it must list every file there
-    every_file = tuple(str(p.relative_to(path)) for p in sorted(Path(path).rglob("*"))
-                       if p.is_file() and p.name != MANIFEST_FILE)
     try:
-        verify_manifest(path, content, required=every_file)
+        verify_manifest(path, content, required=files_under(path))
     except ManifestError as e:
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {e}") from None
     return True

@@ -71,6 +71,24 @@ def test_damaged_newest_checkpoint_falls_back(verified_run, monkeypatch, name, h
     assert len(warnings) == 1 and "step-00000008" in warnings[0] and "skipped" in warnings[0], warnings
 
 
+def test_a_checkpoint_manifest_that_leaves_a_file_out_is_damaged_for_resume_and_inspect(verified_run, capsys):
+    """A checkpoint gains no file after its manifest: one it does not list means the manifest is not the one written
+    with those files. Resume skips it, and `spdf inspect --verify` reports it, by the same rule."""
+    run_dir, _ = verified_run
+    root = run_dir / "phases/pretrain/checkpoints"
+    manifest = root / "step-00000008" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["files"]["optimizer.bin"]
+    manifest.write_text(json.dumps(data))
+    warnings = []
+    with pytest.raises(checkpoint_module.DamagedCheckpoint, match="does not list optimizer.bin"):
+        checkpoint_module.check_checkpoint(root / "step-00000008", warnings.append)
+    rc, out, err = run_cli(["inspect", "--verify", run_dir / "phases/pretrain"], capsys)
+    assert_user_error(rc, err, "1 of 2 damaged")  # step-6 and step-8; the phase has no export yet
+    damaged = [line for line in out.splitlines() if line.startswith("DAMAGED")]
+    assert len(damaged) == 1 and "step-00000008" in damaged[0] and "does not list optimizer.bin" in damaged[0], out
+
+
 def test_no_usable_checkpoint_is_refused(verified_run, monkeypatch):
     run_dir, _ = verified_run
     root = run_dir / "phases/pretrain/checkpoints"
