@@ -78,6 +78,11 @@ class BlockSparseLinear(CompressedSparseLinear):
                          target_sparsity=target_sparsity)
 
     @classmethod
+    def build_problem(cls, mask: torch.Tensor, tile: tuple[int, int]) -> str | None:
+        problem = block_problem(mask, tile)
+        return f"backend 'block' computes whole blocks: {problem}" if problem else None
+
+    @classmethod
     def tile_for(cls, method_settings: dict, tile: tuple[int, int]) -> tuple[int, int]:
         size = method_settings.get("block_size")
         return (size, size) if size else tile

@@ -8,6 +8,12 @@ exist, so no gradient hook or optimizer hook is needed.
 
 The state dict holds ``values``, ``bias`` (if any), the layout buffers and an extra state with shape, tile and
 orientation; loading one made from a different mask resizes the buffers and ``values`` (rebuild the optimizer then).
+
+Under FSDP2 ``values`` is sharded like any 1-D parameter (each rank holds a contiguous piece of the non-zeros) and the
+layout buffers are replicated: FSDP2 all-gathers the whole vector before each forward and backward, so the kernels
+always see every non-zero, and reduce-scatters its gradient after. The optimizer steps each rank's piece; there are no
+masked entries to keep at zero, hence no mask to shard. What needs the whole vector outside a forward (dense_weight,
+the statistics) gathers it, a collective every rank calls, as for the masked backend.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from spdf.kernels import TiledLayout, pack, tiled_linear, unpack
 from spdf.kernels.layout import FIELDS
 
 from .protocol import SparseLayer
-from .sharding import is_dtensor, tensor_problem
+from .sharding import full, is_dtensor, local, shard_like, tensor_problem
 from .sparse_linear import SparseLinear
 
 PREFIX = "tile_"  # layout buffers are tile_bitmap, tile_word_offsets, ...
@@ -31,6 +37,7 @@ class CompressedSparseLinear(SparseLayer):
     # Dynamic algorithms are refused for this backend (Sparsifier), and set_mask refuses under an optimizer.
     backend = "compressed"
     supports_dynamic = False
+    supports_fsdp2 = True  # `values` shards like any 1-D parameter; the layout buffers are replicated
     dense_compute = False  # only kept products are computed
     stores_dense_weight = False  # `values` and tile buffers: a dense loader would not know them
 
@@ -74,7 +81,18 @@ class CompressedSparseLinear(SparseLayer):
 
     @classmethod
     def build(cls, dense, mask, transposed, target_sparsity, tile=(64, 64)) -> "CompressedSparseLinear":
+        problem = cls.build_problem(mask.t() if transposed else mask, tuple(tile))
+        if problem:
+            raise ValueError(problem)
         return cls.from_dense(dense, mask, transposed, target_sparsity, tile=tile)
+
+    @classmethod
+    def build_problem(cls, mask: torch.Tensor, tile: tuple[int, int]) -> str | None:
+        """Why sparsify() does not build a layer of this backend for `mask` ((out, in) bool), or None."""
+        if not bool(mask.any()):  # nothing to train, and a run's checkpoint would drop its empty tensors
+            return (f"the mask keeps none of the weight's {mask.numel()} entries, so it has nothing to train: "
+                    f"lower the sparsity, or leave this layer dense with the filter")
+        return None
 
     @classmethod
     def owns_state(cls, state_dict: dict) -> bool:
@@ -107,8 +125,9 @@ class CompressedSparseLinear(SparseLayer):
         return self.values.numel()
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense weight in nn.Linear orientation (a new tensor, zeros at masked positions)."""
-        return unpack(self.layout, self.values.detach())
+        """The dense weight in nn.Linear orientation (a new tensor, zeros at masked positions). Sharded (FSDP2)
+        values are gathered: a collective."""
+        return unpack(self.layout, full(self.values.detach()))
 
     def weight_parameters(self) -> list[nn.Parameter]:
         return [self.values]
@@ -118,9 +137,8 @@ class CompressedSparseLinear(SparseLayer):
 
     def sharding_problem(self, dynamic: bool) -> str | None:
         values = self.__dict__.get("_parameters", {}).get("values")
-        if is_dtensor(values):  # its tiled kernels index the whole vector of non-zeros
-            return "the compressed backend does not run on sharded (FSDP2) weights; use backend 'masked'"
-        # the layout's own count: a flat shard of `values` (FSDP1, DeepSpeed) is shorter than that
+        # the layout's own count: a flat shard of `values` (FSDP1, DeepSpeed) is shorter than that; an FSDP2 DTensor
+        # has the global shape (its forward sees the all-gathered whole)
         return tensor_problem(values, (int(getattr(self, PREFIX + "offsets")[-1]),))
 
     @torch.no_grad()
@@ -134,6 +152,9 @@ class CompressedSparseLinear(SparseLayer):
         changed = mask != current
         if not changed.any():
             return changed
+        if is_dtensor(self.values):  # a new `values` of another length cannot replace a sharded parameter
+            raise ValueError("the compressed backend cannot change the mask of a layer sharded by FSDP2: load masks "
+                             "before fully_shard, or use backend 'masked'")
         if any(self.values in opt.state or any(self.values is p for g in opt.param_groups for p in g["params"])
                for opt in optimizers):
             raise ValueError("the compressed backend keeps its masks static while an optimizer holds its values: "
@@ -150,8 +171,8 @@ class CompressedSparseLinear(SparseLayer):
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"a weight of shape {tuple(weight.shape)} does not fit a "
                              f"{(self.out_features, self.in_features)} layer")
-        _, values = pack(weight.to(self.values.device, self.values.dtype), self.mask, self.tile)
-        self.values.copy_(values)
+        _, values = pack(weight.to(local(self.values).device, self.values.dtype), self.mask, self.tile)
+        local(self.values).copy_(shard_like(values, self.values))  # a sharded layer: this rank's piece
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tiled_linear(x, self.values, self.layout, self.bias)

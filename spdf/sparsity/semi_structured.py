@@ -35,16 +35,21 @@ def nm_problem(mask: torch.Tensor, n: int = 2, m: int = 4) -> str | None:
     return None
 
 
+def compress(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (out, in), exact zeros outside its 2:4 mask, as torch's semi-structured sparse tensor (lossless)."""
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(weight)
+
+
 class _SemiSparseMatmul(torch.autograd.Function):
     """y = x W^T + b with W compressed to 2:4 for the forward; dX and dW dense (W's transpose is not 2:4)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        from torch.sparse import to_sparse_semi_structured
-
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return F.linear(x, to_sparse_semi_structured(weight), bias)
+        return F.linear(x, compress(weight), bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -58,7 +63,9 @@ class _SemiSparseMatmul(torch.autograd.Function):
 class SemiStructuredLinear(SparseLinear):
     backend = "semi_structured"
     supports_dynamic = False  # a new mask must stay 2:4; dynamic algorithms move single weights
-    supports_fsdp2 = False  # the compression needs the whole weight on one device
+    # FSDP2 all-gathers the whole weight before each forward (which compresses it) and backward; the mask and the
+    # gradient masking are the masked backend's, sharded like the weight
+    supports_fsdp2 = True
     mask_patterns = {"nm": {"n": (2,), "m": (4,)}}
     devices = ("cuda",)
     dense_compute = True  # dX and dW are dense GEMMs (FLOP accounting charges the mask's density, as for masked)

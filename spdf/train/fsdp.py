@@ -25,6 +25,7 @@ from ..model import family_of
 from ..recipe import Recipe, RecipeError
 from ..sparsity import Sparsifier, sparsify
 from ..sparsity.backends import backend_class
+from ..sparsity.bitpack import unpack_bits
 
 DDP_CONFIGS = "recipes/accelerate/ddp-8gpu.yaml, ddp-2node.yaml"
 
@@ -73,7 +74,8 @@ def check_parallelism(accelerator, recipe: Recipe, phases, sparse: bool) -> None
 
     FSDP1 and DeepSpeed ZeRO step flat copies of the weights that no mask reaches (Sparsifier.attach refuses them
     too, later and less readably); FSDP1 is refused for dense phases as well (their export would need its gathered
-    weights). Under FSDP2 the static masked backend is supported; the rest is refused here."""
+    weights). Under FSDP2 static masks on a backend that declares `supports_fsdp2` (all of the registry's) are
+    supported; the rest is refused here."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
@@ -96,7 +98,7 @@ def check_parallelism(accelerator, recipe: Recipe, phases, sparse: bool) -> None
                           f"does not do on FSDP2-sharded weights; use method 'static' or a DDP config ({DDP_CONFIGS})")
     if sparse and not backend_class(recipe.sparsity.backend).supports_fsdp2:
         raise RecipeError(f"sparsity.backend '{recipe.sparsity.backend}' does not run under FSDP2; use backend "
-                          f"'masked' (same masks, same results) or a DDP config ({DDP_CONFIGS})")
+                          f"'masked' (the same masks, computed densely) or a DDP config ({DDP_CONFIGS})")
     generating = [p.name for p in phases if p.eval.generate is not None]
     if generating:
         raise RecipeError(f"phases.{generating[0]}.eval.generate: generation during training is not supported "
@@ -108,18 +110,22 @@ def gathered(accelerator, model, sparsifier: Sparsifier | None):
     """(plain model, its sparsifier or None) with the full weights and masks of FSDP2-sharded `model`, on every rank.
 
     A collective. The plain model is what exports are written from and what the next phase shards again; the
-    sharded one is left to be freed. Masks come from the sparsifier's state (its global masks), so the rebuilt
-    sparsifier has the same layers, targets, settings and step count."""
+    sharded one is left to be freed. It is sparsified with the saved global masks, on the same backend and tile
+    layout (a compressed or block layer's state holds its non-zeros in that layout only), and the rebuilt sparsifier
+    takes the sparsifier's state: the same layers, targets, settings and step count."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    saved = sparsifier.state_dict() if sparsifier is not None else None
     plain = family_of(model).build(model.config)
     plain_sparsifier = None
-    if saved is not None:
-        layers = sorted(saved["layers"])
-        plain_sparsifier = sparsify(plain, init={n: torch.ones(saved["layers"][n]["shape"], dtype=torch.bool)
-                                                 for n in layers}, param_filter=[f"{n}.weight" for n in layers])
+    if sparsifier is not None:
+        saved = sparsifier.state_dict()
+        layers = saved["layers"]
+        tile = next(iter(sparsifier.layers.values())).tile or (64, 64)  # one tile for every layer (sparsify's)
+        plain_sparsifier = sparsify(plain, init={n: unpack_bits(layers[n]["bits"], tuple(layers[n]["shape"]))
+                                                 for n in layers},
+                                    param_filter=[f"{n}.weight" for n in layers], backend=saved["config"]["backend"],
+                                    tile=tile)
         plain_sparsifier.load_state_dict(saved)
     plain.load_state_dict(weights)
     return plain.to(accelerator.device), plain_sparsifier

@@ -170,3 +170,13 @@ def test_densified_weights_are_contiguous_and_own_their_storage():
     for name, p in model.named_parameters():
         assert p.is_contiguous(), name
         assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name
+
+
+def test_sparsify_refuses_a_layer_whose_mask_keeps_nothing():
+    """A layer with no non-zero has nothing to train, and its empty tensors would be missing from a run's checkpoint
+    (its resume would fail): refused when the model is sparsified, the model left untouched."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 4))
+    masks = {"0": torch.ones(4, 8, dtype=torch.bool), "1": torch.zeros(4, 4, dtype=torch.bool)}
+    with pytest.raises(ValueError, match=r"1\.weight: the mask keeps none of the weight's 16 entries"):
+        spdf.sparsify(model, 0.5, init=masks, param_filter=["0.weight", "1.weight"], backend="compressed")
+    assert all(type(m) is torch.nn.Linear for m in model)

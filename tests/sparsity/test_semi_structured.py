@@ -31,7 +31,7 @@ def test_every_registered_backend_names_itself_and_declares_what_it_supports():
         assert set(cls.devices) <= {"cpu", "cuda"}
     with pytest.raises(ValueError, match="unknown sparse backend 'dense'; allowed: masked, compressed, block"):
         backend_class("dense")
-    assert backend_class("masked").supports_fsdp2 and not backend_class("compressed").supports_fsdp2
+    assert all(backend_class(name).supports_fsdp2 for name in BACKENDS)  # tests/sparsity/test_fsdp2.py
 
 
 def test_on_cpu_it_is_refused_with_one_line_naming_the_masked_backend():
@@ -121,3 +121,51 @@ def test_cuda_training_keeps_the_zeros_and_densifies_to_the_same_values():
     weights = {n: layer.dense_weight().clone() for n, layer in sp.layers.items()}
     spdf.densify(model)
     assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in weights.items())
+
+
+def _fsdp2_worker(rank: int, port: int, out: str) -> None:
+    """One GPU, FSDP2 (a world of 1: every block and the root fully_shard-ed, weights as DTensors)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from spdf.model import family_of
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl", rank=rank, world_size=1)
+    torch.cuda.set_device(0)
+    model = gpt(device="cuda")
+    sp = spdf.sparsify(model, 0.5, init=NM(2, 4), backend="semi_structured")
+    mesh = init_device_mesh("cuda", (1,))
+    for block in [m for m in model.modules() if isinstance(m, family_of(model).block_class)]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp.attach(opt)
+    losses = autocast_steps(model, opt, _batch())
+    zeros = {n: int(torch.count_nonzero(layer.weight.to_local()[~layer.weight_mask.to_local()]))
+             for n, layer in sp.layers.items()}
+    torch.save({"losses": losses, "zeros": zeros}, out)
+    dist.destroy_process_group()
+
+
+def _batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, SHAPE["vocab_size"], (2, SHAPE["n_ctx"] + 1), generator=g).cuda()
+
+
+@CUDA
+def test_cuda_fsdp2_trains_like_the_unsharded_model(tmp_path):
+    import torch.multiprocessing as mp
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    mp.spawn(_fsdp2_worker, args=(get_free_port(), str(tmp_path / "fsdp2.pt")), nprocs=1, join=True)
+    sharded = torch.load(tmp_path / "fsdp2.pt")
+    model = gpt(device="cuda")
+    sp = spdf.sparsify(model, 0.5, init=NM(2, 4), backend="semi_structured")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sp.attach(opt)
+    assert sharded["losses"] == pytest.approx(autocast_steps(model, opt, _batch()), abs=1e-3)
+    assert sharded["zeros"] and not any(sharded["zeros"].values()), sharded["zeros"]

@@ -79,8 +79,10 @@ def test_fsdp2_refusals(group_of_one):
     compressed = _model()
     sp = spdf.sparsify(compressed, sparsity=0.75, backend="compressed", tile=(16, 16))
     fully_shard(compressed, mesh=mesh)
-    with pytest.raises(ValueError, match="backend 'masked'"):
-        sp.attach(torch.optim.AdamW(compressed.parameters()))
+    sp.attach(torch.optim.AdamW(compressed.parameters()))  # its non-zeros shard like any parameter (test_fsdp2.py)
+    flipped = {name: mask.flip(0) for name, mask in sp.masks().items()}  # as many kept entries, other places
+    with pytest.raises(ValueError, match="cannot change the mask of a layer sharded by FSDP2.*backend 'masked'"):
+        sp.load_masks(flipped)
     dynamic = _model()
     sp = spdf.sparsify(dynamic, sparsity=0.75, algorithm=RigL(0.3, every=2))
     fully_shard(dynamic, mesh=mesh)

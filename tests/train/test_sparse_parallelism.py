@@ -40,13 +40,23 @@ def test_fsdp1_is_refused_for_dense_runs_too_deepspeed_is_not(tmp_path):
 
 @pytest.mark.parametrize("sets, message", [
     (["sparsity.method=rigl"], "sparsity.method 'rigl' changes masks"),
-    (["sparsity.backend=compressed", "phases.finetune.eval.generate=null"], "sparsity.backend 'compressed'"),
     ([], "phases.finetune.eval.generate: generation during training is not supported under FSDP2"),
 ])
 def test_what_fsdp2_cannot_do_is_refused_by_name(tmp_path, sets, message):
     with pytest.raises(RecipeError, match=message):
         recipe = _recipe(tmp_path, *sets)
         check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), recipe, recipe.phases, sparse=True)
+
+
+def test_a_backend_that_does_not_declare_fsdp2_is_refused_under_it(tmp_path, monkeypatch):
+    from spdf.sparsity.backends import backend_class
+
+    monkeypatch.setattr(backend_class("block"), "supports_fsdp2", False)  # every registered backend declares it now
+    recipe = _recipe(tmp_path, "phases.finetune.eval.generate=null", "model.d_model=128", "sparsity.method=block",
+                     "sparsity.block_size=64", "sparsity.backend=block")
+    with pytest.raises(RecipeError, match="sparsity.backend 'block' does not run under FSDP2; use backend 'masked'"):
+        check_parallelism(_accelerator(DistributedType.FSDP, fsdp2=True), recipe, recipe.phases, sparse=True)
+    check_parallelism(_accelerator(DistributedType.MULTI_CPU), recipe, recipe.phases, sparse=True)
 
 
 def test_static_masked_fsdp2_and_ddp_runs_pass(tmp_path):
