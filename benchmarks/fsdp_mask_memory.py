@@ -39,7 +39,8 @@ def _mask_bytes(sp) -> int:
     return sum(storages.values())
 
 
-def _model(args):
+def xl_width_gpt(args):
+    """The benchmarks' FSDP2 model: a GPT args.layers deep, args.d_model wide (GPT-3 XL's 2048 by default)."""
     from spdf.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def _worker(rank: int, world: int, args, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = _model(args)
+    model = xl_width_gpt(args)
     sp = spdf.sparsify(model, sparsity=args.sparsity, seed=0)
     mesh = init_device_mesh("cpu", (world,))
     for block in model.transformer.h:
@@ -74,7 +75,7 @@ def _worker(rank: int, world: int, args, port: int):
     gathered = [torch.zeros_like(sizes) for _ in range(world)]
     dist.all_gather(gathered, sizes)
     if rank == 0:
-        reference = spdf.sparsify(_model(args), sparsity=args.sparsity, seed=0).masks()
+        reference = spdf.sparsify(xl_width_gpt(args), sparsity=args.sparsity, seed=0).masks()
         numel = sum(m.numel() for m in reference.values())
         xl_numel = 24 * 12 * 2048 ** 2
         result = {

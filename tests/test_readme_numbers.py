@@ -135,6 +135,15 @@ def test_mutransfer_and_coord_check(readme):
     assert f"µP ≤ {mup_width:.2f}" in readme and f"SµPar ≤ {supar:.2f}" in readme
 
 
+def test_fsdp2_state_per_rank_by_backend(readme):
+    ranks = _load("fsdp2_backend_memory.json")["per_rank_bytes"]
+    total = {backend: sum(r["total"] for r in rows) for backend, rows in ranks.items()}
+    ratio = {backend: f"{total[backend] / total['dense']:.3f}x" for backend in total}
+    assert (f"dense {total['dense'] / len(ranks['dense']) / 2 ** 20:.1f} MiB; masked {ratio['masked']}, compressed "
+            f"{ratio['compressed']}, block-64 {ratio['block']} |") in readme
+    assert f"{ratio['compressed']} dense FSDP2's for compressed, {ratio['block']} for block-64" in readme
+
+
 def test_numbers_without_a_committed_source_are_gone(readme):
     for unsourced in ("2.9–3.2", "2.9 min", "14k tokens/s", "1.05–1.08x", "machine load ~9", "9.81 → 6.73",
                       "~1.6x in speed", "2.2 s/step"):
