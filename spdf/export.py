@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .fswrite import read_json, write_json_atomic, writing_dir
-from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, PhaseLayout, RunLayout,
-                     temporary_dir)
-from .manifest import ManifestError, has_manifest, verify_manifest, write_manifest
+from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, SHARDED_MODEL_DIR, TOKENIZER_FILE, WEIGHTS_FILE,
+                     PhaseLayout, RunLayout, temporary_dir)
+from .manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
 from .model.families import DEFAULT_FAMILY, ModelFamily, family_for_hf, family_of, get_family
 from .sparsity import set_masks, sparse_layers, sparsify, state_dict_masks, to_dense_state_dict
+from .sharded_state import is_sharded_checkpoint, read_sharded_state
 from .sparsity.bitpack import pack_bits, unpack_bits
 
 
@@ -107,7 +108,9 @@ def is_export(path: Path) -> bool:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (Path(path) / WEIGHTS_FILE).is_file() and (Path(path) / CHECKPOINT_META).is_file()
+    """A training checkpoint: one process's (model.safetensors) or an FSDP2 run's (its sharded model state)."""
+    path = Path(path)
+    return ((path / WEIGHTS_FILE).is_file() or is_sharded_checkpoint(path)) and (path / CHECKPOINT_META).is_file()
 
 
 def find_export(path: Path) -> Path:
@@ -164,8 +167,10 @@ def verify_export(path: Path) -> bool:
     older spdf, accepted as it is); a damaged one raises CheckpointError."""
     if not has_manifest(path):
         return False
+    # an export must list its weights and config; a checkpoint every file in it (nothing is added after its manifest)
+    required = (WEIGHTS_FILE, CONFIG_FILE) if is_export(path) or not is_checkpoint(path) else files_under(path)
     try:
-        verify_manifest(path, required=(WEIGHTS_FILE, CONFIG_FILE if is_export(path) else CHECKPOINT_META))
+        verify_manifest(path, required=required)
     except ManifestError as e:
         raise CheckpointError(f"{path} is damaged: {e}; use another checkpoint") from None
     return True
@@ -203,7 +208,8 @@ def read_export(path: Path) -> Export:
         raise CheckpointError(f"{what} {path}: {CHECKPOINT_META if checkpoint else CONFIG_FILE} does not describe "
                               f"a model ({e})") from None
     try:
-        state = load_file(str(path / WEIGHTS_FILE))
+        sharded = checkpoint and not (path / WEIGHTS_FILE).is_file()
+        state = read_sharded_state(path / SHARDED_MODEL_DIR) if sharded else load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{what} {path}: {WEIGHTS_FILE} could not be read ({e})") from None
     if checkpoint:  # the sparse layers' own state: masks out of it, compressed weights expanded
@@ -275,10 +281,15 @@ def read_hf(path: Path, hf: dict) -> Export:
 
 
 def model_fingerprint(path: Path) -> str:
-    """sha256 of an export's weights and masks: which model an evaluation report is about."""
+    """sha256 of an export's weights and masks (or of a sharded checkpoint's model state, every file of it in name
+    order): which model an evaluation report is about."""
     digest = hashlib.sha256()
-    for name in (WEIGHTS_FILE, MASKS_FILE):
-        file = Path(path) / name
+    path = Path(path)
+    sharded = sorted(p for p in (path / SHARDED_MODEL_DIR).rglob("*") if p.is_file()) \
+        if is_sharded_checkpoint(path) and not (path / WEIGHTS_FILE).is_file() else []
+    for file in [path / WEIGHTS_FILE, path / MASKS_FILE, *sharded]:
+        if sharded:  # the file names too: the same bytes in another shard are another model
+            digest.update(str(file.relative_to(path)).encode())
         if file.is_file():
             with open(file, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

@@ -14,6 +14,7 @@ from .layout import (CHECKPOINT_META, CONFIG_FILE, MANIFEST_FILE, MASKS_FILE, SH
                      is_checkpoint_name, is_temporary)
 from .manifest import ManifestError, files_under, has_manifest, verify_manifest
 from .model.families import DEFAULT_FAMILY, family_for_hf, get_family
+from .sharded_state import read_sharded_state
 from .sparsity import state_dict_masks, to_dense_state_dict
 
 
@@ -33,21 +34,10 @@ def _weights_file(path: Path) -> Path:
                                 ) from None
 
 
-def _sharded_state(directory: Path) -> dict[str, torch.Tensor]:
-    """The whole model state of an FSDP2 checkpoint: every rank's shards joined (global weights and masks)."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(directory, Path(tmp) / "model.pt")
-        return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)["model"]
-
-
 def _load_state(file: Path) -> dict[str, torch.Tensor]:
+    if file.is_dir():
+        return read_sharded_state(file)
     try:
-        if file.is_dir():
-            return _sharded_state(file)
         if file.suffix == ".safetensors":
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)

@@ -22,8 +22,8 @@ from torch.distributed.elastic.utils.distributed import get_free_port
 
 from spdf.export import read_masks
 from spdf.inspect import checkpoint_stats
-from tiny_runs import (REPO, copy_run, loss_trace, spdf_subprocess, subprocess_env, truncate_to_kill, wait_for,
-                       write_recipe)
+from tiny_runs import (REPO, copy_run, loss_trace, run_cli, spdf_subprocess, subprocess_env, truncate_to_kill,
+                       wait_for, write_recipe)
 
 FSDP_CONFIG = REPO / "recipes" / "accelerate" / "fsdp-8gpu.yaml"
 NO_GENERATION = "phases.finetune.eval.generate=null"  # generation during training is refused under FSDP2
@@ -113,6 +113,26 @@ def test_spdf_inspect_reads_the_global_masks_of_a_sharded_checkpoint(fsdp_run):
     for name, mask in masks.items():
         assert rows[name]["shape"] == tuple(mask.shape)  # global shapes, not a rank's shard
         assert rows[name]["mask_sparsity"] == rows[name]["target"] == 0.75 <= rows[name]["actual"], rows[name]
+
+
+def test_a_sharded_checkpoint_is_read_as_one_process_checkpoint_is(fsdp_run, finished_run, capsys):
+    """evaluate, export, flops and --from read an FSDP2 run's sharded checkpoint (read_export joins its shards): the
+    same model and masks as one process's checkpoint of that step, its tokenizer found, a fingerprint of its own."""
+    from spdf.export import find_export, model_fingerprint, read_export
+
+    step8 = fsdp_run / "phases/pretrain/checkpoints/step-00000008"
+    assert not (step8 / "model.safetensors").exists() and find_export(step8) == step8
+    ours = read_export(step8)
+    ref = read_export(finished_run["run_dir"] / "phases/pretrain/checkpoints/step-00000008")
+    assert ours.config["model"] == ref.config["model"] and ours.tokenizer_path is not None
+    assert ours.masks.keys() == ref.masks.keys() and all(torch.equal(ours.masks[k], ref.masks[k]) for k in ref.masks)
+    theirs = ref.model.state_dict()
+    for key, tensor in ours.model.state_dict().items():
+        torch.testing.assert_close(tensor, theirs[key], rtol=0, atol=1e-5)
+    step6 = step8.with_name("step-00000006")
+    assert model_fingerprint(step8) == model_fingerprint(step8) != model_fingerprint(step6)
+    rc, out, err = run_cli(["flops", step8, "--json"], capsys)
+    assert rc == 0 and json.loads(out)["model"] == str(step8), err
 
 
 def _steps_logged(run_dir: Path) -> list[int]:
