@@ -14,7 +14,6 @@ and .md under --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-from fsdp_mask_memory import xl_width_gpt  # the same model, built the same way
+from fsdp_mask_memory import xl_width_arguments, xl_width_gpt  # the same model and options
+from machine import cpu_name
 
 MiB = 2 ** 20
 BACKENDS = ("dense", "masked", "compressed", "block")
@@ -102,13 +102,7 @@ def _table(rows: dict, world: int) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--sparsity", type=float, default=0.75)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = xl_width_arguments(__doc__).parse_args()
     world, scratch = 2, Path(args.out) / ".fsdp2_backend_memory"
     scratch.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -118,7 +112,7 @@ def main():
         for r in range(world):
             (scratch / f"{backend}-rank{r}.pt").unlink()
     scratch.rmdir()
-    result = {"config": vars(args), "world": world, "torch": torch.__version__,
+    result = {"config": vars(args), "world": world, "torch": torch.__version__, "machine": cpu_name(),
               "per_rank_bytes": {b: [{k: int(v) for k, v in r.items()} for r in ranks] for b, ranks in rows.items()}}
     out = Path(args.out)
     (out / "fsdp2_backend_memory.json").write_text(json.dumps(result, indent=2))
@@ -126,9 +120,9 @@ def main():
         f"# Training state per rank under FSDP2, by backend ({world} gloo CPU processes)\n\n"
         f"`python benchmarks/fsdp2_backend_memory.py`: GPT {args.layers} layers, d_model {args.d_model} (GPT-3 XL "
         f"width), vocabulary {args.vocab}, {args.sparsity:.0%} sparsity (random masks; block: random 64x64 blocks) on "
-        f"the attention and MLP weights, AdamW, after one step; torch {torch.__version__}. MiB per rank (mean of the "
-        f"ranks) of the storages each rank holds; RSS is the process's resident memory (coarse: each rank built the "
-        f"whole dense model before sharding it).\n\n" + _table(rows, world))
+        f"the attention and MLP weights, AdamW, after one step; torch {torch.__version__}, {result['machine']}. MiB "
+        f"per rank (mean of the ranks) of the storages each rank holds; RSS is the process's resident memory "
+        f"(coarse: each rank built the whole dense model before sharding it).\n\n" + _table(rows, world))
     print(_table(rows, world))
 
 

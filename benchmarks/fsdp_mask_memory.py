@@ -39,6 +39,17 @@ def _mask_bytes(sp) -> int:
     return sum(storages.values())
 
 
+def xl_width_arguments(description: str) -> argparse.ArgumentParser:
+    """The FSDP2 benchmarks' options: the model's depth, width and vocabulary, the sparsity, where results go."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--sparsity", type=float, default=0.75)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return parser
+
+
 def xl_width_gpt(args):
     """The benchmarks' FSDP2 model: a GPT args.layers deep, args.d_model wide (GPT-3 XL's 2048 by default)."""
     from spdf.model import GPT, GPTConfig
@@ -119,13 +130,7 @@ def _worker(rank: int, world: int, args, port: int):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--sparsity", type=float, default=0.75)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = xl_width_arguments(__doc__).parse_args()
     mp.spawn(_worker, args=(2, args, get_free_port()), nprocs=2, join=True)
 
 
