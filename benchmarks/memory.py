@@ -1,4 +1,5 @@
-"""Training memory of a GPT model: dense vs masked vs compressed backends, per object and as the process holds it.
+"""Training memory of a GPT model: dense vs masked vs compressed (and block) backends, per object and as the process
+holds it.
 
     python benchmarks/memory.py --out benchmarks/results [--model gpt3-small]
 
@@ -14,7 +15,8 @@ Two measurements, each configuration built on CPU and trained for one real AdamW
    backend keeping every original dense weight and mask alive through a gradient hook). It is measured on GPU_SHAPE,
    GPT-3 XL's 8-layer benchmark shape (issue 19) scaled down to fit a small CPU machine with the same proportions
    (width and vocabulary halved: the sparse layers are 79% of the parameters, as at XL). Goal: the compressed
-   backend's live memory after a step <= 0.45x dense at 75%.
+   backend's live memory after a step <= 0.45x dense at 75%. The block backend (random 64x64 blocks, 75%; issue 20)
+   is measured beside them: its storage is the compressed backend's with full tiles.
 Activations are freed before each reading. Writes memory.json and memory.md.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ SPARSITIES = (0.5, 0.75, 0.9)
 GPU_SHAPE = dict(n_layer=8, n_head=16, d_model=1024, d_ff=4096, n_ctx=1024, vocab_size=25152)
 PROCESS_GOAL = 0.45  # compressed / dense live bytes after a step, at 75%
 STATE_GOAL = 0.30  # compressed / dense sparse-layer state, at 75%
+BLOCK = 64  # the block backend's block size here (GPU_SHAPE's widths are multiples of 128)
 
 
 def _bytes(tensors) -> int:
@@ -122,7 +125,7 @@ def measure_process(shape: dict, backend: str, sparsity: float, tile) -> dict:
     torch.manual_seed(0)
     model = spdf.GPT(spdf.GPTConfig(name="memory", **shape))
     out = dict(backend=backend, sparsity=sparsity if backend != "dense" else None, built=live_bytes(baseline))
-    sp = spdf.sparsify(model, sparsity=sparsity, seed=0, backend=backend, tile=tile) if backend != "dense" else None
+    sp = _sparsify(model, backend, sparsity, tile) if backend != "dense" else None
     out["sparsified"] = live_bytes(baseline)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     if sp is not None:
@@ -139,6 +142,12 @@ def measure_process(shape: dict, backend: str, sparsity: float, tile) -> dict:
     return out
 
 
+def _sparsify(model, backend: str, sparsity: float, tile):
+    if backend == "block":  # its masks are whole blocks: the block mask method, blocks of BLOCK
+        return spdf.sparsify(model, sparsity=sparsity, seed=0, init=spdf.sparsity.Block(BLOCK), backend="block")
+    return spdf.sparsify(model, sparsity=sparsity, seed=0, backend=backend, tile=tile)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
@@ -150,7 +159,7 @@ def main(argv=None):
     ap.add_argument("--tile", type=int, nargs=2, default=(64, 64))
     args = ap.parse_args(argv)
 
-    process = [measure_process(GPU_SHAPE, b, 0.75, args.tile) for b in ("dense", "masked", "compressed")]
+    process = [measure_process(GPU_SHAPE, b, 0.75, args.tile) for b in ("dense", "masked", "compressed", "block")]
     for r in process:
         print(f"process {r['backend']:10s}: after step {_mib(r['after_step'])} MiB")
     rows = [measure(args.model, "dense", None, args.tile)]
@@ -162,13 +171,14 @@ def main(argv=None):
     dense = rows[0]
     pdense = process[0]
     shape = ", ".join(f"{k} {v}" for k, v in GPU_SHAPE.items())
-    md = [f"# Training memory: dense vs masked vs compressed (memory.py)", "",
+    md = [f"# Training memory: dense vs masked vs compressed vs block (memory.py)", "",
           f"## As the process holds it ({shape}; 75% sparse; fp32, fused AdamW wd 0.1)", "",
           "Every tensor storage alive in the process (a walk of Python's garbage collector, each tensor's .grad "
           "included, each storage once), above what was alive before the model was built. *After step*: one real "
           "AdamW step, then `zero_grad(set_to_none=True)` as between steps (weights + AdamW moments + buffers). "
           "*Densified*: after `spdf.densify(model)` with the optimizer dropped. *After delete*: once the model is "
-          "dropped too (a leak would stay). Fraction = this / dense at the same stage.", "",
+          f"dropped too (a leak would stay). Fraction = this / dense at the same stage. block: random {BLOCK}x{BLOCK} "
+          "blocks.", "",
           "| backend | built MiB | sparsified MiB | after step MiB | fraction of dense | densified MiB | "
           "after delete MiB |", "|---|---|---|---|---|---|---|"]
     for r in process:

@@ -144,6 +144,16 @@ def test_fsdp2_state_per_rank_by_backend(readme):
     assert f"{ratio['compressed']} dense FSDP2's for compressed, {ratio['block']} for block-64" in readme
 
 
+def test_live_memory_by_backend_in_both_tables(readme):
+    process = {r["backend"]: r["after_step"] for r in _load("memory.json")["process"]}
+    ratio = {backend: f"{after / process['dense']:.3f}x" for backend, after in process.items()}
+    assert (f"{ratio['compressed']} ({process['compressed'] / 2 ** 20:.1f} vs {process['dense'] / 2 ** 20:.1f} MiB); "
+            f"masked {ratio['masked']}; block-64 {ratio['block']} |") in readme
+    for pattern, backend in (("unstructured 75%", "masked"), ("unstructured 75%", "compressed"),
+                             ("block-64 75%", "block")):
+        assert re.search(rf"\| {pattern} \| {backend} \|[^|]*\|[^|]*\| unmeasured / {ratio[backend]} \|", readme), backend
+
+
 def test_numbers_without_a_committed_source_are_gone(readme):
     for unsourced in ("2.9–3.2", "2.9 min", "14k tokens/s", "1.05–1.08x", "machine load ~9", "9.81 → 6.73",
                       "~1.6x in speed", "2.2 s/step"):
