@@ -50,3 +50,18 @@ def test_compiled_attached_training_keeps_the_zeros_and_does_not_warn(make_gpt, 
         assert _compiled_steps(model, batch, steps=2, attach_at=0, sp=sp) == (1, 0)  # one graph, no break
     for row in sp.stats()[:-1]:
         assert row["actual"] == row["mask_sparsity"] == 0.5, row
+
+
+def test_compiled_block_backend_trains_in_one_graph_without_a_break():
+    """The block backend's products go through the same custom op as the compressed backend's (its autograd, fake
+    kernel and FLOP formula), so torch.compile traces it whole too."""
+    torch.manual_seed(0)
+    model = spdf.GPT(spdf.GPTConfig(name="block-compile", n_layer=2, n_head=2, d_model=128, d_ff=512, n_ctx=32,
+                                    vocab_size=64))
+    sp = spdf.sparsify(model, sparsity=0.5, init=spdf.sparsity.Block(64), backend="block")
+    idx = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _compiled_steps(model, (idx[:, :-1], idx[:, 1:]), steps=2, attach_at=0, sp=sp) == (1, 0)
+    for row in sp.stats()[:-1]:
+        assert row["actual"] == row["mask_sparsity"] == 0.5, row
