@@ -91,7 +91,8 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
             quiet.setLevel(level)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / CHECKPOINT_META, meta)
+            # each rank saved its own RNG and data-order state: a resume needs as many processes
+            write_json_atomic(tmp / CHECKPOINT_META, {**meta, "processes": accelerator.num_processes})
             write_manifest(tmp)
     if accelerator.is_main_process:
         if final.exists():
@@ -117,6 +118,14 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
         if meta.get(key) != expect[key]:
             raise CheckpointError(f"checkpoint {path} has another {what} than the recipe: {meta.get(key)} vs "
                                   f"{expect[key]}; use a run directory made by this recipe")
+    # Every rank reads the same file, so every rank refuses alike. Without this check, a rank whose own RNG file is
+    # missing would fall back to an older checkpoint while the others load this one: ranks at different steps.
+    saved = meta.get("processes")  # absent in an older spdf's checkpoint
+    if saved is not None and saved != accelerator.num_processes:
+        raise CheckpointError(f"checkpoint {path} was written by {saved} process(es), this launch has "
+                              f"{accelerator.num_processes}: each process saved its own random and data-order state "
+                              f"(and an FSDP2 run its shards), so a phase resumes on the number it started with: "
+                              f"launch it with {saved} (e.g. accelerate launch --num_processes {saved})")
     try:
         # accelerate skips an unreadable RNG state file with a log line only, and the resumed run would then differ
         torch.load(path / f"random_states_{accelerator.process_index}.pkl", map_location="cpu", weights_only=False)

@@ -119,6 +119,27 @@ def test_resume_mid_phase_replays_exactly(finished_run, tmp_path, capsys, phase,
         assert all(torch.equal(ours[k], ref[k]) for k in ref), p
 
 
+def test_a_checkpoint_resumes_only_on_the_number_of_processes_that_wrote_it(finished_run, tmp_path, capsys):
+    """Each process saves its own random and data-order state: a launch with another number of processes is refused
+    by every rank alike (one with a rank whose state file is missing would otherwise fall back to an older
+    checkpoint on that rank alone), and nothing on disk changes."""
+    from spdf.manifest import write_manifest
+    from tiny_runs import assert_user_error, tree_digest
+
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, "pretrain", 7, keep_checkpoints_upto=6)
+    ckpt = run_dir / "phases/pretrain/checkpoints/step-00000006"
+    meta = json.loads((ckpt / "spdf.json").read_text())
+    assert meta["processes"] == 1  # recorded by the run that wrote it
+    (ckpt / "spdf.json").write_text(json.dumps({**meta, "processes": 2}))  # as a 2-process launch writes it
+    write_manifest(ckpt)
+    before = tree_digest(run_dir)
+    rc, _, err = run_cli(["run", recipe], capsys)
+    assert_user_error(rc, err, "step-00000006 was written by 2 process(es), this launch has 1",
+                      "accelerate launch --num_processes 2")
+    assert tree_digest(run_dir) == before
+
+
 def test_killed_after_the_final_checkpoint_only_exports(finished_run, tmp_path, capsys):
     """Killed between the phase's last checkpoint and its done.json; a half-written later checkpoint is ignored."""
     run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
