@@ -34,6 +34,7 @@ TOKENIZER_FILE = "tokenizer.json"  # an export's tokenizer, and a run's
 CHECKPOINT_META = "spdf.json"  # a checkpoint's description: model shape and targets (what `--from` reads)
 MANIFEST_FILE = "manifest.json"  # written last into a checkpoint or export: every file's size and CRC-32
 SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"  # where accelerate puts an FSDP2 run's sharded model state
+RNG_STATE_FILE = "random_states_{}.pkl"  # accelerate's, one per process (its index) in every checkpoint
 CHECKPOINT_PREFIX = "step-"
 EVAL_DIR = "eval"  # `spdf evaluate`'s reports, by default inside the run, phase or export they are about
 

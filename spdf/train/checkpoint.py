@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..fswrite import read_json, write_json_atomic, writing_dir
-from ..layout import CHECKPOINT_META, MANIFEST_FILE, checkpoint_name, is_checkpoint_name, temporary_dir
+from ..layout import (CHECKPOINT_META, MANIFEST_FILE, RNG_STATE_FILE, checkpoint_name, is_checkpoint_name,
+                      temporary_dir)
 from .nonfinite import all_finite, state_tensors
 from ..manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
 
@@ -120,7 +121,8 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
                                   f"{expect[key]}; use a run directory made by this recipe")
     # Every rank reads the same file, so every rank refuses alike. Without this check, a rank whose own RNG file is
     # missing would fall back to an older checkpoint while the others load this one: ranks at different steps.
-    saved = meta.get("processes")  # absent in an older spdf's checkpoint
+    # an older spdf's checkpoint does not record it: accelerate's one RNG file per process tells
+    saved = meta.get("processes") or len(list(path.glob(RNG_STATE_FILE.format("*")))) or None
     if saved is not None and saved != accelerator.num_processes:
         raise CheckpointError(f"checkpoint {path} was written by {saved} process(es), this launch has "
                               f"{accelerator.num_processes}: each process saved its own random and data-order state "
@@ -128,7 +130,7 @@ def load_checkpoint(accelerator, path: Path, expect: dict) -> dict:
                               f"launch it with {saved} (e.g. accelerate launch --num_processes {saved})")
     try:
         # accelerate skips an unreadable RNG state file with a log line only, and the resumed run would then differ
-        torch.load(path / f"random_states_{accelerator.process_index}.pkl", map_location="cpu", weights_only=False)
+        torch.load(path / RNG_STATE_FILE.format(accelerator.process_index), map_location="cpu", weights_only=False)
         accelerator.load_state(str(path))
     except (SafetensorError, RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -138,6 +138,12 @@ def test_a_checkpoint_resumes_only_on_the_number_of_processes_that_wrote_it(fini
     assert_user_error(rc, err, "step-00000006 was written by 2 process(es), this launch has 1",
                       "accelerate launch --num_processes 2")
     assert tree_digest(run_dir) == before
+    # an older spdf's checkpoint records no number: its RNG files (one per process) tell it
+    (ckpt / "spdf.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "processes"}))
+    (ckpt / "random_states_1.pkl").write_bytes((ckpt / "random_states_0.pkl").read_bytes())
+    write_manifest(ckpt)
+    rc, _, err = run_cli(["run", recipe], capsys)
+    assert_user_error(rc, err, "step-00000006 was written by 2 process(es), this launch has 1")
 
 
 def test_killed_after_the_final_checkpoint_only_exports(finished_run, tmp_path, capsys):
