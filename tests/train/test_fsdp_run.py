@@ -135,6 +135,17 @@ def test_a_sharded_checkpoint_is_read_as_one_process_checkpoint_is(fsdp_run, fin
     assert rc == 0 and json.loads(out)["model"] == str(step8), err
 
 
+def test_fine_tuning_starts_from_a_sharded_checkpoint_as_from_one_process_checkpoint(fsdp_run, finished_run, tmp_path,
+                                                                                      capsys):
+    first_val = {}
+    for name, run in (("sharded", fsdp_run), ("one", finished_run["run_dir"])):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, NO_GENERATION)
+        rc, _, err = run_cli(["finetune", recipe, "--from", run / "phases/pretrain/checkpoints/step-00000008"], capsys)
+        assert rc == 0, err
+        first_val[name] = next(t[3] for t in loss_trace(tmp_path / name, "finetune") if t[2] == "val")
+    assert first_val["sharded"] == pytest.approx(first_val["one"], abs=1e-5)  # the same weights and masks, densified
+
+
 def _steps_logged(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
     records = []
