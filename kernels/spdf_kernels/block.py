@@ -96,8 +96,7 @@ def _stk_matrix(values: torch.Tensor, layout: TiledLayout):
     except ImportError as e:
         raise RuntimeError("the stk block product needs the stanford-stk package (pip install 'spdf[gpu]')") from e
     b = layout.tile[0]
-    rows = torch.repeat_interleave(torch.arange(layout.grid[0], device=values.device, dtype=torch.int16),
-                                   layout.row_ptr.diff().long(), output_size=layout.n_nonempty_tiles)
+    rows = layout.tile_coords()[0].to(torch.int16)
     return stk.Matrix(layout.shape, values.view(-1, b, b), rows, layout.col_idx.to(torch.int16),
                       layout.row_ptr.to(torch.int32), layout.row_idx.to(torch.int16), layout.col_ptr.to(torch.int32),
                       layout.t_perm.to(torch.int32))

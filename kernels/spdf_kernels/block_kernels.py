@@ -182,8 +182,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, layout: TiledLayout) -> torch.Tenso
     out = torch.zeros(tiles * b * b, dtype=x.dtype, device=x.device)
     if tiles == 0:
         return out
-    rows = torch.arange(layout.grid[0], device=x.device, dtype=torch.int32)
-    tile_row = torch.repeat_interleave(rows, layout.row_ptr.diff().to(torch.int64), output_size=tiles)
+    tile_row = layout.tile_coords()[0].to(torch.int32)
     grid = lambda meta: (tiles, b // meta["BLOCK_N"], b // meta["BLOCK_J"])  # noqa: E731
     _sddmm_kernel[grid](dy, x, out, tile_row, layout.col_idx, m, n, k, dy.stride(0), dy.stride(1), x.stride(0),
                         x.stride(1), UPCAST=_upcast(x.dtype), B=b)

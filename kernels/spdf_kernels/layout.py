@@ -100,8 +100,10 @@ class TiledLayout:
 
     def tile_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(tile-row, tile-column) of every stored tile, int64."""
-        counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        rows = torch.repeat_interleave(torch.arange(self.grid[0], device=self.device), counts.long())
+        # output_size: the count is known on the host, so on CUDA no device sync is needed (the block products call
+        # this every backward)
+        rows = torch.repeat_interleave(torch.arange(self.grid[0], device=self.device), self.row_ptr.diff().long(),
+                                       output_size=self.n_nonempty_tiles)
         return rows, self.col_idx.long()
 
     def slot_mask(self) -> torch.Tensor:
