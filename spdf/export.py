@@ -176,18 +176,31 @@ def verify_export(path: Path) -> bool:
     return True
 
 
-def export_family(path: Path) -> ModelFamily:
-    """The model family of an export, a checkpoint or a Hugging Face directory, from its config file alone."""
-    path = Path(path)
+def config_family(config: dict) -> ModelFamily:
+    """The model family that an export's config.json, a checkpoint's spdf.json or a Hugging Face config.json names
+    (ValueError for one no family maps onto); without "family", a gpt's (older spdf wrote only GPTs)."""
+    if "model_type" in config:  # written by transformers' save_pretrained
+        return family_for_hf(config["model_type"])
+    return get_family(config.get("family", DEFAULT_FAMILY))
+
+
+def _config(path: Path) -> tuple[bool, dict]:
+    """(whether `path` is a training checkpoint, its spdf.json; else the export's or Hugging Face config.json)."""
     checkpoint = not is_export(path) and is_checkpoint(path)
-    what = "checkpoint" if checkpoint else "export"
-    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
+    return checkpoint, read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE),
+                                 "checkpoint" if checkpoint else "export")
+
+
+def _family(config: dict, path: Path) -> ModelFamily:
     try:
-        if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
-            return family_for_hf(config["model_type"])
-        return get_family(config.get("family", DEFAULT_FAMILY))
+        return config_family(config)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def export_family(path: Path) -> ModelFamily:
+    """The model family of an export, a checkpoint or a Hugging Face directory, from its config file alone."""
+    return _family(_config(Path(path))[1], path)
 
 
 def read_export(path: Path) -> Export:
@@ -196,12 +209,11 @@ def read_export(path: Path) -> Export:
     manifest when it has one."""
     path = Path(path)
     verify_export(path)
-    checkpoint = not is_export(path) and is_checkpoint(path)
+    checkpoint, config = _config(path)
     what = "checkpoint" if checkpoint else "export"
-    config = read_json(path / (CHECKPOINT_META if checkpoint else CONFIG_FILE), what)
     if not checkpoint and "model_type" in config:  # written by transformers' save_pretrained
         return read_hf(path, config)
-    family = export_family(path)
+    family = _family(config, path)
     try:
         model = family.build(family.config_from_dict(config["model"]))
     except (KeyError, TypeError, ValueError) as e:
@@ -246,7 +258,7 @@ def read_hf(path: Path, hf: dict) -> Export:
     family maps onto (its `model_type`: gpt2, ...) as an Export: the family's model with the same weights (the
     family's adapter renames and re-lays them out), the masks of a directory written by spdf.save_pretrained, its
     tokenizer.json if any. What the family's model cannot compute the same way is refused."""
-    family = export_family(path)
+    family = _family(hf, path)
     try:
         model = family.build(family.hf.config_from_hf(hf))
     except (KeyError, TypeError, ValueError) as e:

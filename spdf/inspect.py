@@ -8,12 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import CheckpointError
-from .export import find_export, is_export, read_masks
+from .export import config_family, find_export, is_export, read_masks
 from .fswrite import read_json
 from .layout import (CHECKPOINT_META, CONFIG_FILE, MANIFEST_FILE, MASKS_FILE, SHARDED_MODEL_DIR, WEIGHTS_FILE,
                      is_checkpoint_name, is_temporary)
 from .manifest import ManifestError, files_under, has_manifest, verify_manifest
-from .model.families import DEFAULT_FAMILY, family_for_hf, get_family
 from .sharded_state import read_sharded_state
 from .sparsity import state_dict_masks, to_dense_state_dict
 
@@ -96,9 +95,7 @@ def _family(meta: dict):
     """The model family that wrote these weights (a file alone, or a meta file without one: gpt, as older spdf wrote
     only GPTs); None for a Hugging Face architecture no family maps onto (then every 2-D weight is listed)."""
     try:
-        if "model_type" in meta:
-            return family_for_hf(meta["model_type"])
-        return get_family(meta.get("family", DEFAULT_FAMILY))
+        return config_family(meta)
     except ValueError:
         return None
 
