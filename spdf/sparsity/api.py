@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .algorithms import ALGORITHMS, Algorithm
-from .backends import BACKEND_NAMES, backend_class, backend_classes, spec_problem
+from .backends import BACKEND_NAMES, backend_class, spec_problem, state_form_classes
 from .masks import check_sparsity
 from .methods import MaskMethod, Target, mask_method
 from .protocol import sparse_layers
@@ -170,7 +170,7 @@ def densify(model: nn.Module, names: str | list[str] | None = None) -> nn.Module
 
 
 def is_sparse_state_dict(state_dict: dict) -> bool:
-    return any(cls.owns_state(state_dict) for cls in backend_classes())
+    return any(cls.owns_state(state_dict) for cls in state_form_classes())
 
 
 def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = False, strict: bool = True):
@@ -195,7 +195,7 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
 def to_dense_state_dict(state_dict: dict) -> dict:
     """The state dict a dense model of the same shape loads: each backend turns its layers into dense weights (zeros
     in place) and drops its masks."""
-    for cls in backend_classes():
+    for cls in state_form_classes():
         if cls.owns_state(state_dict):
             state_dict = cls.dense_state_dict(state_dict)
     return state_dict
@@ -205,7 +205,7 @@ def state_dict_masks(state_dict: dict) -> dict[str, torch.Tensor]:
     """Module name -> bool mask read from a sparse model's state dict (any backend): in the stored weight's layout
     for masked layers (`weight_mask`), in (out, in) orientation for compressed ones (they store no weight)."""
     masks = {}
-    for cls in backend_classes():
+    for cls in state_form_classes():
         if cls.owns_state(state_dict):
             masks.update(cls.state_masks(state_dict))
     return masks

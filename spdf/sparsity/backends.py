@@ -29,8 +29,11 @@ def backend_class(name: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
-def backend_classes() -> list:
-    return [backend_class(name) for name in BACKENDS]
+def state_form_classes() -> list:
+    """One layer class per state-dict form. A backend that stores its layers as another one does (block as
+    compressed, semi_structured as masked) inherits that form, so converting or reading a state dict asks each form
+    once."""
+    return [cls for cls in map(backend_class, BACKENDS) if "owns_state" in vars(cls)]
 
 
 def spec_problem(backend: str, method: str, settings: dict, dynamic: bool) -> str | None:
