@@ -139,10 +139,14 @@ def schedule_flops(cfg, sparsity: float, algorithm, steps: int, seq_len: int | N
     `sparsity`): GMP's sparsity as its schedule sets it each step, RigL's dense-gradient steps charged."""
     spent = 0.0
     cache: dict[float, FlopBreakdown] = {}
-    for step in range(1, steps + 1):
-        level = algorithm.sparsity_at(step, sparsity)
+    # Between updates nothing changes: an update step u needs the dense gradient (RigL), and the new sparsity holds
+    # from u + 1. So the schedule is stretches [start, end), each costed once (a recipe of 10^15 steps returns at
+    # once; one step at a time it would not return).
+    starts = sorted({1, *(b for u in algorithm.update_steps(steps) for b in (u, u + 1) if b <= steps)})
+    for start, end in zip(starts, [*starts[1:], steps + 1]):
+        level = algorithm.sparsity_at(start, sparsity)
         fb = cache.get(level) or cache.setdefault(level, analytic_flops(cfg, level, seq_len))
-        spent += fb.dense_grad_train if algorithm.needs_dense_grad(step) else fb.sparse_train
+        spent += (end - start) * (fb.dense_grad_train if algorithm.needs_dense_grad(start) else fb.sparse_train)
     dense = analytic_flops(cfg, 0.0, seq_len).dense_train
     return {"algorithm": algorithm.settings(), "steps": steps, "dense_train_per_token": dense,
             "mean_spent_train_per_token": spent / steps, "reduction": dense * steps / spent}

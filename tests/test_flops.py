@@ -164,6 +164,41 @@ def test_schedule_flops_static_rigl_and_gmp():
     assert g.sparsity_at(100, 0.75) == 0.0 and g.sparsity_at(101, 0.75) > 0.0 and g.sparsity_at(900, 0.75) == 0.75
 
 
+@pytest.mark.parametrize("algorithm, steps", [
+    ("static", 50), ("rigl", 55), ("gmp", 47), ("set", 30), ("gmp-every-step", 10), ("rigl-past-the-end", 60)])
+def test_schedule_flops_walks_the_stretches_between_updates_as_every_step_would(algorithm, steps):
+    """The mean is summed over the stretches between mask updates: the same as costing each step on its own."""
+    from spdf.flops import schedule_flops
+    from spdf.sparsity import GMP, SET, RigL, Static
+
+    algorithm = {"static": Static(), "rigl": RigL(0.3, every=7, begin=3, stop=40),
+                 "gmp": GMP(0.1, every=5, begin=2, stop=33), "set": SET(0.3, every=4, stop=20),
+                 "gmp-every-step": GMP(0.0, every=1, stop=3), "rigl-past-the-end": RigL(0.3, every=10, stop=100)}[
+        algorithm]
+    cfg = GPTConfig.from_name("gpt3-small")
+    per_step = [analytic_flops(cfg, algorithm.sparsity_at(step, 0.75)) for step in range(1, steps + 1)]
+    expected = sum(fb.dense_grad_train if algorithm.needs_dense_grad(step) else fb.sparse_train
+                   for step, fb in enumerate(per_step, start=1)) / steps
+    assert schedule_flops(cfg, 0.75, algorithm, steps)["mean_spent_train_per_token"] == pytest.approx(expected,
+                                                                                                     rel=1e-12)
+
+
+def test_flops_of_a_recipe_with_an_absurd_number_of_steps_returns(tmp_path, capsys):
+    """Found by the recipe-fuzzing test: `spdf flops` costed a recipe's schedule one step at a time, so 8.7e15 steps
+    never returned."""
+    import yaml
+
+    from spdf.cli import main
+    from spdf.recipe import apply_overrides
+
+    recipe = tmp_path / "r.yaml"
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(demo.read_text()),
+                                                     ["phases.pretrain.steps=8659268916012999"])))
+    assert main(["flops", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["schedule"]["steps"] == 8659268916012999
+
+
 def test_training_flops_follow_the_masks_and_rigl_update_steps(make_gpt):
     from spdf.flops import TrainingFlops
     from spdf.sparsity import GMP, RigL

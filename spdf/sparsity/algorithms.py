@@ -33,6 +33,11 @@ class Algorithm:
     def is_update_step(self, step: int) -> bool:
         return False
 
+    def update_steps(self, steps: int) -> range:
+        """The steps among 1..steps after which the masks change: sparsity_at and needs_dense_grad are constant
+        between them (a FLOP projection walks these stretches, not every step)."""
+        return range(0)
+
     def needs_dense_grad(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) must see the dense gradient of sparse weights."""
         return False
@@ -61,6 +66,9 @@ class _Dynamic(Algorithm):
 
     def is_update_step(self, step):
         return self.updates(step)
+
+    def update_steps(self, steps):
+        return self.updates.steps_until(steps)
 
     def settings(self):
         u = self.updates
@@ -93,8 +101,7 @@ class GMP(_Dynamic):
 
     def sparsity_at(self, step, target):
         # The mask of step t was set by the last update at or before step t - 1.
-        u = self.updates
-        last = max((s for s in range(u.begin + u.every, min(step - 1, u.stop) + 1, u.every)), default=None)
+        last = self.updates.last_at_or_before(step - 1)
         return self.initial_sparsity(target) if last is None else self._level(last, target)
 
     def new_mask(self, name, layer, step, seed):

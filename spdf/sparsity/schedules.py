@@ -91,3 +91,14 @@ class UpdateSchedule:
 
     def __call__(self, step: int) -> bool:
         return step > self.begin and (step - self.begin) % self.every == 0 and (self.stop is None or step <= self.stop)
+
+    def last_at_or_before(self, step: int) -> int | None:
+        """The last update step at or before `step`, or None (closed form: schedules of millions of steps)."""
+        last = min(step, step if self.stop is None else self.stop)
+        last = self.begin + self.every * ((last - self.begin) // self.every)
+        return last if last > self.begin else None
+
+    def steps_until(self, steps: int) -> range:
+        """The update steps among optimizer steps 1..steps."""
+        end = steps if self.stop is None else min(steps, self.stop)
+        return range(self.begin + self.every, end + 1, self.every)
