@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
 from spdf.sparsity import RigL, sparse_layers
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str):
+    # a rendezvous file in the test's own directory, not a port: a free port found before the spawn can be taken by
+    # another test's processes in between
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = spdf.GPT.from_name("tiny-test")
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_rigl_decisions_are_identical_on_every_rank(tmp_path):
-    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["step"] == r1["step"] == 4
     assert all(r0["masked_grads_zero"]) and all(r1["masked_grads_zero"])

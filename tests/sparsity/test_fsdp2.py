@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.elastic.utils.distributed import get_free_port
 
 import spdf
 from spdf.model import FAMILIES, config_by_name, family_of
@@ -135,9 +134,10 @@ def _shards_of_nonzeros(sp, opt, world: int) -> dict[str, bool]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, shape: str, backend: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str, shape: str, backend: str):
+    # a rendezvous file in the test's own directory, not a port: a free port found before the spawn can be taken by
+    # another test's processes in between
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     if backend == "semi_structured":
         semi_structured_on_cpu(setattr)
@@ -173,7 +173,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, shape: str, backend:
 def test_fsdp2_on_two_ranks_keeps_every_zero_and_trains_like_one_process(tmp_path, shape, backend, monkeypatch):
     if backend == "semi_structured":
         semi_structured_on_cpu(monkeypatch.setattr)
-    mp.spawn(_worker, args=(2, get_free_port(), str(tmp_path), shape, backend), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), shape, backend), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model = _model(shape)
     sp = _sparsify(model, backend)
