@@ -194,6 +194,7 @@ def _cmd_evaluate(args) -> int:
     from .data import TaskSpec, task_splits
     from .eval.evaluate import check_limit, evaluate_export, format_table, recorded_generation, write_report
     from .eval.generate import DecodingConfig
+    from .export import find_export
     import yaml
 
     from .fswrite import check_dir_target
@@ -223,6 +224,7 @@ def _cmd_evaluate(args) -> int:
         except yaml.YAMLError:
             raise RecipeError(f"--task-set {setting!r}: cannot parse the value {text!r}") from None
     task = build(TaskSpec, task_data, "task")
+    find_export(args.path)  # PATH first: a file given as PATH is not an export, whatever its report folder would be
     out_dir = args.out if args.out is not None else Path(args.path) / EVAL_DIR
     check_dir_target(out_dir, "--out" if args.out is not None else "the report folder")
     split = args.split or (recorded or {}).get("split") or task_splits(task.task)[-1]

@@ -74,7 +74,7 @@ def test_default_report_goes_next_to_the_evaluated_run_and_changes_nothing_else(
 
 @pytest.fixture
 def bad_inputs(finished_run, tmp_path):
-    """Paths for the error cases: an export without its tokenizer and a task whose input has no reference."""
+    """Paths for the error cases: an export without its tokenizer, a task whose input has no reference, a file."""
     export = finished_run["run_dir"] / "phases/finetune/export"
     bare = tmp_path / "bare-export"
     shutil.copytree(export, bare)
@@ -83,7 +83,9 @@ def bad_inputs(finished_run, tmp_path):
     empty = tmp_path / "norefs.jsonl"
     empty.write_text(json.dumps({"prompt": "a:", "completion": "fine"}) + "\n" +
                      json.dumps({"prompt": "b:", "completion": ""}) + "\n")
-    return {"bare": bare, "norefs": empty}
+    not_a_dir = tmp_path / "notes.txt"
+    not_a_dir.write_text("not a model\n")
+    return {"bare": bare, "norefs": empty, "file": not_a_dir}
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -100,6 +102,8 @@ def bad_inputs(finished_run, tmp_path):
      ["input 0 has a prompt of", "context of 64 tokens", "--truncate-prompts"]),
     (["--task", "docstring", "--task-set", "promptfield=x"], ["unknown key 'task.promptfield'"]),
     (["PATH={bare}", "--task", "docstring"], ["has no tokenizer.json", "bare-export"]),
+    # a file as PATH is named as what it is not, not as a report folder under a file
+    (["PATH={file}", "--task", "docstring"], ["notes.txt is not an spdf export"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(args, fragments, bad_inputs, untouched, offline, capsys):
     def fill(arg: str) -> str:
