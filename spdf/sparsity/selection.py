@@ -116,10 +116,10 @@ def select(
     if not include:
         raise ValueError(f"param_filter {patterns!r} has no include pattern (only '!' exclusions)")
     names = [c.name for c in candidates]
-    for pattern in include + list(overrides or {}):
+    for where, pattern in [("param_filter", p) for p in include] + [("overrides", p) for p in overrides or {}]:
         if not fnmatch.filter(names, pattern):
             raise ValueError(
-                f"param_filter pattern {pattern!r} matched no linear weight; candidates look like {names[0]!r}"
+                f"{where} pattern {pattern!r} matched no linear weight; candidates look like {names[0]!r}"
                 f" (glob patterns on parameter names, '!pattern' excludes)"
             )
     protected = default_dense(model) if param_filter is None else set()

@@ -91,6 +91,13 @@ def test_filter_matching_no_linear_weight_is_a_value_error(make_gpt, param_filte
     assert not sparse_layers(model)
 
 
+def test_override_matching_no_linear_weight_names_overrides(make_gpt):
+    model = make_gpt()
+    with pytest.raises(ValueError, match=r"^overrides pattern '\*nomatch\*' matched no linear weight"):
+        spdf.sparsify(model, sparsity=0.5, overrides={"*nomatch*": 0.25})
+    assert not sparse_layers(model)
+
+
 def test_filter_whose_matches_are_all_excluded_is_a_value_error(make_gpt):
     with pytest.raises(ValueError, match="selected no weight"):
         spdf.sparsify(make_gpt(), sparsity=0.5, param_filter=["*mlp*", "!*mlp*"])
