@@ -192,7 +192,8 @@ def _format_summary(summary: dict, command: str = "run") -> str:
 
 def _cmd_evaluate(args) -> int:
     from .data import TaskSpec, task_splits
-    from .eval.evaluate import check_limit, evaluate_export, format_table, recorded_generation, write_report
+    from .eval.evaluate import (check_limit, check_report_dir, evaluate_export, format_table, recorded_generation,
+                                write_report)
     from .eval.generate import DecodingConfig
     from .export import find_export
     import yaml
@@ -227,6 +228,7 @@ def _cmd_evaluate(args) -> int:
     find_export(args.path)  # PATH first: a file given as PATH is not an export, whatever its report folder would be
     out_dir = args.out if args.out is not None else Path(args.path) / EVAL_DIR
     check_dir_target(out_dir, "--out" if args.out is not None else "the report folder")
+    check_report_dir(out_dir, "--out" if args.out is not None else "the report folder")
     split = args.split or (recorded or {}).get("split") or task_splits(task.task)[-1]
     report = evaluate_export(args.path, task, split, decoding, decoding_name, limit=args.limit,
                              batch_size=args.batch_size, truncate_prompts=truncate, progress=True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..data import Example, FinetuneDataset, TaskSpec, TextTokenizer, load_finetune_task, pad_collate
 from ..data.finetune import IGNORE_INDEX, truncate_pair
 from ..errors import SpdfUserError
-from ..export import CheckpointError, find_export, model_fingerprint, read_export
+from ..export import CheckpointError, find_export, is_checkpoint, model_fingerprint, read_export
 from ..fswrite import write_text_atomic
 from ..layout import PhaseLayout
 from ..model import family_of
@@ -43,6 +43,17 @@ class EvaluationError(SpdfUserError):
 def check_limit(limit: int | None) -> None:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise EvaluationError(f"limit must be a positive number of inputs, got {limit!r}")
+
+
+def check_report_dir(out_dir: Path, what: str) -> None:
+    """Refuse a report folder inside a training checkpoint: its manifest lists every file in it, so a report there
+    would make it fail verification (a resume would skip it as damaged, --from would refuse it)."""
+    out_dir = Path(out_dir).resolve()
+    for folder in (out_dir, *out_dir.parents):
+        if is_checkpoint(folder):
+            raise EvaluationError(f"{what} {out_dir} lies inside the training checkpoint {folder}, whose manifest "
+                                  f"lists every file in it: a report there would make it fail verification; give "
+                                  f"--out DIR outside it")
 
 
 def encode_prompts(tokenizer, examples: list[Example], n_ctx: int, max_new_tokens: int,

@@ -74,7 +74,8 @@ def test_default_report_goes_next_to_the_evaluated_run_and_changes_nothing_else(
 
 @pytest.fixture
 def bad_inputs(finished_run, tmp_path):
-    """Paths for the error cases: an export without its tokenizer, a task whose input has no reference, a file."""
+    """Paths for the error cases: an export without its tokenizer, a task whose input has no reference, a file, a
+    copy of a training checkpoint."""
     export = finished_run["run_dir"] / "phases/finetune/export"
     bare = tmp_path / "bare-export"
     shutil.copytree(export, bare)
@@ -85,7 +86,10 @@ def bad_inputs(finished_run, tmp_path):
                      json.dumps({"prompt": "b:", "completion": ""}) + "\n")
     not_a_dir = tmp_path / "notes.txt"
     not_a_dir.write_text("not a model\n")
-    return {"bare": bare, "norefs": empty, "file": not_a_dir}
+    step = sorted((finished_run["run_dir"] / "phases/finetune/checkpoints").glob("step-*"))[-1]
+    checkpoint = tmp_path / step.name
+    shutil.copytree(step, checkpoint)
+    return {"bare": bare, "norefs": empty, "file": not_a_dir, "checkpoint": checkpoint}
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -104,6 +108,11 @@ def bad_inputs(finished_run, tmp_path):
     (["PATH={bare}", "--task", "docstring"], ["has no tokenizer.json", "bare-export"]),
     # a file as PATH is named as what it is not, not as a report folder under a file
     (["PATH={file}", "--task", "docstring"], ["notes.txt is not an spdf export"]),
+    # a checkpoint's manifest lists every file in it: a report inside would make it fail verification
+    (["PATH={checkpoint}", "--task", "docstring", *SHORT, "--decoding", "greedy", "--limit", "1"],
+     ["the report folder", "lies inside the training checkpoint", "--out DIR"]),
+    (["--task", "docstring", *SHORT, "--limit", "1", "--out", "{checkpoint}/reports"],
+     ["--out", "lies inside the training checkpoint"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(args, fragments, bad_inputs, untouched, offline, capsys):
     def fill(arg: str) -> str:
