@@ -344,6 +344,11 @@ def _check_flops_flags(args, configs) -> None:
                                 f"and covers every named model")
     elif args.model is None and not args.list:
         raise SpdfUserError("flops: name a MODEL (or a checkpoint, or a recipe), or give --list or --table")
+    elif args.model is not None and args.sparsity is not None and (
+            Path(args.model).suffix in (".yaml", ".yml") or Path(args.model).exists()):
+        # a recipe or a checkpoint brings its own sparsity: an ignored --sparsity would print another level's FLOPs
+        raise SpdfUserError(f"--sparsity applies to a named model; {args.model} brings its own (a recipe its "
+                            f"sparsity.level, a checkpoint or export its masks): drop --sparsity")
     if args.seq_len is not None and args.seq_len < 1:
         raise SpdfUserError(f"--seq-len must be a positive number of tokens, got {args.seq_len}")
     if args.tokens is not None and not (math.isfinite(args.tokens) and args.tokens > 0):

@@ -208,6 +208,10 @@ def test_flops_of_exports_reads_the_masks(finished_run, capsys):
     (["gpt3-xl", "--sparsity", "-0.1"], ["sparsity must be in [0, 1)", "-0.1"]),
     (["unknown-model"], ["unknown model name 'unknown-model'", "known:", "gpt3-xl"]),
     (["gpt3-xxl"], ["unknown model name 'gpt3-xxl'", "did you mean 'gpt3-xl'"]),
+    # a recipe and a directory bring their own sparsity: --sparsity was ignored, printing another level's FLOPs
+    ([str(Path(__file__).parents[2] / "recipes/demo.yaml"), "--sparsity", "0.5"],
+     ["--sparsity applies to a named model", "demo.yaml", "sparsity.level"]),
+    ([str(Path(__file__).parent), "--sparsity", "0.5"], ["--sparsity applies to a named model", "its masks"]),
 ])
 def test_flops_user_errors(argv, fragments, capsys):
     rc, out, err = run_cli(["flops", *argv], capsys)
