@@ -286,8 +286,12 @@ def _cmd_inspect(args) -> int:
 
     if args.verify:
         results = verify_saved(args.path)
-        for status, path, detail in results:
-            print(f"{status:10s} {path}: {detail}")
+        if args.json:
+            print(json.dumps([{"status": status, "path": str(path), "detail": detail}
+                              for status, path, detail in results], indent=2))
+        else:
+            for status, path, detail in results:
+                print(f"{status:10s} {path}: {detail}")
         damaged = [str(path) for status, path, _ in results if status == "DAMAGED"]
         if damaged:
             raise CheckpointError(f"{len(damaged)} of {len(results)} damaged: {', '.join(damaged)}")

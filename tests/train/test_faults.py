@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,12 @@ def test_a_checkpoint_manifest_that_leaves_a_file_out_is_damaged_for_resume_and_
     assert_user_error(rc, err, "1 of 2 damaged")  # step-6 and step-8; the phase has no export yet
     damaged = [line for line in out.splitlines() if line.startswith("DAMAGED")]
     assert len(damaged) == 1 and "step-00000008" in damaged[0] and "does not list optimizer.bin" in damaged[0], out
+    # --json gives the same verdicts as data (it was ignored: the text lines came out)
+    rc, out, err = run_cli(["inspect", "--verify", "--json", run_dir / "phases/pretrain"], capsys)
+    assert_user_error(rc, err, "1 of 2 damaged")
+    verdicts = {Path(r["path"]).name: (r["status"], r["detail"]) for r in json.loads(out)}
+    assert verdicts["step-00000006"][0] == "ok" and verdicts["step-00000008"][0] == "DAMAGED"
+    assert "does not list optimizer.bin" in verdicts["step-00000008"][1]
 
 
 def test_no_usable_checkpoint_is_refused(verified_run, monkeypatch):
