@@ -188,8 +188,12 @@ def _read_files(files: list[Path], text_field: str) -> Iterator[str]:
             yield from _iter_parquet(path, text_field)
 
 
-def load_hf(name: str, config: str | None, split: str, streaming: bool):
-    """datasets.load_dataset, with an unreachable dataset (offline, unknown name) turned into a DataError."""
+CORPUS_OFFLINE_HINT = "offline? use a local source such as {'source': 'files', 'paths': [...]} or {'source': 'stdlib'}"
+
+
+def load_hf(name: str, config: str | None, split: str, streaming: bool, offline_hint: str = CORPUS_OFFLINE_HINT):
+    """datasets.load_dataset, with an unreachable dataset (offline, unknown name) turned into a DataError that ends
+    with `offline_hint` (what the caller's user can give instead)."""
     try:
         import datasets
     except ImportError:
@@ -200,8 +204,7 @@ def load_hf(name: str, config: str | None, split: str, streaming: bool):
     except Exception as e:  # the hub raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError…
         reason = " ".join(str(e).split())[:200]
         raise DataError(f"could not load Hugging Face dataset '{name}' (config {config!r}, split '{split}'): "
-                        f"{type(e).__name__}: {reason}; offline? use a local source such as "
-                        f"{{'source': 'files', 'paths': [...]}} or {{'source': 'stdlib'}}") from None
+                        f"{type(e).__name__}: {reason}; {offline_hint}") from None
 
 
 def _iter_hf(source: DataSpec) -> Iterator[str]:

@@ -31,6 +31,9 @@ from .specs import TaskSpec
 from .task_registry import Task, get_task, register_task
 
 DOC_PROMPT_END = "\n# Summary:"
+# A task's local copy is a file in the dataset's own schema, named by task.path (`spdf evaluate --task-path`)
+TASK_OFFLINE_HINT = ("offline? give a local copy in the dataset's own schema: task.path in a recipe, --task-path FILE "
+                     "for spdf evaluate ({split} stands for the split name)")
 
 
 @dataclass
@@ -204,7 +207,7 @@ class DataToText:
             name = spec.name or self.dataset
             config = spec.config if spec.config is not None else self.config
             where = f"dataset '{name}'"
-            rows = load_hf(name, config, self.hub_split(split), streaming=False)
+            rows = load_hf(name, config, self.hub_split(split), streaming=False, offline_hint=TASK_OFFLINE_HINT)
         try:
             return self.pairs_of(rows, where)
         except (KeyError, TypeError, IndexError) as e:

@@ -133,5 +133,8 @@ def test_hub_sources_fail_offline_with_a_clear_data_error(tmp_path):
     assert "'tuetschek/e2e_nlg'" in out["e2e"] and "split 'train'" in out["e2e"]
     assert "'webnlg-challenge/web_nlg' (config 'release_v3.0_en', split 'dev')" in out["webnlg"]
     assert "'Yale-LILY/dart'" in out["dart"] and "split 'test'" in out["dart"]
+    for name in ("e2e", "webnlg", "dart"):  # a task's local copy is task.path, not a pre-training source
+        assert "give a local copy in the dataset's own schema: task.path" in out[name], out[name]
+        assert "--task-path" in out[name] and "'source': 'files'" not in out[name]
     assert all("\n" not in msg for msg in out.values())
     assert {p.name for p in tmp_path.iterdir()} - {"hf"} == {"tok"}  # nothing written for what failed

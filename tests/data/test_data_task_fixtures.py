@@ -48,7 +48,7 @@ def test_hub_rows_as_datasets_gives_them_load_like_the_local_file(task, offline,
     datasets = pytest.importorskip("datasets")
     asked = []
 
-    def load_from_fixture(name, config, split, streaming):
+    def load_from_fixture(name, config, split, streaming, offline_hint=None):
         asked.append((name, config, split))
         ours = {"dev": "validation"}.get(split, split)
         return datasets.load_dataset("json", data_files=str(FIXTURES / LOCAL[task] / f"{ours}.jsonl"),
