@@ -18,7 +18,7 @@ import torch
 
 from spdf.kernels.block import IMPLS, PRODUCTS, block_linear
 
-from .compressed import CompressedSparseLinear
+from .compressed import CompressedSparseLinear, stored_layout
 
 BLOCK_SIZES = (64, 128)
 
@@ -93,6 +93,21 @@ class BlockSparseLinear(CompressedSparseLinear):
         if problem:
             raise ValueError(f"backend 'block' computes whole blocks: {problem}")
         return super().set_mask(mask, optimizers)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # A state dict brings its own layout (the compressed form: a compressed layer's, of any mask). One not made of
+        # whole blocks is refused as sparsify() and set_mask() refuse it, before anything of this layer changes: the
+        # block products read every stored tile as a full block. Like a size mismatch it goes to error_msgs, which
+        # load_state_dict raises, strict or not.
+        layout = stored_layout(state_dict, prefix)
+        problem = None if layout is None else block_problem(layout.mask(), layout.tile)
+        if problem:
+            error_msgs.append(f"{prefix}values: backend 'block' computes whole blocks: {problem}; this state dict "
+                              f"holds another pattern: load it into a model sparsified with backend 'compressed'")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_linear(x, self.values, self.layout, self.bias, self.products)

@@ -240,15 +240,23 @@ def is_compressed_state(state_dict: dict) -> bool:
     return any(k.endswith(PREFIX + "bitmap") for k in state_dict)
 
 
+def stored_layout(state_dict: dict, prefix: str) -> TiledLayout | None:
+    """The layout of the compressed layer saved under `prefix` (ending in "."), or None where its entries are not
+    all in `state_dict`."""
+    keys = [prefix + PREFIX + f for f in FIELDS] + [prefix + "_extra_state", prefix + "values"]
+    if any(key not in state_dict for key in keys):
+        return None
+    extra = _decode_extra(state_dict[prefix + "_extra_state"])
+    return TiledLayout.from_tensors({f: state_dict[prefix + PREFIX + f] for f in FIELDS}, extra["shape"],
+                                    extra["tile"], nnz=state_dict[prefix + "values"].numel())
+
+
 def state_masks(state_dict: dict) -> dict[str, torch.Tensor]:
     """Module name -> bool mask (out, in) of every compressed layer in a state dict."""
     masks = {}
     for key in [k for k in state_dict if k.endswith(PREFIX + "bitmap")]:
         prefix = key[: -len(PREFIX + "bitmap")]
-        extra = _decode_extra(state_dict[prefix + "_extra_state"])
-        layout = TiledLayout.from_tensors({f: state_dict[prefix + PREFIX + f] for f in FIELDS}, extra["shape"],
-                                          extra["tile"], nnz=state_dict[prefix + "values"].numel())
-        masks[prefix.rstrip(".")] = layout.mask()
+        masks[prefix.rstrip(".")] = stored_layout(state_dict, prefix).mask()
     return masks
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sharding import full
 from .sparse_linear import SparseLinear
 
 HALF = (torch.float16, torch.bfloat16)
@@ -84,6 +85,23 @@ class SemiStructuredLinear(SparseLinear):
         if problem:
             raise ValueError(f"backend 'semi_structured' computes 2:4 masks only: {problem}")
         return super().set_mask(mask, optimizers)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The masked backend's state dict loads here, masks included: one that is not 2:4 is refused before anything of
+        # this layer changes, as build() and set_mask() refuse it (compressing such a weight to 2:4 would silently
+        # drop kept weights). Like a size mismatch it goes to error_msgs, which load_state_dict raises, strict or not.
+        incoming = state_dict.get(prefix + "weight_mask")
+        if incoming is not None and incoming.dim() == 2:
+            mask = full(incoming).bool()  # a sharded mask (FSDP2) is gathered: every rank loads, so every rank calls
+            problem = nm_problem(mask.t() if self.transposed else mask)
+            if problem:
+                error_msgs.append(f"{prefix}weight_mask: backend 'semi_structured' computes 2:4 masks only: {problem}; "
+                                  f"this state dict holds another pattern: load it into a model sparsified with "
+                                  f"backend 'masked'")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         problem = self.device_problem(x.device.type)
