@@ -123,6 +123,8 @@ class _DropAndGrow(_Dynamic):
                  stop: int | None = None):
         super().__init__(every, begin, stop)
         self.drop_fraction = as_schedule(drop_fraction)
+        for value in (self.drop_fraction.initial, self.drop_fraction.final):
+            _check_fraction(value)
 
     def grow_scores(self, name: str, layer, step: int, seed: int, candidates: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -130,7 +132,8 @@ class _DropAndGrow(_Dynamic):
     def new_mask(self, name, layer, step, seed):
         mask = layer.mask
         kept, masked = int(mask.sum()), int((~mask).sum())
-        count = min(round(self.drop_fraction(step) * kept), masked)
+        # a fraction above 1 would drop masked entries too (and grow some of them back): counts and disjointness lost
+        count = min(round(_check_fraction(self.drop_fraction(step)) * kept), masked)
         score = layer.dense_weight().detach().abs().float().masked_fill(~mask, float("inf"))
         dropped = _lowest(score, count)
         grow_score = self.grow_scores(name, layer, step, seed, ~mask).float().masked_fill(mask, float("-inf"))
@@ -161,6 +164,12 @@ class RigL(_DropAndGrow):
             raise ValueError(f"RigL needs the dense gradient of {name!r} on update step {step}, but it has none "
                              f"(is the sparsifier attached to the optimizer that steps this weight?)")
         return grad.abs()
+
+
+def _check_fraction(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"drop_fraction is a fraction of the kept weights, in [0, 1]; got {value!r}")
+    return value
 
 
 def _lowest(score: torch.Tensor, count: int) -> torch.Tensor:

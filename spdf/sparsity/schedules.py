@@ -30,8 +30,13 @@ class Schedule:
         raise NotImplementedError
 
     def __call__(self, step: int) -> float:
-        p = min(max((step - self.begin) / (self.end - self.begin), 0.0), 1.0)
-        return self.initial + (self.final - self.initial) * self.shape(p)
+        # The ends are returned as given: initial + (final - initial) can miss `final` by an ulp (0.05 + (0.22 - 0.05)
+        # is 0.21999999999999997), and GMP's last update would then round its zero count to one less than the target's
+        if step <= self.begin:
+            return self.initial
+        if step >= self.end:
+            return self.final
+        return self.initial + (self.final - self.initial) * self.shape((step - self.begin) / (self.end - self.begin))
 
 
 class Constant(Schedule):
