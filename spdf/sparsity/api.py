@@ -87,7 +87,7 @@ def sparsify(
     targets = {}
     for name, (c, level) in chosen.items():
         weight = c.module.weight.t() if c.transposed else c.module.weight
-        targets[name] = Target(c.shape, algorithm.initial_sparsity(level), weight)
+        targets[name] = Target(c.shape, algorithm.initial_sparsity(level), weight, c.transposed)
     # Every mask, then every layer, then every swap: a bad layer (say N:M on an indivisible width) or any failure
     # while building leaves the model untouched, its weights unchanged and its modules in place.
     masks = method.masks(targets, seed)

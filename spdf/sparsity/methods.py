@@ -21,11 +21,13 @@ from .masks import (block_mask, check_sparsity, erk_sparsities, magnitude_mask, 
 
 @dataclass(frozen=True)
 class Target:
-    """One selected layer: shape (out, in), the level the filter gave it, its weight in (out, in) orientation."""
+    """One selected layer: shape (out, in), the level the filter gave it, its weight in (out, in) orientation, and
+    whether its module stores the weight the other way round, (in, out) (Hugging Face Conv1D)."""
 
     shape: tuple[int, int]
     level: float
     weight: torch.Tensor
+    transposed: bool = False
 
 
 class MaskMethod:
@@ -140,8 +142,10 @@ class GlobalMagnitude(MaskMethod):
 
 
 class UserMask(MaskMethod):
-    """Masks given by the user: {parameter or module name: bool tensor (out, in) or the weight's own layout}, or a
-    callable (parameter name, shape (out, in), level) -> bool tensor. Every selected layer needs a mask."""
+    """Masks given by the user: {parameter or module name: bool tensor}, or a callable (parameter name, shape (out,
+    in), level) -> bool tensor. Every selected layer needs a mask. As in set_masks, a mask keyed by the parameter's name
+    ("x.weight") may be shaped like that parameter (as Sparsifier.masks() gives them), one keyed by the module's name
+    ("x") is in (out, in) orientation; either is also taken in the other orientation where only that one fits."""
 
     name = "user"
     allocates_levels = True
@@ -152,6 +156,7 @@ class UserMask(MaskMethod):
     def masks(self, targets, seed):
         out = {}
         for name, t in targets.items():
+            stored_layout = False  # whether the mask is in the parameter's own layout, where both would fit
             if callable(self.source):
                 mask = self.source(name, t.shape, t.level)
             else:
@@ -159,10 +164,14 @@ class UserMask(MaskMethod):
                 mask = self.source.get(name, self.source.get(module))
                 if mask is None:
                     raise ValueError(f"no user mask for {name!r} (give one for every selected layer)")
+                # a square Conv1D weight fits both orientations: its parameter's name says which (masks() round trips)
+                stored_layout = t.transposed and name in self.source
             if not torch.is_tensor(mask) or mask.dtype != torch.bool:
                 raise ValueError(f"the user mask for {name!r} must be a bool tensor")
             mask = mask.cpu()
-            if tuple(mask.shape) != t.shape and tuple(mask.shape[::-1]) == t.shape:
+            if stored_layout and tuple(mask.shape[::-1]) == t.shape:
+                mask = mask.t()
+            elif tuple(mask.shape) != t.shape and tuple(mask.shape[::-1]) == t.shape:
                 mask = mask.t()  # given in the weight's stored layout (Conv1D)
             if tuple(mask.shape) != t.shape:
                 raise ValueError(f"the user mask for {name!r} has shape {tuple(mask.shape)}, the weight {t.shape}")

@@ -52,6 +52,25 @@ def test_user_masks_by_name_and_by_callable(make_gpt):
     assert all(layer.density == 0.5 for layer in sparse_layers(model).values())
 
 
+@pytest.mark.parametrize("backend", ["masked", "compressed"])
+def test_masks_of_square_conv1d_weights_round_trip_through_init_by_parameter_name(backend):
+    """masks() gives each mask shaped like its parameter; a square Conv1D weight (GPT-2's attn.c_proj) fits both
+    orientations, and its parameter's name says which: it was taken as (out, in), the saved mask transposed."""
+    from test_sparsify import Conv1D
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(Conv1D(6, 6), torch.nn.Tanh(), Conv1D(10, 6))
+
+    given = spdf.sparsify(model(), 0.5, seed=3, param_filter="*").masks()
+    assert not torch.equal(given["0.weight"], given["0.weight"].t())  # the orientation shows
+    sp = spdf.sparsify(model(), init=given, backend=backend, tile=(4, 4), param_filter="*")
+    assert all(torch.equal(sp.masks()[k], m) for k, m in given.items())
+    by_module = {name[: -len(".weight")]: (m.t() if name == "0.weight" else m) for name, m in given.items()}
+    sp = spdf.sparsify(model(), init=by_module, param_filter="*")  # module names: (out, in), as exports store them
+    assert all(torch.equal(sp.masks()[k], m) for k, m in given.items())
+
+
 def test_user_masks_must_cover_the_selection_and_be_bool(make_gpt):
     given = {"transformer.h.0.attn.c_attn.weight": torch.ones(96, 32, dtype=torch.bool)}
     model = make_gpt()
