@@ -179,7 +179,8 @@ class CompressedSparseLinear(SparseLayer):
 
     def to_dense(self) -> nn.Module:
         """Same contract as ``SparseLinear.to_dense``: the original module type (nn.Linear, Conv1D, ...) with a
-        dense trainable weight (zeros in place, in that module's orientation) and this layer's bias."""
+        dense weight (zeros in place, in that module's orientation; trainable unless this layer was frozen) and this
+        layer's bias."""
         weight = self.dense_weight()
         if self.transposed:
             weight = weight.t().contiguous()
@@ -187,7 +188,8 @@ class CompressedSparseLinear(SparseLayer):
         if shell is None:
             shell = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                               device=weight.device, dtype=weight.dtype)
-        shell._parameters = {"weight": nn.Parameter(weight), "bias": self.bias}
+        # a frozen layer stays frozen (the masked backend hands back its own parameter, frozen or not)
+        shell._parameters = {"weight": nn.Parameter(weight, requires_grad=self.values.requires_grad), "bias": self.bias}
         return shell
 
     # ---- state dict ------------------------------------------------------------------------------------------

@@ -39,6 +39,18 @@ def test_frozen_weights_are_sparsified_and_stay_frozen_and_sparse(make_gpt, back
         assert_exactly_sparse(model)
 
 
+@pytest.mark.parametrize("backend", ["masked", "compressed"])
+def test_densify_keeps_a_frozen_weight_frozen_whatever_the_backend(make_gpt, backend):
+    # a LoRA base densified to merge its adapters: the compressed backend gave it a new weight that trained
+    model = make_gpt()
+    frozen = _frozen_block(model)
+    spdf.sparsify(model, SPARSITY, seed=0, backend=backend)
+    spdf.densify(model)
+    for name, module in model.transformer.named_modules(prefix="transformer"):
+        if isinstance(module, torch.nn.Linear):
+            assert module.weight.requires_grad == (name not in frozen), name
+
+
 def test_a_frozen_weight_that_trains_later_is_hooked_then(make_gpt):
     model = make_gpt()
     frozen = _frozen_block(model)
