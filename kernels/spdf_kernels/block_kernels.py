@@ -27,13 +27,28 @@ from .layout import TiledLayout
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+SUB_BLOCKS = ("BLOCK_N", "BLOCK_K", "BLOCK_J")  # the sizes inside one B x B block
+
+
+def _cut(configs: list[triton.Config], b: int) -> list[triton.Config]:
+    """`configs` with every sub-block size above `b` cut down to `b` (all are powers of two), duplicates dropped."""
+    cut = {}
+    for config in configs:
+        sizes = {key: min(value, b) if key in SUB_BLOCKS else value for key, value in config.kwargs.items()}
+        cut.setdefault((tuple(sorted(sizes.items())), config.num_warps, config.num_stages),
+                       triton.Config(sizes, num_warps=config.num_warps, num_stages=config.num_stages))
+    return list(cut.values())
+
+
 def _configs(names: tuple[str, ...], choices: list[tuple[int, ...]]) -> list[triton.Config]:
     """Launch configurations to autotune over: (three tile sizes named by `names`, num_warps, num_stages) each. A
     short list, since every one is compiled on first use (~1-2 s each): GEMM-like tiles for Hopper/Ampere, 128-wide
-    where the block allows, 3-4 pipeline stages. Under the interpreter, the smallest one only."""
+    where the block allows, 3-4 pipeline stages. Under the interpreter, the smallest one only, and that one cut to
+    16 for blocks narrower than it (two entries: triton prunes only a list of more than one)."""
     if INTERPRETED:
         smallest = min(choices, key=lambda c: c[:3])
-        return [triton.Config(dict(zip(names, smallest[:3])), num_warps=4, num_stages=1)]
+        config = triton.Config(dict(zip(names, smallest[:3])), num_warps=4, num_stages=1)
+        return [config, *_cut([config], 16)]
     return [triton.Config(dict(zip(names, c[:3])), num_warps=c[3], num_stages=c[4]) for c in choices]
 
 
@@ -47,10 +62,13 @@ SDDMM_CONFIGS = _configs(("BLOCK_M", "BLOCK_N", "BLOCK_J"), [
 
 
 def _prune(configs, named_args, **kwargs):
-    """Sub-blocks and inner steps must divide the block size (all are powers of two: at most B)."""
+    """Sub-blocks and inner steps must divide the block size (all are powers of two: at most B). A block narrower than
+    every configuration (16 or 32: the smallest sub-blocks are 32 and 64) gets them cut down to B; a configuration
+    wider than the block read past it, into the next block's values or beyond the tensor (garbage, silently). Under
+    the interpreter the first that fits, so nothing is benchmarked."""
     b = named_args["B"] if "B" in named_args else kwargs["B"]
-    kept = [c for c in configs if all(c.kwargs.get(key, 1) <= b for key in ("BLOCK_N", "BLOCK_K", "BLOCK_J"))]
-    return kept or configs[:1]
+    kept = [c for c in configs if all(c.kwargs.get(key, 1) <= b for key in SUB_BLOCKS)] or _cut(configs, b)
+    return kept[:1] if INTERPRETED else kept
 
 
 PRUNE = {"early_config_prune": _prune}
