@@ -13,19 +13,12 @@ from hypothesis import strategies as st
 
 import spdf
 from spdf.sparsity.masks import block_mask, n_zeros
+from tiny_training import linear_stack
 
 # fp32: the backends compute the same sums in another order (unpacked GEMM vs dense GEMM over exact zeros), so they
 # agree to rounding, and three AdamW steps (lr 1e-2) cannot amplify that past 1e-4. bf16 weights: one rounding step
 # of bf16 (2**-8 relative) per operation, a few of them.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-
-
-def net(widths: list[int], dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers = []
-    for n_in, n_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).to(dtype)
 
 
 def train(model, opt, widths, dtype, steps=3) -> list[torch.Tensor]:
@@ -44,7 +37,7 @@ def train(model, opt, widths, dtype, steps=3) -> list[torch.Tensor]:
 def check_densify_and_round_trip(model, sparsify_again, widths, dtype):
     x = torch.randn(2, 5, widths[0], generator=torch.Generator().manual_seed(99)).to(dtype)
     state = copy.deepcopy(model.state_dict())
-    other = net(widths, dtype, seed=5)
+    other = linear_stack(widths, dtype, seed=5)
     sparsify_again(other)
     other.load_state_dict(state)
     with torch.no_grad():
@@ -66,7 +59,7 @@ def check_densify_and_round_trip(model, sparsify_again, widths, dtype):
 def test_compressed_trains_like_masked_with_exact_counts_densify_and_round_trip(widths, sparsity, seed, tile, dtype):
     runs = {}
     for backend in ("masked", "compressed"):
-        model = net(widths, dtype)
+        model = linear_stack(widths, dtype)
         try:
             sp = spdf.sparsify(model, sparsity, seed=seed, backend=backend, tile=tile, param_filter="*")
         except ValueError as e:  # a layer left with no weight at all: the compressed backend refuses it
@@ -97,7 +90,7 @@ def test_block_trains_like_masked_with_the_same_blocks(block, grid, sparsity, se
 
     def masks():
         out = {}
-        for name, module in net(widths, dtype).named_modules():
+        for name, module in linear_stack(widths, dtype).named_modules():
             if isinstance(module, nn.Linear):
                 mask = block_mask(tuple(module.weight.shape), sparsity, block, seed, name)
                 mask[:block, :block] = True  # a block layer keeps at least one block
@@ -111,7 +104,7 @@ def test_block_trains_like_masked_with_the_same_blocks(block, grid, sparsity, se
 
     runs = {}
     for backend in ("masked", "block"):
-        model = net(widths, dtype)
+        model = linear_stack(widths, dtype)
         sp = sparsify(model, backend)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         sp.attach(opt)

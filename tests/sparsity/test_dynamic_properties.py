@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -16,21 +15,14 @@ import spdf
 from spdf.sparsity import GMP, SET, RigL
 from spdf.sparsity.masks import n_zeros
 from spdf.sparsity.schedules import SCHEDULES, ramp
+from tiny_training import linear_stack
 
 LEVELS = st.floats(0.0, 0.95)
 WIDTHS = st.integers(2, 13)
 
 
-def net(widths: list[int], seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers = []
-    for n_in, n_out in zip(widths, widths[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
-    return nn.Sequential(*layers)
-
-
 def setup(widths, level, algorithm, seed, init_seed=0):
-    model = net(widths, init_seed)
+    model = linear_stack(widths, seed=init_seed)
     sp = spdf.sparsify(model, level, seed=seed, param_filter="*", algorithm=algorithm)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     sp.attach(opt)

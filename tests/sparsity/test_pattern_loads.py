@@ -13,16 +13,9 @@ from hypothesis import strategies as st
 import spdf
 from spdf.sparsity import NM, sparse_layers
 from spdf.sparsity.masks import block_mask
+from tiny_training import linear_stack
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
-
-
-def net(sizes: list[int], dtype: torch.dtype, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers = []
-    for n_in, n_out in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
-    return nn.Sequential(*layers[:-1]).to(dtype)
 
 
 def user_masks(model: nn.Module, make) -> dict[str, torch.Tensor]:
@@ -31,7 +24,7 @@ def user_masks(model: nn.Module, make) -> dict[str, torch.Tensor]:
 
 
 def sparse(sizes, dtype, backend, masks, tile=(64, 64), seed=0):
-    model = net(sizes, dtype, seed)
+    model = linear_stack(sizes, dtype, seed)
     spdf.sparsify(model, init=masks, param_filter=[f"{n}.weight" for n in masks], backend=backend, tile=tile)
     return model
 
@@ -53,7 +46,7 @@ def test_a_compressed_state_loads_into_a_block_model_only_where_its_masks_are_wh
         mask[:block, :block] = True  # a layer keeps at least one block (a block layer with none is refused)
         return mask
 
-    blocks = user_masks(net(sizes, dtype), whole_blocks)
+    blocks = user_masks(linear_stack(sizes, dtype), whole_blocks)
     source = sparse(sizes, dtype, "compressed", blocks, tile, seed=1)
     target = sparse(sizes, dtype, "block", blocks, tile, seed=2)
     target.load_state_dict(source.state_dict())
@@ -69,7 +62,7 @@ def test_a_compressed_state_loads_into_a_block_model_only_where_its_masks_are_wh
         mask[0, 1] = False  # the first block is kept: now it is not whole
         return mask
 
-    other = sparse(sizes, dtype, "compressed", user_masks(net(sizes, dtype), one_short), tile, seed=3)
+    other = sparse(sizes, dtype, "compressed", user_masks(linear_stack(sizes, dtype), one_short), tile, seed=3)
     before = snapshot(target)
     with pytest.raises(RuntimeError, match=r"0\.values: backend 'block' computes whole blocks: the mask is not made "
                                            r"of whole .*load it into a model sparsified with backend 'compressed'"):
@@ -82,15 +75,15 @@ def test_a_compressed_state_loads_into_a_block_model_only_where_its_masks_are_wh
 @given(sizes=st.lists(st.integers(1, 6).map(lambda g: 4 * g), min_size=2, max_size=3),
        seed=st.integers(0, 2**31 - 1), dtype=DTYPES)
 def test_a_masked_state_loads_into_a_semi_structured_model_only_where_its_masks_are_2_of_4(sizes, seed, dtype):
-    masked = net(sizes, dtype, seed=1)
+    masked = linear_stack(sizes, dtype, seed=1)
     spdf.sparsify(masked, 0.5, init=NM(2, 4), seed=seed, param_filter="*")
-    semi = net(sizes, dtype, seed=2)  # built on CPU (its forward needs CUDA; loading does not)
+    semi = linear_stack(sizes, dtype, seed=2)  # built on CPU (its forward needs CUDA; loading does not)
     spdf.sparsify(semi, 0.5, init=NM(2, 4), seed=seed + 1, backend="semi_structured", param_filter="*")
     semi.load_state_dict(masked.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(semi.state_dict().values(), masked.state_dict().values()))
 
     # an unstructured mask would be compressed to 2:4 by dropping kept weights, silently: refused
-    unstructured = net(sizes, dtype, seed=3)
+    unstructured = linear_stack(sizes, dtype, seed=3)
     spdf.sparsify(unstructured, 0.75, seed=seed, param_filter="*")  # 1 of 4 kept on average: never 2:4
     before = snapshot(semi)
     with pytest.raises(RuntimeError, match=r"weight_mask: backend 'semi_structured' computes 2:4 masks only: the "

@@ -47,3 +47,13 @@ def autocast_steps(model: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tens
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def linear_stack(widths: list[int], dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Sequential:
+    """Linear layers of widths[0] -> widths[1] -> ... with tanh between, seeded: the property tests' model, whose
+    every weight the param_filter "*" selects."""
+    torch.manual_seed(seed)
+    layers = []
+    for n_in, n_out in zip(widths, widths[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).to(dtype)
