@@ -179,6 +179,14 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
     With densify_model=True a sparse checkpoint loads into a dense model (its zeros come along), and a sparsified
     model is densified before a dense checkpoint is loaded into it."""
     sparse_ckpt, sparse_model = is_sparse_state_dict(state_dict), bool(sparse_layers(model))
+    if sparse_ckpt and sparse_model:
+        problem = _form_problem(model, state_dict)
+        if problem and not densify_model:
+            raise ValueError(f"{problem}: sparsify the model with a backend of the checkpoint's form, or load with "
+                             f"densify_model=True to take its weights densely")
+        if problem:  # densify the model and take the checkpoint's weights densely, zeros in place
+            densify(model)
+            state_dict = to_dense_state_dict(state_dict)
     if sparse_ckpt and not sparse_model:
         if not densify_model:
             raise ValueError("the checkpoint is sparse but the model is dense: sparsify the model with the same "
@@ -190,6 +198,19 @@ def load_state_dict(model: nn.Module, state_dict: dict, densify_model: bool = Fa
                              "or load with densify_model=True")
         densify(model)
     return model.load_state_dict(state_dict, strict=strict)
+
+
+def _form_problem(model: nn.Module, state_dict: dict) -> str | None:
+    """Why the sparse layers of `state_dict` do not load into `model`'s: they are stored in another backend's form
+    (a masked model would keep its own weights for compressed layers, silently under strict=False), or None."""
+    forms = state_form_classes()
+    theirs = {cls for cls in forms if cls.owns_state(state_dict)}
+    ours = {cls for layer in sparse_layers(model).values() for cls in forms if isinstance(layer, cls)}
+    if theirs == ours:
+        return None
+    names = lambda classes: " and ".join(sorted(cls.backend for cls in classes))  # noqa: E731
+    return (f"the checkpoint stores its sparse layers in the form of backend {names(theirs)}, the model's layers are "
+            f"of backend {names(ours)}")
 
 
 def to_dense_state_dict(state_dict: dict) -> dict:

@@ -99,6 +99,24 @@ def test_spdf_load_state_dict_sparse_into_sparse(make_gpt, batch):
     assert torch.equal(logits(dst, batch[0]), logits(src, batch[0]))
 
 
+@pytest.mark.parametrize("saved, loading", [("compressed", "masked"), ("masked", "compressed")])
+def test_spdf_load_state_dict_refuses_another_backends_form_even_not_strict(make_gpt, batch, saved, loading):
+    # strict=False loaded the biases and kept the model's own sparse weights, silently
+    src = make_gpt(seed=0)
+    spdf.sparsify(src, sparsity=0.75, seed=0, backend=saved, tile=(16, 16))
+    state = roundtrip(src.state_dict())
+    model = make_gpt(seed=4)
+    spdf.sparsify(model, sparsity=0.75, seed=1, backend=loading, tile=(16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"stores its sparse layers in the form of backend {saved}, the model's "
+                                         f"layers are of backend {loading}: .* densify_model=True"):
+        spdf.load_state_dict(model, state, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the refusal changed nothing
+    spdf.load_state_dict(model, state, densify_model=True)
+    assert not sparse_layers(model)
+    assert torch.equal(logits(model, batch[0]), logits(src, batch[0]))
+
+
 def test_refusal_message_names_the_real_keyword(make_gpt):
     src, _ = trained_sparse(make_gpt, steps=0)
     with pytest.raises(ValueError) as err:
