@@ -162,11 +162,17 @@ def _workers(source: DataSpec, share: RankShare | None) -> int:
     return max(1, default_workers() // max(local_ranks, 1))
 
 
+def _partial_paths(entry: Path) -> dict[str, Path]:
+    """The token files of an entry being built: fixed names, not per-process ones, so a killed preparation resumes
+    from them and its progress file."""
+    return {s: entry / f".{s}.bin.partial" for s in SPLITS}
+
+
 def _help(entry: Path, key: str, source: DataSpec, tokenizer: TextTokenizer, batch_docs: int,
           share: RankShare) -> dict:
     """A helper rank: tokenize this rank's batches for rank 0, then wait until rank 0 has completed the entry."""
-    written = help_tokenize(share, entry / ".progress.json", key, iter_documents(source), tokenizer,
-                            source.val_fraction, batch_docs, _workers(source, share))
+    written = help_tokenize(share, _partial_paths(entry), entry / ".progress.json", key, iter_documents(source),
+                            tokenizer, source.val_fraction, batch_docs, _workers(source, share))
     while (meta := _load_cached(entry, key)) is None:  # rank 0 failing ends the launch, and this process with it
         time.sleep(0.1)
     share.clean_up(written)
@@ -191,8 +197,7 @@ def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: Text
                   share: RankShare | None) -> dict:
     (entry / "meta.json").unlink(missing_ok=True)  # a stale entry stops counting as complete before files change
     dtype = token_dtype(tokenizer.vocab_size)
-    # fixed names, not per-process ones: a killed preparation resumes from these files and the progress file
-    partial = {s: entry / f".{s}.bin.partial" for s in SPLITS}
+    partial = _partial_paths(entry)
     progress_path = entry / ".progress.json"
     start = time.perf_counter()
     result = tokenize_splits(partial, progress_path, key, docs, tokenizer, val_fraction, max_tokens, dtype,
@@ -211,12 +216,15 @@ def _build_locked(entry: Path, key: str, source: DataSpec, docs, tokenizer: Text
         raise
     splits = {}
     for s in SPLITS:
-        os.replace(partial[s], entry / f"{s}.bin")
         n = counts[s]["tokens"]
         rows = max(0, (n - 1) // seq_len)
         splits[s] = {"file": f"{s}.bin", "tokens": n, "documents": counts[s]["documents"], "sequences": rows,
                      "dropped_tokens": n - rows * seq_len - 1 if rows else n,
-                     "checksums": chunk_checksums(entry / f"{s}.bin")}  # verified whenever a run reuses the entry
+                     "checksums": chunk_checksums(partial[s])}  # verified whenever a run reuses the entry
+    # the renames last, together: a build killed among them finds a partial file gone and starts over (prepare's
+    # _resumable_progress), never resumes into it
+    for s in SPLITS:
+        os.replace(partial[s], entry / f"{s}.bin")
     meta = {"version": FORMAT_VERSION, "key": key, "source": _keyed_source(source),
             "tokenizer_hash": tokenizer.file_hash,
             "tokenizer_path": str(tokenizer.path), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,

@@ -15,6 +15,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -110,11 +111,12 @@ def _merged_batches(batches: Iterator[list[str]], first: int, share: RankShare, 
         results.close()
 
 
-def help_tokenize(share: RankShare, progress_path: Path, key: str, docs: Iterable[str], tokenizer: TextTokenizer,
-                  val_fraction: float, batch_docs: int, workers: int) -> deque:
+def help_tokenize(share: RankShare, paths: dict[str, Path], progress_path: Path, key: str, docs: Iterable[str],
+                  tokenizer: TextTokenizer, val_fraction: float, batch_docs: int, workers: int) -> deque:
     """A helper rank: encode this rank's batches after rank 0's last commit into the spool, until rank 0 needs no
-    more or the stream ends; returns the spool files written (for RankShare.clean_up)."""
-    state = _read_progress(progress_path, key)
+    more or the stream ends; returns the spool files written (for RankShare.clean_up). `paths`: rank 0's partial
+    token files (whether its commit can be resumed is decided from them, as rank 0 decides it)."""
+    state = _resumable_progress(progress_path, key, paths)
     documents = state["documents"] if state else 0
     docs = itertools.islice(iter(docs), documents, None)
     batches = iter(lambda: list(itertools.islice(docs, batch_docs)), [])
@@ -148,6 +150,25 @@ def _read_progress(progress_path: Path, key: str) -> dict | None:
     return progress if progress.get("key") == key else None
 
 
+def _resumable_progress(progress_path: Path, key: str, paths: dict[str, Path], warn: bool = False) -> dict | None:
+    """The last commit of this `key`'s preparation, if every partial file in `paths` still holds the bytes it
+    recorded; None to start from the first document. A file that is missing or shorter (renamed into the entry by a
+    build killed while finishing it, or cut by hand) cannot be resumed: truncate() would pad it with zeros up to the
+    recorded size, packed as token 0 and checksummed as if they were data. Every rank decides alike: rank 0 only
+    shortens a partial file below its commit when it starts over."""
+    state = _read_progress(progress_path, key)
+    if state is None:
+        return None
+    short = [s for s in SPLITS if state["bytes"][s] and
+             (not paths[s].is_file() or paths[s].stat().st_size < state["bytes"][s])]
+    if not short:
+        return state
+    if warn:
+        print(f"spdf: warning: {paths[short[0]]} is shorter than the last commit of its preparation; tokenizing "
+              f"this cache entry again from the start", file=sys.stderr, flush=True)
+    return None
+
+
 def _write_progress(progress_path: Path, progress: dict) -> None:
     write_text_atomic(progress_path, json.dumps(progress))
 
@@ -163,7 +184,7 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
     place: the caller removes it once the result is complete (its meta.json written). With `share` (rank 0 of a
     multi-process launch) the other ranks encode their share of the batches (help_tokenize); the bytes are the same.
     """
-    state = _read_progress(progress_path, key) or {
+    state = _resumable_progress(progress_path, key, paths, warn=True) or {
         "key": key, "documents": 0, "bytes": {s: 0 for s in SPLITS},
         "counts": {s: {"tokens": 0, "documents": 0} for s in SPLITS}}
     counts, documents = state["counts"], state["documents"]
@@ -224,8 +245,10 @@ def tokenize_splits(paths: dict[str, Path], progress_path: Path, key: str, docs:
             if n_batch % commit_batches == 0:
                 commit()
         bar.close()
-        for s in SPLITS:
+        for s in SPLITS:  # on disk before the caller renames them into the entry and writes its meta.json
             flush(s)
+            files[s].flush()
+            os.fsync(files[s].fileno())
     finally:
         if stream is not None:
             stream.close()  # its worker pool stops now, not when collected

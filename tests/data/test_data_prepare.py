@@ -3,6 +3,7 @@ and a preparation interrupted after a committed chunk resumes to the bytes of an
 import functools
 import itertools
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -101,3 +102,38 @@ def test_interrupted_pool_resumes_to_the_same_bytes(reference, tmp_path, small_s
     monkeypatch.setattr(packing, "iter_documents", real_docs)
     meta = _build(small_source, small_tokenizer, tmp_path, workers=2)[2]
     assert _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
+
+
+def killed_between_the_renames(source, tokenizer, cache_dir, monkeypatch) -> packing.Path:
+    """The cache entry a build leaves when killed as it finishes: train.bin renamed into place, val.bin not yet, its
+    progress file (commits after every batch) still there. Returns the entry."""
+    monkeypatch.setattr(packing, "tokenize_splits", functools.partial(prepare.tokenize_splits, commit_batches=1))
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if packing.Path(dst).name == "val.bin":
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(packing.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            build_packed_splits(source, tokenizer, cache_dir, SEQ, batch_docs=BATCH, progress=False)
+    monkeypatch.undo()
+    (entry,) = packing.Path(cache_dir).iterdir()
+    assert (entry / "train.bin").is_file() and not (entry / ".train.bin.partial").exists()
+    assert json.loads((entry / ".progress.json").read_text())["bytes"]["train"] > 0
+    return entry
+
+
+def test_a_build_killed_between_its_renames_starts_over(reference, tmp_path, small_source, small_tokenizer,
+                                                        monkeypatch, capsys):
+    """Resuming that commit would pad the missing partial file with zeros up to its committed size: an entry whose
+    train.bin begins with token 0s, checksummed as if they were data, and reused silently."""
+    source = replace(small_source, val_fraction=0.2, workers=1)
+    entry = killed_between_the_renames(source, small_tokenizer, tmp_path, monkeypatch)
+    capsys.readouterr()
+    meta = _build(small_source, small_tokenizer, tmp_path, workers=1)[2]
+    assert packing.Path(meta["dir"]) == entry and not meta["cache_hit"]
+    assert _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
+    assert "tokenizing this cache entry again from the start" in capsys.readouterr().err
