@@ -19,10 +19,12 @@ this module; none spells a file name itself.
         eval/                       `spdf evaluate`'s reports (in whichever run, phase or export it was given)
 
 A directory is filled under a temporary sibling `.tmp-<name>[.<pid>]` and renamed into place when complete.
-This module only names paths: it reads nothing but directory listings and imports nothing of spdf.
+This module only names paths: it reads nothing but directory listings (and the time each done.json records) and
+imports nothing of spdf.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,7 @@ CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 DONE_FILE = "done.json"
 INIT_FROM_FILE = "init_from.json"  # a pre-training phase started from `--from`: which weights (checked on resume)
+FINISHED_AT = "finished_at"  # done.json's key for when the phase finished (Unix time): the order phases finished in
 
 TMP_PREFIX = ".tmp-"
 
@@ -71,6 +74,17 @@ def temporary_dir(final: Path, owner: int | None = None) -> Path:
 def is_temporary(path: Path) -> bool:
     """Whether `path` is, or lies in, a directory still being written (see temporary_dir)."""
     return any(part.startswith(TMP_PREFIX) for part in Path(path).parts)
+
+
+def _finished_at(phase: "PhaseLayout") -> float:
+    """When `phase` finished: the time its done.json records, not the file's mtime, which a copy of the run
+    directory (cp -r, scp, an unpacked zip) resets in whatever order it copied the phases. A done.json of an older
+    spdf records none: its mtime then."""
+    try:
+        recorded = json.loads(phase.done.read_text(encoding="utf-8")).get(FINISHED_AT)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return recorded if isinstance(recorded, (int, float)) else phase.done.stat().st_mtime
 
 
 def _under_root(name: str) -> property:
@@ -130,11 +144,11 @@ class RunLayout(_Directory):
         return PhaseLayout(self.phases / name)
 
     def finished_phases(self) -> list[PhaseLayout]:
-        """The phases that have finished, in the order they finished (their done.json's time)."""
+        """The phases that have finished, in the order they finished (the time their done.json records)."""
         if not self.phases.is_dir():
             return []
         done = [PhaseLayout(p) for p in self.phases.iterdir() if (p / DONE_FILE).exists()]
-        return sorted(done, key=lambda phase: phase.done.stat().st_mtime)
+        return sorted(done, key=_finished_at)
 
     @classmethod
     def containing(cls, path: Path) -> "RunLayout | None":

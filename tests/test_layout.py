@@ -5,6 +5,7 @@ The paths are pinned literally: a run directory written by any earlier spdf must
 from __future__ import annotations
 
 import ast
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,17 @@ def test_finished_phases_in_the_order_they_finished(tmp_path):
             os.utime(run.phase(name).done, (when, when))
     assert [p.name for p in run.finished_phases()] == ["pretrain", "finetune"]
     assert run.phase("pretrain").finished and not run.phase("unfinished").finished
+
+
+def test_finished_phases_in_the_order_their_done_json_records(tmp_path):
+    """A copy of a run directory (cp -r, scp, an unpacked zip) gives each done.json the time it was copied, in the
+    order the copy went; the recorded time keeps the order the phases finished in. Older done.json: the mtime."""
+    run = RunLayout(tmp_path)
+    for name, recorded, copied in (("pretrain", 1000.5, 3000), ("finetune", 2000.5, 2500), ("older", None, 1500)):
+        run.phase(name).root.mkdir(parents=True)
+        run.phase(name).done.write_text(json.dumps({layout.FINISHED_AT: recorded} if recorded else {}))
+        os.utime(run.phase(name).done, (copied, copied))
+    assert [p.name for p in run.finished_phases()] == ["pretrain", "older", "finetune"]
 
 
 def test_a_path_inside_a_run_finds_its_run_phase_and_tokenizer(tmp_path):

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from ..data import (FinetuneDataset, MixedDataset, TokenizerSpec, build_packed_s
 from ..data.tokenizer import TextTokenizer, record_tokenizer
 from ..flops import TrainingFlops
 from ..fswrite import check_dir_target, read_json, replacing_file, write_json_atomic
-from ..layout import CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, RunLayout
+from ..layout import CHECKPOINT_META, CONFIG_FILE, FINISHED_AT, MASKS_FILE, RunLayout
 from ..model import family_of
 from ..recipe import PhaseSpec, Recipe, RecipeError, model_config
 from ..sparsity import densify, sparse_layers
@@ -332,6 +333,7 @@ def _run_phases(accelerator, recipe: Recipe, kinds, init_from, continued, tokeni
         if downstream is not None:
             summary.update(downstream_before=downstream.summary("before"),
                            downstream_after=downstream.summary("final"))
+        summary[FINISHED_AT] = time.time()  # the order phases finished in, which a copy of the run keeps
         if accelerator.is_main_process:
             write_export(model, phase_paths.export, tokenizer_file=tokenizer.path,
                          extra={"phase": phase.name, "recipe": recipe.name,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from spdf.flops import analytic_flops
 from spdf.inspect import checkpoint_stats
 from spdf.model.config import GPTConfig
 from spdf.recipe import load_recipe
-from spdf.export import find_tokenizer, read_export
+from spdf.export import find_export, find_tokenizer, read_export
 from spdf.train.schedule import lr_factor
 from spdf.cli import main
 from tiny_runs import (session_cache_dir as cache_dir_of, FINETUNE_STEPS, PRETRAIN_STEPS, loss_trace, read_metrics, run_cli, spdf_subprocess,
@@ -157,6 +158,16 @@ def test_resume_of_a_finished_run_is_a_no_op(finished_copy, cache_dir, tmp_path)
     assert "[pretrain] already finished" in proc.stdout and "[finetune] already finished" in proc.stdout
     assert "spdf run finished" in proc.stdout and "Traceback" not in proc.stderr
     assert tree_digest(run_dir) == before
+
+
+def test_a_copied_run_still_finds_its_last_finished_phase(finished_run, tmp_path):
+    """A copy that does not keep file times (cp -r, scp -r, an unpacked zip) may give the pre-training's done.json
+    the newer time; `spdf evaluate RUN`, `finetune --from RUN` and `export RUN` still take the fine-tuned model."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run["run_dir"], copy, copy_function=shutil.copyfile)
+    for phase, when in (("finetune", 1000), ("pretrain", 2000)):  # the order the copy happened to go in
+        os.utime(copy / "phases" / phase / "done.json", (when, when))
+    assert find_export(copy) == copy / "phases" / "finetune" / "export"
 
 
 def test_pretrain_then_finetune_equals_run(finished_run, tmp_path, capsys):
