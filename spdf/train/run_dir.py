@@ -88,10 +88,12 @@ def _first_difference(key: str, was, asked):
 
 
 def record_recipe(recipe: Recipe) -> None:
-    """Write the resolved recipe and its fingerprint (after every check of the start has passed)."""
+    """Write the resolved recipe and its fingerprint (after every check of the start has passed). recipe.yaml last:
+    check_run_dir takes its presence to mean the record is complete, so a start killed between the two files is
+    a first start again, not a directory refused for its missing fingerprint.json."""
     run = RunLayout(recipe.run_path)
-    dump_recipe(recipe, run.recipe)
     write_json_atomic(run.fingerprint, {"fingerprint": recipe_fingerprint(recipe)})
+    dump_recipe(recipe, run.recipe)
 
 
 class RefusedStart:

@@ -16,6 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from spdf.recipe import Recipe
+from spdf.train import run_dir as run_dir_module
+
 from tiny_runs import (copy_run, loss_trace, read_metrics, run_cli, spdf_subprocess, subprocess_env,
                        truncate_to_kill, wait_for, write_recipe)
 
@@ -190,3 +193,27 @@ def test_resume_between_two_logged_steps_replays_the_logged_loss(logged_every_3,
     assert rc == 0, err
     assert "step-00000004 (step 4/8)" in out
     assert loss_trace(run_dir) == loss_trace(reference)
+
+
+def test_a_start_killed_while_recording_its_recipe_starts_again(tmp_path, capsys, monkeypatch):
+    """Killed after the first of recipe.yaml and fingerprint.json (before any phase wrote anything): the same
+    command starts again; before, a recipe.yaml without its fingerprint.json refused the directory for good."""
+    recipe = write_recipe(tmp_path / "tiny.yaml", tmp_path / "run")
+    written = []
+
+    def second_dies(real):
+        def write(first, second, *args, **kwargs):  # (recipe, path) or (path, data)
+            written.append(second if isinstance(first, Recipe) else first)
+            if len(written) == 2:
+                raise KeyboardInterrupt  # what a SIGKILL there leaves: the first file only
+            return real(first, second, *args, **kwargs)
+        return write
+
+    with monkeypatch.context() as m:
+        for name in ("dump_recipe", "write_json_atomic"):
+            m.setattr(run_dir_module, name, second_dies(getattr(run_dir_module, name)))
+        rc, _, _ = run_cli(["prepare", recipe], capsys)
+    assert rc == 130 and len(written) == 2 and written[0].exists() and not written[1].exists()
+    rc, _, err = run_cli(["prepare", recipe], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "run" / "recipe.yaml").is_file() and (tmp_path / "run" / "fingerprint.json").is_file()
