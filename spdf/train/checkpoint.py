@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..fswrite import read_json, write_json_atomic, writing_dir
-from ..layout import (CHECKPOINT_META, MANIFEST_FILE, RNG_STATE_FILE, checkpoint_name, is_checkpoint_name,
-                      temporary_dir)
+from ..layout import (CHECKPOINT_META, CHECKPOINT_PREFIX, MANIFEST_FILE, RNG_STATE_FILE, checkpoint_name,
+                      is_checkpoint_name, temporary_dir)
 from .nonfinite import all_finite, state_tensors
 from ..manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
 
@@ -183,3 +183,12 @@ def resume_checkpoint(accelerator, root: Path, expect: dict, warn) -> Path | Non
         raise CheckpointError(f"no checkpoint under {root} is usable ({len(existing)} damaged; the newest: "
                               f"{problems[0]}); move the checkpoints directory away to start the phase over")
     return None
+
+
+def remove_interrupted_writes(root: Path) -> None:
+    """Remove what killed checkpoint writes left under `root`: their temporary directories, each as large as a
+    checkpoint. Only a later save of the same step would have reused one, and a resumed run may never save that step
+    again (one killed while checkpointing on a stop signal resumes from the checkpoint before). Called by the main
+    process as a phase starts: it holds the run lock, so no other process writes there."""
+    for stale in Path(root).glob(f"{temporary_dir(Path(root) / CHECKPOINT_PREFIX).name}*"):
+        shutil.rmtree(stale, ignore_errors=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..export import layout_meta
 from ..layout import PhaseLayout
-from .checkpoint import resume_checkpoint, save_checkpoint
+from .checkpoint import remove_interrupted_writes, resume_checkpoint, save_checkpoint
 from .metrics import MetricsLog
 from .nonfinite import NonFiniteGuard, check_state_finite
 from .preemption import Preempted
@@ -219,6 +219,8 @@ class PhaseRun:
     def _resume(self) -> None:
         plan, state = self.plan, self.state
         state.load_state_dict(TrainState(phase=plan.name).state_dict())
+        if self.accelerator.is_main_process:
+            remove_interrupted_writes(self.ckpt_root)
         resumed = resume_checkpoint(self.accelerator, self.ckpt_root, layout_meta(self.unwrapped_model), self._warn)
         if resumed is not None:
             self.source.load_state_dict(state.data)

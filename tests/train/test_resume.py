@@ -87,8 +87,10 @@ def test_sigkilled_run_resumes_to_the_end(killed_and_resumed):
     for phase in ("pretrain", "finetune"):
         assert (run_dir / "phases" / phase / "done.json").is_file()
         assert (run_dir / "phases" / phase / "export/model.safetensors").is_file()
-    # the half-written checkpoint was not resumed from (it would have failed to load, or jumped to step 99)
+    # the half-written checkpoint was not resumed from (it would have failed to load, or jumped to step 99), and it
+    # is gone: no later save of step 99 would have reused it, and it is as large as a checkpoint
     assert ".tmp-step-00000099" not in proc.stdout and "step 99" not in proc.stdout
+    assert not k["planted"].exists()
 
 
 def test_sigkilled_run_replays_the_uninterrupted_losses_exactly(killed_and_resumed, finished_run):
