@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .fswrite import read_json, write_json_atomic, writing_dir
+from .fswrite import read_json, sync_dir, sync_tree, write_json_atomic, writing_dir
 from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, SHARDED_MODEL_DIR, TOKENIZER_FILE, WEIGHTS_FILE,
                      PhaseLayout, RunLayout, temporary_dir)
 from .manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
@@ -72,9 +72,11 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         write_manifest(tmp)
+        sync_tree(tmp)  # on disk before the rename publishes it (and before the phase's done.json says it is there)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+    sync_dir(out_dir.parent)
     return out_dir
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import CheckpointError, SpdfUserError
@@ -116,6 +117,35 @@ def check_dir_target(path: Path, what: str) -> None:
     for parent in (path, *path.parents):
         if parent.exists() and not parent.is_dir():
             raise WriteError(f"{what} {path}: {parent} is a file, not a directory; choose another directory")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor flushes the file's (or directory's) dirty data too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory`, then every directory (itself last): called before a rename publishes a
+    checkpoint or export, so that after a power loss the published name never holds files the disk did not get
+    (zero-length, or holes of zeros), while the older checkpoints that rotation deleted next are gone. Files in
+    parallel threads (the kernel writes each back on its own). Inside writing_dir: a full disk reported only now
+    (delayed allocation, quotas, network file systems) is a WriteError like any other."""
+    directory = Path(directory)
+    paths = sorted(directory.rglob("*"), key=lambda p: -len(p.parts))  # deepest first: a directory after its files
+    files = [p for p in paths if p.is_file()]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(files), os.cpu_count() or 1))) as pool:
+        list(pool.map(_fsync, files))
+    for d in [p for p in paths if p.is_dir()] + [directory]:
+        _fsync(d)
+
+
+def sync_dir(directory: Path) -> None:
+    """fsync a directory: a rename inside it (a checkpoint or export published) reaches the disk before the caller
+    deletes anything older."""
+    _fsync(Path(directory))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

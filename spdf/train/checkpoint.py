@@ -3,8 +3,9 @@
 A checkpoint is a directory `step-00000100/` written by `accelerate.save_state` (model with its masks, optimizer,
 scheduler, RNG states of every rank, and our TrainState) plus `spdf.json` describing the model and sparsity, and
 last `manifest.json` with every file's size and CRC-32 (spdf.manifest).
-It is written under a temporary name and renamed when complete, so a crash mid-write never leaves a half checkpoint
-where resume would look; the manifest catches damage after that (a flipped byte loads without any error otherwise).
+It is written under a temporary name, fsync'ed and renamed when complete, so neither a crash mid-write nor a power
+loss leaves a half checkpoint where resume would look (nor deletes the older ones before the new one is on disk); the
+manifest catches damage after that (a flipped byte loads without any error otherwise).
 Resume takes the newest checkpoint that verifies and says which newer ones it skipped. Checkpoints of an older spdf
 have no manifest: they are loaded with a warning (nothing to verify them against).
 """
@@ -21,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError
-from ..fswrite import read_json, write_json_atomic, writing_dir
+from ..fswrite import read_json, sync_dir, sync_tree, write_json_atomic, writing_dir
 from ..layout import (CHECKPOINT_META, CHECKPOINT_PREFIX, MANIFEST_FILE, RNG_STATE_FILE, checkpoint_name,
                       is_checkpoint_name, temporary_dir)
 from .nonfinite import all_finite, state_tensors
@@ -95,10 +96,12 @@ def save_checkpoint(accelerator, root: Path, step: int, meta: dict, keep: int) -
             # each rank saved its own RNG and data-order state: a resume needs as many processes
             write_json_atomic(tmp / CHECKPOINT_META, {**meta, "processes": accelerator.num_processes})
             write_manifest(tmp)
+            sync_tree(tmp)  # every rank's files: on disk before the rename publishes them
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        sync_dir(root)  # the rename too, before rotation deletes the older checkpoints
         # complete where resume will look (every file there, at its size) before anything older is deleted
         verify_checkpoint(final, content=False)
         for old in list_checkpoints(root)[:-keep]:

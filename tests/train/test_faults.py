@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import spdf.train.checkpoint as checkpoint_module
 from spdf.export import CheckpointError
@@ -271,3 +272,48 @@ def test_a_single_non_finite_step_is_skipped_and_training_goes_on(finished_copy,
     sparse = read_export(run_dir / "phases/pretrain/export")
     for name, mask in sparse.masks.items():  # masked weights still exactly zero: no update escaped the masks
         assert not sparse.model.get_submodule(name).weight[~mask].any()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the fsync'ed files through /proc")
+def test_checkpoint_and_export_reach_the_disk_before_older_state_is_deleted(tmp_path, monkeypatch):
+    """A power loss must not find a published checkpoint whose bytes never reached the disk while the older ones,
+    deleted by rotation right after, are gone: every file and directory is fsync'ed before the rename, and the
+    rename before anything is deleted. The same for an export, which the phase's done.json follows."""
+    from accelerate import Accelerator
+
+    from spdf.export import write_export
+    from spdf.model.config import GPTConfig
+    from spdf.model.gpt import GPT
+
+    accelerator = Accelerator(cpu=True)
+    model = GPT(GPTConfig.from_name("tiny-test"))
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    root = tmp_path / "checkpoints"
+    checkpoint_module.save_checkpoint(accelerator, root, 1, {"step": 1}, keep=1)
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a), str(b))) or real_replace(a, b))
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: events.append(("delete", str(p))) or real_rmtree(p, *a, **k))
+
+    def published(final, before_deleting):
+        """Every file of `final` fsync'ed under its temporary name, then the directories, then the rename; the
+        parent after it; and `before_deleting` only after all that."""
+        tmp = str(final.parent / f".tmp-{final.name}")
+        rename = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(final))
+        synced = {e[1] for e in events[:rename] if e[0] == "fsync"}
+        names = [str(p.relative_to(final)) for p in final.rglob("*")]
+        assert names and all(any(s == f"{tmp}/{n}" or s.startswith(f"{tmp}.") and s.endswith(f"/{n}") for s in synced)
+                             for n in names), (names, synced)
+        assert any(s == tmp or s.startswith(f"{tmp}.") and "/" not in s[len(tmp):] for s in synced), synced
+        parent = next(i for i, e in enumerate(events) if i > rename and e == ("fsync", str(final.parent)))
+        if before_deleting is not None:
+            assert events.index(("delete", str(before_deleting))) > parent
+
+    step2 = checkpoint_module.save_checkpoint(accelerator, root, 2, {"step": 2}, keep=1)
+    published(step2, before_deleting=root / "step-00000001")
+    assert not (root / "step-00000001").exists()
+    events.clear()
+    export = write_export(accelerator.unwrap_model(model), tmp_path / "export")
+    published(export, before_deleting=None)
