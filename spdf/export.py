@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .fswrite import read_json, sync_dir, sync_tree, write_json_atomic, writing_dir
+from .fswrite import read_json, remove_abandoned, sync_dir, sync_tree, write_json_atomic, writing_dir
 from .layout import (CHECKPOINT_META, CONFIG_FILE, MASKS_FILE, SHARDED_MODEL_DIR, TOKENIZER_FILE, WEIGHTS_FILE,
                      PhaseLayout, RunLayout, temporary_dir)
 from .manifest import ManifestError, files_under, has_manifest, verify_manifest, write_manifest
@@ -55,9 +55,7 @@ def write_export(model: nn.Module, out_dir: Path, tokenizer_file: Path | None = 
     """
     out_dir = Path(out_dir)
     tmp = temporary_dir(out_dir, os.getpid())  # per process: two writers never share it
-    for stale in out_dir.parent.glob(f"{temporary_dir(out_dir).name}.*"):  # left by a killed writer (its pid is gone)
-        if stale != tmp and not _alive(stale.name.rpartition(".")[2]):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_abandoned(out_dir.parent.glob(f"{temporary_dir(out_dir).name}.*"), keep=tmp)  # left by killed writers
     tied = tied_aliases(model)
     state = {k: v.detach().cpu().contiguous() for k, v in to_dense_state_dict(model.state_dict()).items()
              if k not in tied}
@@ -92,16 +90,6 @@ def tied_aliases(model: nn.Module) -> set[str]:
     written once, under the first name, and left to the tie when loading."""
     return ({name for name, _ in model.named_parameters(remove_duplicate=False)}
             - {name for name, _ in model.named_parameters()})
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 # ---- find and read -----------------------------------------------------------------------------------------------

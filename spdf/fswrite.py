@@ -110,6 +110,24 @@ def replacing_file(path: Path, what: str | None = None):
         raise
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_abandoned(paths, keep: Path | None = None) -> None:
+    """Remove each directory of `paths` named `<name>.<pid>` whose writing process is gone (a writer killed mid-way
+    leaves a model's worth of files under a hidden name); a live writer's, and `keep`, stay."""
+    for path in paths:
+        if Path(path) != keep and not _alive(Path(path).name.rpartition(".")[2]):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def check_dir_target(path: Path, what: str) -> None:
     """Refuse, before any work, a directory to write into that is a file or lies under one (which mkdir would only
     report as "[Errno 17] File exists" or "[Errno 20] Not a directory")."""

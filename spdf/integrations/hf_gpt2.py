@@ -19,7 +19,7 @@ from ..layout import CONFIG_FILE, MASKS_FILE, TOKENIZER_FILE, WEIGHTS_FILE, temp
 from ..model.families import FAMILIES, family_of
 from ..sparsity import sparse_layers, sparsify
 from .hf_save import SPARSITY_FILE, save_pretrained
-from .target_dir import check_target, reading_run, replace_dir, run_dir_of
+from .target_dir import check_target, reading_run, remove_abandoned_writes, replace_dir, run_dir_of
 
 # what export_hf writes: a directory holding anything else is not one of its exports and is never replaced
 HF_EXPORT_FILES = {CONFIG_FILE, WEIGHTS_FILE, MASKS_FILE, SPARSITY_FILE, TOKENIZER_FILE, "generation_config.json",
@@ -78,7 +78,8 @@ def _write_hf(exported, out_dir: Path) -> Path:
         sparsifier = sparsify(hf, init=masks, param_filter=[f"{n}.weight" for n in masks])
         for name, layer in sparse_layers(hf).items():
             layer.target_sparsity = float(targets.get(name, layer.target_sparsity))
-    tmp = temporary_dir(out_dir, os.getpid())  # its own: nothing of anyone else's removed
+    tmp = temporary_dir(out_dir, os.getpid())  # its own: nothing of a live writer's removed
+    remove_abandoned_writes(out_dir, keep=tmp)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with writing_dir(tmp, "the Hugging Face export", weights_bytes):
         save_pretrained(hf, tmp, sparsifier=sparsifier)

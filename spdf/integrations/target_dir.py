@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import CheckpointError
-from ..layout import RunLayout
+from ..fswrite import remove_abandoned
+from ..layout import RunLayout, temporary_dir
 
 
 def run_dir_of(path: Path) -> Path | None:
@@ -49,11 +50,24 @@ def check_target(out_dir: Path, protected: list[Path], is_previous: Callable[[Pa
         raise CheckpointError(f"{out_dir} holds an earlier {kind} export; pass --force to replace it")
 
 
+def _old_dir(out_dir: Path, pid) -> Path:
+    """Where replace_dir moves the export it replaces, until the new one is in place."""
+    return out_dir.with_name(f".old-{out_dir.name}.{pid}")
+
+
+def remove_abandoned_writes(out_dir: Path, keep: Path) -> None:
+    """Remove what an export into `out_dir` killed mid-way left beside it: its temporary directory (a model's worth
+    of files under a hidden name) and the earlier export it was replacing (the new one goes in its place)."""
+    out_dir = Path(out_dir)
+    remove_abandoned([*out_dir.parent.glob(f"{temporary_dir(out_dir).name}.*"),
+                      *out_dir.parent.glob(f"{_old_dir(out_dir, '').name}*")], keep=keep)
+
+
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Put the finished `tmp` in place of `out_dir` (absent, empty or an export check_target let through)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}.{os.getpid()}")
+        old = _old_dir(out_dir, os.getpid())
         os.replace(out_dir, old)  # the rename first: a crash leaves the old export or the new one in place
         os.replace(tmp, out_dir)
         shutil.rmtree(old)

@@ -1,6 +1,7 @@
 """`spdf export` deletes nothing it did not write: never the run, its phases, the export it reads, or a user's
 directory; an earlier export only with --force; and never while the run is being trained (the run lock)."""
 import json
+import os
 
 import pytest
 
@@ -103,3 +104,23 @@ def test_export_waits_for_no_writer_and_holds_the_run_as_a_reader(run, tmp_path,
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
     assert seen == [tmp_path / "hf"]
     RunLock(run).acquire().release()  # released afterwards
+
+
+def test_export_removes_what_a_killed_export_into_the_same_directory_left(run, tmp_path):
+    """A SIGKILLed `spdf export` leaves its temporary directory (a model's worth of files, hidden) and, killed between
+    its two renames, the export it was replacing; the next export into that directory removes them, never a live
+    writer's."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    out = tmp_path / "hf"
+    left = [tmp_path / f".tmp-hf.{pid}", tmp_path / f".old-hf.{pid}"]
+    alive = tmp_path / f".tmp-hf.{os.getppid()}"  # a live process: a writer still at work, as far as one can tell
+    for d in (*left, alive):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1024)
+    assert main(["export", str(run), str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert not any(d.exists() for d in left) and alive.exists()
