@@ -143,10 +143,23 @@ def help_tokenize(share: RankShare, paths: dict[str, Path], progress_path: Path,
     return written
 
 
-def _read_progress(progress_path: Path, key: str) -> dict | None:
+def _read_progress(progress_path: Path, key: str, warn: bool) -> dict | None:
+    """The commit in `progress_path` if it is one of this `key`'s; None if there is none, or it is another key's or
+    unreadable (damaged by hand or by a file system that lost it): the preparation then starts from the first
+    document, which gives the same bytes."""
     if not progress_path.is_file():
         return None
-    progress = json.loads(progress_path.read_text())
+    try:
+        progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        if not (isinstance(progress["documents"], int) and all(isinstance(progress["bytes"][s], int) and
+                                                              isinstance(progress["counts"][s]["tokens"], int)
+                                                              for s in SPLITS)):
+            raise TypeError("a number expected")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if warn:
+            print(f"spdf: warning: {progress_path} is unreadable ({type(e).__name__}); tokenizing this cache entry "
+                  f"again from the start", file=sys.stderr, flush=True)
+        return None
     return progress if progress.get("key") == key else None
 
 
@@ -156,7 +169,7 @@ def _resumable_progress(progress_path: Path, key: str, paths: dict[str, Path], w
     build killed while finishing it, or cut by hand) cannot be resumed: truncate() would pad it with zeros up to the
     recorded size, packed as token 0 and checksummed as if they were data. Every rank decides alike: rank 0 only
     shortens a partial file below its commit when it starts over."""
-    state = _read_progress(progress_path, key)
+    state = _read_progress(progress_path, key, warn)
     if state is None:
         return None
     short = [s for s in SPLITS if state["bytes"][s] and

@@ -137,3 +137,18 @@ def test_a_build_killed_between_its_renames_starts_over(reference, tmp_path, sma
     assert packing.Path(meta["dir"]) == entry and not meta["cache_hit"]
     assert _files(meta) == _files(reference) and meta["splits"] == reference["splits"]
     assert "tokenizing this cache entry again from the start" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ['{"key": "k", "docu', '{"key": "k"}', "[1]", "\xff\xfe"])
+def test_an_unreadable_progress_file_starts_the_preparation_over(tmp_path, small_tokenizer, damage, capsys):
+    """The commit record of a preparation cut short or edited by hand: started over (the same bytes), never a
+    traceback."""
+    paths = {s: tmp_path / f"{s}.bin" for s in prepare.SPLITS}
+    progress = tmp_path / "progress.json"
+    progress.write_bytes(damage.encode("latin-1"))
+    paths["train"].write_bytes(b"\x01\x00" * 7)
+    result = prepare.tokenize_splits(paths, progress, "k", ["a b", "c"], small_tokenizer, 0.0, None, "uint16")
+    assert result["counts"]["train"]["documents"] == 2
+    expected = [t for d in ("a b", "c") for t in small_tokenizer.encode(d) + [small_tokenizer.eos_id]]
+    assert list(packing.np.fromfile(paths["train"], dtype="uint16")) == expected
+    assert "progress.json is unreadable" in capsys.readouterr().err
