@@ -137,10 +137,22 @@ def check_dir_target(path: Path, what: str) -> None:
             raise WriteError(f"{what} {path}: {parent} is a file, not a directory; choose another directory")
 
 
+# what a file system that cannot fsync a directory says (some FUSE and network ones): nothing more can be done there
+_NO_DIRECTORY_SYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EACCES}
+
+
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a read-only descriptor flushes the file's (or directory's) dirty data too
+    try:
+        fd = os.open(path, os.O_RDONLY)  # a read-only descriptor flushes the file's (or directory's) dirty data too
+    except OSError as e:
+        if Path(path).is_dir() and e.errno in _NO_DIRECTORY_SYNC:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (Path(path).is_dir() and e.errno in _NO_DIRECTORY_SYNC):
+            raise
     finally:
         os.close(fd)
 

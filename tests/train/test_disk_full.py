@@ -118,3 +118,24 @@ def test_hf_export_on_a_full_disk(finished_run, small_disk, capsys):
     assert rc == 2 and "Traceback" not in err and last.startswith("spdf: error: no space left"), err
     assert "Hugging Face export" in last and str(disk) in last
     assert list(disk.iterdir()) == []
+
+
+def test_sync_tree_tolerates_a_file_system_that_cannot_fsync_directories_but_not_a_failed_file(tmp_path,
+                                                                                              monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    real = os.fsync
+
+    def fsync(fd, fail_on):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) == (fail_on == "dir"):
+            raise OSError(errno.EINVAL if fail_on == "dir" else errno.EIO, "no")
+        return real(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names the fsync'ed files through /proc")
+    monkeypatch.setattr(os, "fsync", lambda fd: fsync(fd, "dir"))
+    fswrite.sync_tree(tmp_path)  # some FUSE and network file systems: EINVAL for a directory
+    fswrite.sync_dir(tmp_path)
+    monkeypatch.setattr(os, "fsync", lambda fd: fsync(fd, "file"))
+    with pytest.raises(OSError):  # a file's data did not reach the disk: never ignored
+        fswrite.sync_tree(tmp_path)
