@@ -295,7 +295,8 @@ def test_checkpoint_and_export_reach_the_disk_before_older_state_is_deleted(tmp_
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
                         or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(a), str(b))) or real_replace(a, b))
-    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: events.append(("delete", str(p))) or real_rmtree(p, *a, **k))
+    monkeypatch.setattr(shutil, "rmtree",
+                        lambda p, *a, **k: events.append(("delete", str(p))) or real_rmtree(p, *a, **k))
 
     def published(final, before_deleting):
         """Every file of `final` fsync'ed under its temporary name, then the directories, then the rename; the
