@@ -6,6 +6,7 @@ main process takes it: the other ranks are the same run.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -26,7 +27,9 @@ class RunLock:
 
     def acquire(self, shared: bool = False) -> "RunLock":
         """shared: as a reader (`spdf export`): readers run together, never beside the writer."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_for_reading() if shared else os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fd is None:
+            return self
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -43,6 +46,20 @@ class RunLock:
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def _open_for_reading(self) -> int | None:
+        """The lock file opened read-only (a flock needs no more), or None where this process cannot create it (a
+        read-only copy or mount of a finished run): no writer can run there either, and reading it must not fail."""
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return None
+            raise
 
     def release(self) -> None:
         if self._fd is not None:

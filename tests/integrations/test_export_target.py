@@ -124,3 +124,26 @@ def test_export_removes_what_a_killed_export_into_the_same_directory_left(run, t
     assert main(["export", str(run), str(out)]) == 0
     assert (out / "model.safetensors").is_file()
     assert not any(d.exists() for d in left) and alive.exists()
+
+
+@pytest.mark.parametrize("has_lock_file", [True, False])
+def test_export_reads_a_run_directory_it_cannot_write(run, tmp_path, monkeypatch, has_lock_file):
+    """A read-only copy or mount of a finished run (EROFS, or another user's files): the reader's lock needs no write
+    access, and where the lock file cannot even be made no writer can run either; before, the export failed."""
+    import errno
+
+    from spdf.train import lock as lock_module
+
+    lock_file = run / ".lock"
+    if has_lock_file:
+        lock_file.write_text("pid 1 on host elsewhere\n")
+    real_open = os.open
+
+    def read_only_run(path, flags, *args):
+        if os.fspath(path) == os.fspath(lock_file) and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lock_module.os, "open", read_only_run)
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
