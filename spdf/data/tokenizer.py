@@ -81,9 +81,10 @@ def check_recorded_hash(path: Path, file_hash: str) -> None:
                         f"phases/<phase>/export/tokenizer.json)")
 
 
-def record_tokenizer(path: Path, record: dict) -> None:
-    """Write the sidecar of `path` with `record` plus the file's sha256 (a file copied into a run directory)."""
-    sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def record_tokenizer(path: Path, record: dict, data: bytes | None = None) -> None:
+    """Write the sidecar of `path` with `record` plus the sha256 of `data`, the bytes about to be written to `path`
+    (default: the file's own bytes)."""
+    sha = hashlib.sha256(Path(path).read_bytes() if data is None else data).hexdigest()
     write_text_atomic(Path(path).parent / TOKENIZER_RECORD_FILE, json.dumps({**record, "sha256": sha}))
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,10 +83,13 @@ def _keep_copy(tokenizer_file: Path, run_dir: Path) -> Path:
             raise RecipeError(f"{kept} differs from the tokenizer '{tokenizer_file}' this run asks for; "
                               f"use another run_dir")
         return kept
+    data = tokenizer_file.read_bytes()
     TextTokenizer(tokenizer_file)  # verified where it comes from (a run directory's, against its record)
+    # its checksum, verified whenever the run loads it; written first, as a trained tokenizer's: a copy killed
+    # between the two files is made again, never left without its record (and so never verified)
+    record_tokenizer(kept, {"kind": "file"}, data)
     with replacing_file(kept) as tmp:  # every rank copies the same bytes, each through its own temporary file
-        shutil.copyfile(tokenizer_file, tmp)
-    record_tokenizer(kept, {"kind": "file"})  # its checksum, verified whenever the run loads it
+        tmp.write_bytes(data)
     return kept
 
 

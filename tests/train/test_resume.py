@@ -6,6 +6,7 @@ no export or done.json), which makes every interesting point reachable without t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -219,3 +220,35 @@ def test_a_start_killed_while_recording_its_recipe_starts_again(tmp_path, capsys
     rc, _, err = run_cli(["prepare", recipe], capsys)
     assert rc == 0, err
     assert (tmp_path / "run" / "recipe.yaml").is_file() and (tmp_path / "run" / "fingerprint.json").is_file()
+
+
+def test_a_tokenizer_copy_killed_half_way_is_made_again_with_its_record(tmp_path, monkeypatch):
+    """`finetune --from` / a file tokenizer copies tokenizer.json into the run directory with a sidecar holding its
+    sha256. Killed after the first of the two files, the next start must not keep a tokenizer.json without its
+    record: it would never be verified again."""
+    from spdf.data import TokenizerSpec, load_or_train_tokenizer
+    from spdf.train import runner
+
+    source = load_or_train_tokenizer(TokenizerSpec(kind="train", vocab_size=260), ["def f(): pass"] * 20,
+                                     tmp_path / "made").path
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    writes = []
+
+    def second_dies(real):
+        def write(*args, **kwargs):
+            writes.append(real.__name__)
+            if len(writes) == 2:
+                raise KeyboardInterrupt  # what a SIGKILL there leaves: the first file only
+            return real(*args, **kwargs)
+        return write
+
+    with monkeypatch.context() as m:
+        m.setattr(runner, "record_tokenizer", second_dies(runner.record_tokenizer))
+        m.setattr(runner, "replacing_file", second_dies(runner.replacing_file))
+        with pytest.raises(KeyboardInterrupt):
+            runner._keep_copy(source, run_dir)
+    kept = runner._keep_copy(source, run_dir)
+    assert kept.read_bytes() == source.read_bytes()
+    record = json.loads((run_dir / "tokenizer_spec.json").read_text())
+    assert record["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
