@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import CheckpointError
 from ..export import layout_meta
 from ..layout import PhaseLayout
 from .checkpoint import remove_interrupted_writes, resume_checkpoint, save_checkpoint
@@ -222,6 +223,11 @@ class PhaseRun:
         if self.accelerator.is_main_process:
             remove_interrupted_writes(self.ckpt_root)
         resumed = resume_checkpoint(self.accelerator, self.ckpt_root, layout_meta(self.unwrapped_model), self._warn)
+        if resumed is not None and state.step > plan.total_steps:
+            # it would "finish" at once with more steps than recipe.yaml and done.json would then say were trained
+            raise CheckpointError(f"phases.{plan.name}.steps: the phase's newest checkpoint {resumed} is at step "
+                                  f"{state.step}, past the {plan.total_steps} steps the recipe now asks for (steps, "
+                                  f"tokens or epochs); ask for at least {state.step} steps, or choose another run_dir")
         if resumed is not None:
             self.source.load_state_dict(state.data)
             if self.sparsifier is not None and state.sparsity is not None:

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from spdf.recipe import Recipe
 from spdf.train import run_dir as run_dir_module
 
-from tiny_runs import (copy_run, loss_trace, read_metrics, run_cli, spdf_subprocess, subprocess_env,
-                       truncate_to_kill, wait_for, write_recipe)
+from tiny_runs import (assert_user_error, copy_run, loss_trace, read_metrics, run_cli, spdf_subprocess,
+                       subprocess_env, tree_digest, truncate_to_kill, wait_for, write_recipe)
 
 
 def _train_steps_logged(run_dir, phase: str) -> list[int]:
@@ -167,6 +167,18 @@ def test_killed_after_the_final_checkpoint_only_exports(finished_run, tmp_path, 
     ours, ref = (json.loads((d / "done.json").read_text()) for d in (run_dir / "phases/pretrain", ref_dir))
     for key in ("steps", "tokens", "val_loss_before", "val_loss_after", "flops_spent", "flops_dense_equivalent"):
         assert ours[key] == ref[key], key
+
+
+def test_resuming_past_fewer_steps_than_the_checkpoint_reached_is_refused(finished_run, tmp_path, capsys):
+    """An unfinished phase's steps may change, but not below the step its checkpoint reached: it would "finish" at
+    once, its done.json saying 6 steps where recipe.yaml says 4."""
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, "pretrain", 6, keep_checkpoints_upto=6)
+    checkpoints = tree_digest(run_dir / "phases/pretrain/checkpoints")
+    rc, _, err = run_cli(["pretrain", recipe, "--set", "phases.pretrain.steps=4"], capsys)
+    assert_user_error(rc, err, "phases.pretrain.steps", "step 6", "at least 6")
+    assert not (run_dir / "phases/pretrain/done.json").exists()
+    assert tree_digest(run_dir / "phases/pretrain/checkpoints") == checkpoints
 
 
 def test_killed_before_the_first_checkpoint_restarts_cleanly(finished_run, tmp_path, capsys):
