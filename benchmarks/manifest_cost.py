@@ -5,9 +5,11 @@
 
 A checkpoint here is what spdf.train.checkpoint writes: accelerate.save_state of a GPT with one AdamW step taken
 (weights + two moments + RNG states) plus spdf.json. Timed separately, median of --reps: the save_state write, the
-manifest (hash every file + write manifest.json), the check after each write (sizes only) and the verification on
-load (re-hash every file). The files are in the page cache when hashed, as they are right after a write: verification
-of a checkpoint on a cold disk is bound by reading it once. Writes manifest_cost.json and .md under --out.
+manifest (hash every file + write manifest.json), the fsync of every file and directory before the rename publishes
+the checkpoint (spdf.fswrite.sync_tree: until it returns the bytes may exist only in the page cache), the check
+after each write (sizes only) and the verification on load (re-hash every file). The files are in the page cache
+when hashed, as they are right after a write: verification of a checkpoint on a cold disk is bound by reading it
+once. Writes manifest_cost.json and .md under --out.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
+    from spdf.fswrite import sync_tree
     from spdf.manifest import verify_manifest, write_manifest
     from spdf.model import GPT, GPTConfig
 
@@ -42,7 +46,7 @@ def main() -> None:
     model, opt = acc.prepare(model, opt)
     model(torch.randint(0, 50257, (1, 16)))[0].float().mean().backward()
     opt.step()
-    times = {"save_state": [], "write_manifest": [], "verify_sizes": [], "verify_manifest": []}
+    times = {"save_state": [], "write_manifest": [], "sync_tree": [], "verify_sizes": [], "verify_manifest": []}
     root = Path(tempfile.mkdtemp(prefix="spdf-manifest-bench-"))
     try:
         for rep in range(args.reps):
@@ -54,6 +58,9 @@ def main() -> None:
             t = time.perf_counter()
             write_manifest(d)
             times["write_manifest"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sync_tree(d)
+            times["sync_tree"].append(time.perf_counter() - t)
             t = time.perf_counter()
             verify_manifest(d, content=False)
             times["verify_sizes"].append(time.perf_counter() - t)
@@ -69,6 +76,7 @@ def main() -> None:
               "reps": args.reps, "median_seconds": med, "all_seconds": times,
               "manifest_over_write": med["write_manifest"] / med["save_state"],
               "verify_over_write": med["verify_manifest"] / med["save_state"],
+              "sync_over_write": med["sync_tree"] / med["save_state"], "directory": str(root),
               "checksum_MB_per_s": size / med["verify_manifest"] / 1e6, "torch_threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "manifest_cost.json").write_text(json.dumps(result, indent=2))
@@ -78,12 +86,16 @@ def main() -> None:
           f"| accelerate.save_state + spdf.json (the write) | {med['save_state']:.2f} | 1.00 |",
           f"| write_manifest (CRC-32 of every file) | {med['write_manifest']:.2f} | "
           f"{result['manifest_over_write']:.2f} |",
+          f"| sync_tree (fsync every file and directory before the rename) | {med['sync_tree']:.2f} | "
+          f"{result['sync_over_write']:.2f} |",
           f"| verify_manifest(content=False) (after each write: sizes) | {med['verify_sizes']:.4f} | "
           f"{med['verify_sizes'] / med['save_state']:.4f} |",
           f"| verify_manifest (on load: re-hash every file) | {med['verify_manifest']:.2f} | "
           f"{result['verify_over_write']:.2f} |",
-          "", f"checksum throughput: {result['checksum_MB_per_s']:.0f} MB/s (files in the page cache).",
-          "Command: `OMP_NUM_THREADS=1 python benchmarks/manifest_cost.py` on a shared, loaded 2-core machine."]
+          "", f"checksum throughput: {result['checksum_MB_per_s']:.0f} MB/s (files in the page cache); fsync to the "
+          f"file system of {root.parent}.",
+          f"Command: `OMP_NUM_THREADS=1 python benchmarks/manifest_cost.py{''.join(' ' + a for a in sys.argv[1:])}` "
+          f"on a shared, loaded 2-core machine."]
     (args.out / "manifest_cost.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
