@@ -37,8 +37,11 @@ FORMAT_VERSION = 1
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of seq_len+1 tokens (LongTensor) read from a flat token file through a lazily opened np.memmap."""
 
-    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str = "uint16"):
+    def __init__(self, path: str | os.PathLike, seq_len: int, dtype: str = "uint16", content: str | None = None):
+        """content: what the file's bytes are (build_packed_splits gives the sha256 of its recorded chunk
+        checksums), so a resumed run can tell that its data is the same; None where unknown."""
         self.path, self.seq_len, self.dtype = Path(path), int(seq_len), np.dtype(dtype)
+        self.content = content
         if not self.path.is_file():
             raise DataError(f"token file not found: '{self.path}'")
         self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
@@ -149,9 +152,18 @@ def build_packed_splits(source: DataSpec, tokenizer: TextTokenizer, cache_dir: s
     elif meta is None:
         meta = _build(entry, key, source, tokenizer, seq_len, val_fraction, max_tokens, batch_docs, progress, share)
     dtype = meta["dtype"]
-    train, val = (PackedDataset(entry / meta["splits"][s]["file"], seq_len, dtype) for s in SPLITS)
+    train, val = (PackedDataset(entry / meta["splits"][s]["file"], seq_len, dtype, _content(meta["splits"][s]))
+                  for s in SPLITS)
     extra = {"rank_batches": share.encoded_batches if share is not None else 0} if world > 1 else {}
     return train, val, {**meta, "cache_hit": cache_hit, "dir": str(entry), **extra}
+
+
+def _content(split: dict) -> str | None:
+    """The identity of a split's token file by its bytes: the sha256 of its chunk checksums and size (None for an
+    entry of an older spdf, which recorded none)."""
+    if split.get("checksums") is None:
+        return None
+    return hashlib.sha256(json.dumps([split["tokens"], split["checksums"]], sort_keys=True).encode()).hexdigest()
 
 
 def _workers(source: DataSpec, share: RankShare | None) -> int:

@@ -7,6 +7,7 @@ no export or done.json), which makes every interesting point reachable without t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -264,3 +265,32 @@ def test_a_tokenizer_copy_killed_half_way_is_made_again_with_its_record(tmp_path
     assert kept.read_bytes() == source.read_bytes()
     record = json.loads((run_dir / "tokenizer_spec.json").read_text())
     assert record["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def _resume_on_rebuilt_data(finished_run, tmp_path, capsys, monkeypatch, documents):
+    """Resume pre-training from step 6 on a cache entry rebuilt (a fresh cache, another key) from `documents`."""
+    from spdf.data import packing
+
+    run_dir, recipe = copy_run(finished_run["run_dir"], tmp_path / "run", tmp_path / "tiny.yaml")
+    truncate_to_kill(run_dir, "pretrain", 6, keep_checkpoints_upto=6)
+    monkeypatch.setenv("SPDF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(packing, "source_fingerprint", lambda source: {"another": "key"})  # a touched corpus file
+    real = packing.iter_documents
+    monkeypatch.setattr(packing, "iter_documents", lambda source: documents(real(source)))
+    return run_dir, run_cli(["pretrain", recipe], capsys)
+
+
+def test_a_phase_resumes_on_the_same_data_under_another_cache_key(finished_run, tmp_path, capsys, monkeypatch):
+    run_dir, (rc, out, err) = _resume_on_rebuilt_data(finished_run, tmp_path, capsys, monkeypatch, lambda docs: docs)
+    assert rc == 0, err
+    assert "step-00000006 (step 6/8)" in out
+    assert loss_trace(run_dir) == loss_trace(finished_run["run_dir"], "pretrain")
+
+
+def test_a_phase_does_not_resume_on_other_data(finished_run, tmp_path, capsys, monkeypatch):
+    """The sampler's saved position indexes rows of the data: on other rows the resumed run would silently not
+    continue the one it claims to (before, it trained on without a word)."""
+    run_dir, (rc, _, err) = _resume_on_rebuilt_data(finished_run, tmp_path, capsys, monkeypatch,
+                                                    lambda docs: itertools.islice(docs, 1, None))
+    assert_user_error(rc, err, "not what its checkpoint was trained on")
+    assert not (run_dir / "phases/pretrain/done.json").exists()
