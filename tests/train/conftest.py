@@ -11,9 +11,13 @@ def cache_dir(tmp_path_factory) -> Path:
     return session_cache_dir(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True)
-def _spdf_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("SPDF_CACHE_DIR", str(cache_dir))
+@pytest.fixture(scope="session", autouse=True)
+def _spdf_cache(cache_dir):
+    # session-wide, so that module-scoped runs (set up before any function-scoped fixture) use it too: they wrote
+    # their token caches into the user's ~/.cache/spdf
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPDF_CACHE_DIR", str(cache_dir))
+        yield
 
 
 @pytest.fixture(scope="session")
