@@ -123,7 +123,8 @@ def _saved_dirs(path: Path) -> list[Path]:
 
 def verify_saved(path: str | Path) -> list[tuple[str, Path, str]]:
     """[(status, directory, detail)] for each checkpoint/export under `path`: "ok", "unverified" (no manifest: an
-    older spdf's or a user's own) or "DAMAGED"."""
+    older spdf's or a user's own), "DAMAGED", or "removed" (gone while being verified: a live run's rotation deleted
+    it, which is no damage)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (give a run, phase, checkpoint or export directory)")
@@ -132,13 +133,19 @@ def verify_saved(path: str | Path) -> list[tuple[str, Path, str]]:
         raise CheckpointError(f"no checkpoint or export found under {path}")
     results = []
     for d in dirs:
-        if not has_manifest(d):
-            results.append(("unverified", d, "no manifest.json"))
-            continue
-        try:
-            # a checkpoint's manifest lists every file in it, as resume checks (an export may gain files later)
-            required = files_under(d) if is_checkpoint_name(d.name) else ()
-            results.append(("ok", d, f"{verify_manifest(d, required=required)} files match their checksums"))
-        except ManifestError as e:
-            results.append(("DAMAGED", d, str(e)))
+        status, detail = _verify_one(d)
+        if status != "ok" and not d.exists():
+            status, detail = "removed", "deleted while being verified (a running run keeps only its newest checkpoints)"
+        results.append((status, d, detail))
     return results
+
+
+def _verify_one(d: Path) -> tuple[str, str]:
+    if not has_manifest(d):
+        return "unverified", "no manifest.json"
+    try:
+        # a checkpoint's manifest lists every file in it, as resume checks (an export may gain files later)
+        required = files_under(d) if is_checkpoint_name(d.name) else ()
+        return "ok", f"{verify_manifest(d, required=required)} files match their checksums"
+    except (ManifestError, FileNotFoundError) as e:
+        return "DAMAGED", str(e)

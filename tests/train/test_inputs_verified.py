@@ -83,3 +83,25 @@ def test_from_a_checkpoint_that_lost_its_manifest_is_refused_like_a_resume(finis
     rc, _, err = run_cli(["finetune", recipe, "--from", step, "--set", f"run_dir={tmp_path / 'ft'}"], capsys)
     assert_user_error(rc, err, str(step), "has lost its manifest.json")
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_checkpoint_deleted_while_being_verified_is_reported_removed_not_damaged(finished_copy, capsys,
+                                                                                    monkeypatch):
+    """A live run's rotation deletes its older checkpoints while `spdf inspect --verify` walks them: such a directory
+    is gone, not damaged (exit 0); the others are verified as usual."""
+    import spdf.inspect
+
+    run_dir, _ = finished_copy
+    doomed = run_dir / "phases/pretrain/checkpoints/step-00000006"
+    real = spdf.inspect.verify_manifest
+
+    def rotated_meanwhile(directory, **kwargs):
+        if directory == doomed:
+            shutil.rmtree(directory)  # the writer's rotation, between the listing and the reading
+        return real(directory, **kwargs)
+
+    monkeypatch.setattr(spdf.inspect, "verify_manifest", rotated_meanwhile)
+    rc, out, _ = run_cli(["inspect", "--verify", run_dir, "--json"], capsys)
+    statuses = {item["path"]: item["status"] for item in json.loads(out)}
+    assert rc == 0 and statuses.pop(str(doomed)) == "removed"
+    assert statuses and set(statuses.values()) == {"ok"}
