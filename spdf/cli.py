@@ -227,8 +227,9 @@ def _cmd_evaluate(args) -> int:
     task = build(TaskSpec, task_data, "task")
     find_export(args.path)  # PATH first: a file given as PATH is not an export, whatever its report folder would be
     out_dir = args.out if args.out is not None else Path(args.path) / EVAL_DIR
-    check_dir_target(out_dir, "--out" if args.out is not None else "the report folder")
-    check_report_dir(out_dir, "--out" if args.out is not None else "the report folder")
+    out_name = "--out" if args.out is not None else "the report folder"
+    check_dir_target(out_dir, out_name)
+    check_report_dir(out_dir, out_name)
     split = args.split or (recorded or {}).get("split") or task_splits(task.task)[-1]
     report = evaluate_export(args.path, task, split, decoding, decoding_name, limit=args.limit,
                              batch_size=args.batch_size, truncate_prompts=truncate, progress=True)
